@@ -1,0 +1,364 @@
+"""One DuckDB file per run: views over the run's Parquet files and the per-class concept statistics.
+
+Layout read here (the contract with the flow)::
+
+    RUN_DIR/images.parquet            IMAGES schema (+ metadata columns)
+    RUN_DIR/explanations/*.parquet    EXPLANATIONS schema, validated shards only
+    RUN_DIR/errors/*.parquet          ERRORS schema
+    RUN_DIR/flags.parquet             FLAGS schema (written by tasks.flags)
+    RUN_DIR/run.duckdb                built here
+
+The views store paths *relative to the run directory* so a run directory can be moved or copied; connections
+opened through :func:`connect` point DuckDB's file search path (or temporary views) at the run directory.
+
+Statistics (table ``concept_stats``, one row per class c × phrase p × direction d, all computed in SQL):
+
+* the class of an image is its predicted class (the explanation row with ``rank_of_target = 0``);
+* ``s(x, p, d)`` = |score| of phrase p with direction d in the explanation of x's predicted class, 0 when p
+  was not selected;
+* ``lift = (mean_{x in c} s - mean_{x not in c} s) / sd_all(s)`` — a difference of means in standard units
+  of the phrase's score over all images (population sd);
+* ``z_lift`` standardises the lifts *within class c and direction d across phrases*, leave-one-out:
+  ``z = (lift_p - mean_{p' != p} lift_p') / sd_{p' != p} lift_p'`` (sample sd). Raw lifts carry a per-class
+  offset (some classes simply have larger explanation scores); this removes it, and leaving the phrase out
+  stops a strong outlier from inflating its own yardstick. Evidence *for* and *against* are kept apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from textcam.schema import ERRORS, EXPLANATIONS, IMAGES
+
+DB_NAME = "run.duckdb"
+
+#: Per class × phrase × direction statistics (the DuckDB table ``concept_stats``).
+CONCEPT_STATS = pa.schema(
+    [
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("n_class", pa.int64(), nullable=False),  # images predicted as the class
+        pa.field("n_images", pa.int64(), nullable=False),  # ... whose explanation selected the phrase
+        pa.field("frequency", pa.float64(), nullable=False),  # n_images / n_class
+        pa.field("frequency_other", pa.float64(), nullable=True),  # same share among other classes' images
+        pa.field("mean_score", pa.float64(), nullable=False),  # mean s(x, p) over the class, 0 if unselected
+        pa.field("mean_score_selected", pa.float64(), nullable=True),  # mean over images that selected it
+        pa.field("mean_score_other", pa.float64(), nullable=True),
+        pa.field("lift", pa.float64(), nullable=True),  # standard units of the phrase's score
+        pa.field("z_lift", pa.float64(), nullable=True),  # lift standardised within class × direction
+        pa.field("n_misclassified", pa.int64(), nullable=False),  # labelled, predicted c, label != c
+        pa.field("n_correct", pa.int64(), nullable=False),
+        pa.field("frequency_misclassified", pa.float64(), nullable=True),
+        pa.field("frequency_correct", pa.float64(), nullable=True),
+    ],
+    metadata={"table": "concept_stats", "version": "1"},
+)
+
+# Arrow -> DuckDB for the types our schemas use; float16 has no DuckDB type and Parquet reads it as FLOAT.
+_SCALARS: dict[pa.DataType, str] = {
+    pa.string(): "VARCHAR",
+    pa.large_string(): "VARCHAR",
+    pa.bool_(): "BOOLEAN",
+    pa.int8(): "TINYINT",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float16(): "FLOAT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+}
+
+
+class UnsafeQueryError(ValueError):
+    """A statement given to :func:`run_sql` is not a plain read-only query."""
+
+
+def duckdb_type(t: pa.DataType) -> str:
+    """The DuckDB SQL type for an Arrow type of the declared schemas (lists, structs, scalars)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"{duckdb_type(t.value_type)}[]"
+    if pa.types.is_struct(t):
+        inner = ", ".join(f"{_ident(f.name)} {duckdb_type(f.type)}" for f in t)
+        return f"STRUCT({inner})"
+    if t in _SCALARS:
+        return _SCALARS[t]
+    raise TypeError(f"no DuckDB type declared for Arrow type {t}")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def create_table_sql(name: str, schema: pa.Schema) -> str:
+    """``CREATE OR REPLACE TABLE`` from an Arrow schema; non-nullable fields become NOT NULL."""
+    cols = ", ".join(
+        f"{_ident(f.name)} {duckdb_type(f.type)}{'' if f.nullable else ' NOT NULL'}" for f in schema
+    )
+    return f"CREATE OR REPLACE TABLE {_ident(name)} ({cols})"
+
+
+def _source_sql(name: str, files: list[Path], schema: pa.Schema, run_dir: Path, absolute: bool, extra: bool) -> str:
+    """A SELECT over the Parquet files of a table, columns in declared order (plus extras when asked)."""
+    paths = [str(p if absolute else p.relative_to(run_dir)) for p in files]
+    listing = "[" + ", ".join(_literal(p) for p in paths) + "]"
+    declared = ", ".join(f"CAST({_ident(f.name)} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
+    if extra:
+        names = ", ".join(_ident(f.name) for f in schema)
+        declared += f", * EXCLUDE ({names})"
+    return f"SELECT {declared} FROM read_parquet({listing}, union_by_name = true)"
+
+
+def _table_files(run_dir: Path) -> dict[str, tuple[list[Path], pa.Schema, bool]]:
+    """Parquet files behind each view, their declared schema, and whether extra columns are kept."""
+    tables: dict[str, tuple[list[Path], pa.Schema, bool]] = {
+        "explanations": (sorted((run_dir / "explanations").glob("*.parquet")), EXPLANATIONS, False),
+        "errors": (sorted((run_dir / "errors").glob("*.parquet")), ERRORS, False),
+        "images": ([run_dir / "images.parquet"] if (run_dir / "images.parquet").is_file() else [], IMAGES, True),
+    }
+    return tables
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, *, temporary: bool) -> None:
+    """Views over the Parquet files; an absent table becomes an empty view typed by its declared schema."""
+    kind = "TEMPORARY VIEW" if temporary else "VIEW"
+    for name, (files, schema, extra) in _table_files(run_dir).items():
+        if files:
+            body = _source_sql(name, files, schema, run_dir, absolute=temporary, extra=extra)
+        else:
+            cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
+            body = f"SELECT {cols} WHERE false"
+        con.execute(f"CREATE OR REPLACE {kind} {_ident(name)} AS {body}")
+
+    # One row per image: its predicted-class explanation. Duplicates (a resumed shard written twice) count once.
+    con.execute(
+        f"""
+        CREATE OR REPLACE {kind} predictions AS
+        SELECT image_id, path, label, pred_name AS class_name, pred AS class_index, prob,
+               label IS NOT NULL AS labelled,
+               coalesce(label <> pred_name, false) AS misclassified,
+               phrases, groups, saliency, map_h, map_w
+        FROM explanations
+        WHERE rank_of_target = 0
+        QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY run_id, path) = 1
+        """
+    )
+    # s(x, p, d) for the selected phrases; a phrase selected twice in one explanation is summed.
+    con.execute(
+        f"""
+        CREATE OR REPLACE {kind} image_phrases AS
+        SELECT p.image_id, p.class_name, p.class_index, p.labelled, p.misclassified,
+               u.ph.text AS phrase, u.ph.direction AS direction, sum(abs(u.ph.score))::DOUBLE AS score
+        FROM predictions AS p, unnest(p.phrases) AS u(ph)
+        GROUP BY ALL
+        """
+    )
+
+
+_CONCEPT_STATS_SQL = """
+WITH
+cls AS (
+    SELECT class_name, min(class_index) AS class_index, count(*) AS n_class,
+           count(*) FILTER (WHERE misclassified) AS n_misclassified,
+           count(*) FILTER (WHERE labelled AND NOT misclassified) AS n_correct
+    FROM predictions GROUP BY class_name
+),
+tot AS (SELECT count(*) AS n_total FROM predictions),
+phr AS (  -- per phrase × direction over all images
+    SELECT phrase, direction, count(*) AS n_any, sum(score) AS s1, sum(score * score) AS s2
+    FROM image_phrases GROUP BY phrase, direction
+),
+cp AS (   -- per class × phrase × direction over the images that selected it
+    SELECT class_name, phrase, direction, count(*) AS n_images, sum(score) AS s1c,
+           count(*) FILTER (WHERE misclassified) AS k_mis,
+           count(*) FILTER (WHERE labelled AND NOT misclassified) AS k_cor
+    FROM image_phrases GROUP BY class_name, phrase, direction
+),
+grid AS (
+    SELECT cls.*, phr.*, tot.n_total,
+           coalesce(cp.n_images, 0) AS n_images, coalesce(cp.s1c, 0.0) AS s1c,
+           coalesce(cp.k_mis, 0) AS k_mis, coalesce(cp.k_cor, 0) AS k_cor
+    FROM cls CROSS JOIN phr CROSS JOIN tot
+    LEFT JOIN cp ON cp.class_name = cls.class_name AND cp.phrase = phr.phrase AND cp.direction = phr.direction
+),
+eff AS (
+    SELECT *,
+           s1c / n_class AS mean_c,
+           (s1 - s1c) / nullif(n_total - n_class, 0) AS mean_o,
+           sqrt(greatest(s2 / n_total - (s1 / n_total) ^ 2, 0.0)) AS sd_all
+    FROM grid
+),
+lifted AS (
+    SELECT *, CASE WHEN sd_all > 1e-12 THEN (mean_c - mean_o) / sd_all END AS lift FROM eff
+),
+loo AS (  -- leave-one-out moments of the lifts within class × direction
+    SELECT *,
+           count(lift) OVER w - 1 AS m,
+           sum(lift) OVER w - lift AS s_other,
+           sum(lift * lift) OVER w - lift * lift AS s2_other
+    FROM lifted
+    WINDOW w AS (PARTITION BY class_name, direction)
+),
+z AS (
+    SELECT *,
+           s_other / nullif(m, 0) AS mu_other,
+           sqrt(greatest((s2_other - s_other * s_other / nullif(m, 0)) / nullif(m - 1, 0), 0.0)) AS sd_other
+    FROM loo
+)
+SELECT class_name, class_index::INTEGER AS class_index, phrase, direction,
+       n_class, n_images,
+       n_images / n_class AS frequency,
+       (n_any - n_images) / nullif(n_total - n_class, 0) AS frequency_other,
+       mean_c AS mean_score,
+       s1c / nullif(n_images, 0) AS mean_score_selected,
+       mean_o AS mean_score_other,
+       lift,
+       CASE WHEN m >= 2 AND sd_other > 1e-12 THEN (lift - mu_other) / sd_other END AS z_lift,
+       n_misclassified, n_correct,
+       k_mis / nullif(n_misclassified, 0) AS frequency_misclassified,
+       k_cor / nullif(n_correct, 0) AS frequency_correct
+FROM z
+ORDER BY class_name, direction, z_lift DESC NULLS LAST, phrase
+"""
+
+
+def build_duckdb(run_dir: str | Path) -> Path:
+    """Build ``RUN_DIR/run.duckdb``: views ``explanations``, ``errors``, ``images``, ``predictions``,
+    ``image_phrases`` and tables ``concept_stats`` (see module docstring) and ``flags``.
+
+    Rebuilt from scratch each call (tmp file + rename), so a re-run after new shards arrive is consistent.
+    ``flags`` is loaded from ``flags.parquet`` when it exists, otherwise created empty; :func:`tasks.flags.
+    flag_spurious` fills it afterwards.
+
+    >>> build_duckdb("runs/2024-01-01")  # doctest: +SKIP
+    PosixPath('runs/2024-01-01/run.duckdb')
+    """
+    from tasks.flags import FLAGS  # local: flags imports this module
+
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    target = run_dir / DB_NAME
+    tmp = run_dir / f".{DB_NAME}.tmp"
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
+        _create_views(con, run_dir, temporary=False)
+        con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
+        con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
+        con.execute(create_table_sql("flags", FLAGS))
+        if (run_dir / "flags.parquet").is_file():
+            con.execute("INSERT INTO flags BY NAME SELECT * FROM read_parquet('flags.parquet')")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    tmp.replace(target)
+    return target
+
+
+def connect(run_dir: str | Path, *, read_only: bool = True, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open a run's DuckDB file with views pointing at this run directory.
+
+    ``sandbox=True`` (requires ``read_only``) then forbids DuckDB any file access outside the run directory and
+    locks the configuration, so queries cannot read ``/etc/passwd`` or re-enable access.
+    """
+    run_dir = Path(run_dir).resolve()
+    db = run_dir / DB_NAME
+    if not db.is_file():
+        raise FileNotFoundError(f"{db} not found; build it first (tasks.store.build_duckdb)")
+    if sandbox and not read_only:
+        raise ValueError("sandbox=True needs read_only=True")
+    con = duckdb.connect(str(db), read_only=read_only)
+    try:
+        con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
+        if sandbox:
+            # Temporary views with absolute paths shadow the stored relative ones: the allow-list is checked
+            # before the search path is applied.
+            _create_views(con, run_dir, temporary=True)
+            con.execute(f"SET allowed_directories = [{_literal(str(run_dir) + '/')}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+# PRAGMAs that only describe the catalog.
+_READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "database_size", "show", "version",
+                 "storage_info", "functions", "database_list"}
+_READ_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def check_read_only_sql(sql: str) -> str:
+    """Return the single statement in ``sql`` if it only reads, else raise :class:`UnsafeQueryError`.
+
+    Accepted: SELECT / WITH / FROM-first / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN, and catalog PRAGMAs such as
+    ``PRAGMA table_info('flags')``. Everything else (INSERT, CREATE, ATTACH, COPY, EXPORT, INSTALL, LOAD, SET,
+    CALL, several statements at once) is refused. File-reading table functions are stopped by the sandbox
+    of :func:`connect`, not here.
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise UnsafeQueryError(f"could not parse the query: {exc}") from exc
+    if len(statements) != 1:
+        raise UnsafeQueryError(f"expected exactly one statement, got {len(statements)}")
+    st = statements[0]
+    if st.type in _READ_TYPES:
+        return st.query
+    if st.type == duckdb.StatementType.PRAGMA:
+        m = re.match(r"\s*pragma\s+([a-z_]+)", st.query, flags=re.IGNORECASE)
+        if m and m.group(1).lower() in _READ_PRAGMAS and "=" not in st.query:
+            return st.query
+    kind = str(st.type).rsplit(".", 1)[-1]
+    raise UnsafeQueryError(f"only read-only queries are allowed (SELECT, WITH, DESCRIBE, SHOW); got {kind}")
+
+
+def query(run_dir: str | Path, sql: str) -> pd.DataFrame:
+    """Run one read-only statement against a run in the sandbox of :func:`connect`, as a DataFrame."""
+    statement = check_read_only_sql(sql)
+    con = connect(run_dir)
+    try:
+        return con.sql(statement).df()
+    finally:
+        con.close()
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A query's answer, formatted."""
+
+    frame: pd.DataFrame
+    text: str
+
+
+def run_sql(run_dir: str | Path, sql: str, fmt: Literal["table", "csv", "json"] = "table") -> QueryResult:
+    """Answer ``sql`` (one read-only statement) on a run, formatted as a text table, CSV or JSON records.
+
+    >>> print(run_sql(run, "SELECT class_name, phrase, frequency FROM concept_stats LIMIT 2").text)  # doctest: +SKIP
+    """
+    if fmt not in ("table", "csv", "json"):
+        raise ValueError(f"unknown format {fmt!r}; use table, csv or json")
+    frame = query(run_dir, sql)
+    if fmt == "csv":
+        text = frame.to_csv(index=False)
+    elif fmt == "json":
+        text = json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2)
+    else:
+        text = frame.to_string(index=False, max_colwidth=80) if len(frame.columns) else "(no columns)"
+    return QueryResult(frame=frame, text=text)

@@ -1,0 +1,290 @@
+"""The channel bank: one direction in CLIP space for every channel of a target layer.
+
+Calibration streams a probe set once through the classifier and CLIP, keeping only per-image GAP
+vectors (N × C) and CLIP embeddings (N × D), never activation maps. For channel j the M probe images
+with the highest GAP score are positives and the M with the lowest are negatives; the channel's
+direction is the shrinkage-LDA discriminant between their CLIP embeddings,
+
+    t_j ∝ Σ_j⁻¹ (μ⁺_j − μ⁻_j),   Σ_j = ½ Σ_k [(1 − s)·C_jk + s·(tr C_jk / D)·I],
+
+with C_jk the empirical covariance of class k, exactly as scikit-learn's
+``LinearDiscriminantAnalysis(solver="lsqr", shrinkage=s)``. All channels are solved at once: the
+Woodbury identity turns each D × D solve into a 2M × 2M one, batched over channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from textcam import __version__
+from textcam.data import iter_batches
+from textcam.device import resolve_device
+from textcam.layers import TokenGrid, get_layer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from textcam.clip import ClipEncoder
+    from textcam.models import LoadedModel
+
+
+class BankMismatchError(ValueError):
+    """A channel bank was loaded for a different classifier, layer or CLIP model."""
+
+
+class BankCorruptError(ValueError):
+    """A channel bank file is unreadable or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class BankMeta:
+    model_id: str
+    layer: str
+    clip_id: str
+    m: int
+    shrinkage: float
+    n_probe: int
+    probe_hash: str
+    n_channels: int
+    embed_dim: int
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    return {"textcam": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def probe_hash(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """Identity of a probe set: hash of its (sorted) paths."""
+    h = hashlib.sha256()
+    for p in sorted(str(p) for p in paths):
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def capture_gap(
+    module: torch.nn.Module, layer: str, token_grid: TokenGrid | None, input_hw: tuple[int, int]
+) -> Iterator[list[torch.Tensor]]:
+    """Collect the global-average-pooled output of ``layer`` for each forward call (B, C)."""
+    out: list[torch.Tensor] = []
+
+    def hook(_mod: torch.nn.Module, _inp: object, output: torch.Tensor) -> None:
+        act = token_grid.to_map(output, input_hw) if token_grid is not None else output
+        if act.dim() != 4:
+            raise ValueError(f"layer {layer!r} gives a {tuple(act.shape)} output; expected B×C×h×w")
+        out.append(act.float().mean(dim=(2, 3)))
+
+    handle = get_layer(module, layer).register_forward_hook(hook)
+    try:
+        yield out
+    finally:
+        handle.remove()
+
+
+def lda_directions(
+    embeddings: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    shrinkage: float,
+    *,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Shrinkage-LDA directions for many two-class problems at once.
+
+    Args:
+        embeddings: (N, D) features (CLIP embeddings of the probe set).
+        positives, negatives: (C, M) row indices into ``embeddings`` for each problem.
+        shrinkage: s in (0, 1]; scikit-learn's float ``shrinkage`` (each class covariance shrunk
+            towards the scaled identity (tr C / D)·I).
+
+    Returns:
+        (C, D) unit-norm directions oriented so positives score higher; rows are zero where the two
+        sets have identical means (e.g. a dead channel).
+    """
+    if not 0.0 < shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
+    if positives.shape != negatives.shape or positives.dim() != 2:
+        raise ValueError("positives and negatives must both be (C, M) index tensors")
+    emb = embeddings.double()
+    m = positives.shape[1]
+    n2 = 2 * m
+    out = []
+    for start in range(0, positives.shape[0], chunk_size):
+        pos = emb[positives[start : start + chunk_size]]  # (c, M, D)
+        neg = emb[negatives[start : start + chunk_size]]
+        mu_p, mu_n = pos.mean(1), neg.mean(1)
+        z = torch.cat([pos - mu_p[:, None], neg - mu_n[:, None]], dim=1)  # (c, 2M, D)
+        delta = mu_p - mu_n  # (c, D)
+        # Σ = c·ZᵀZ + λ·I with c = (1−s)/2M and λ = s·tr(ZᵀZ)/(2M·D) (each class weighted ½).
+        lam = (shrinkage * z.square().sum(dim=(1, 2)) / (n2 * z.shape[2])).clamp_min(1e-30)[:, None]
+        u = delta / lam
+        if shrinkage >= 1.0:
+            direction = u
+        else:
+            coef = (1.0 - shrinkage) / n2
+            zl = z / lam[:, :, None]
+            inner = torch.bmm(zl, z.transpose(1, 2))  # Z Λ⁻¹ Zᵀ, (c, 2M, 2M)
+            inner.diagonal(dim1=1, dim2=2).add_(1.0 / coef)
+            v = torch.bmm(z, u[:, :, None])  # Z Λ⁻¹ δ
+            y = torch.linalg.solve(inner, v)
+            direction = u - torch.bmm(zl.transpose(1, 2), y)[:, :, 0]
+        out.append(torch.nn.functional.normalize(direction, dim=1).float())
+    return torch.cat(out)
+
+
+def top_bottom(gap: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) GAP scores → (C, M) indices of the M highest and the M lowest images per channel."""
+    if gap.shape[0] < 2 * m:
+        raise ValueError(f"the probe set has {gap.shape[0]} images; need at least 2*M = {2 * m}")
+    top = gap.topk(m, dim=0).indices.T.contiguous()
+    bottom = gap.topk(m, dim=0, largest=False).indices.T.contiguous()
+    return top, bottom
+
+
+@dataclass
+class ChannelBank:
+    """(C, D) channel directions in CLIP space plus the identity of what produced them."""
+
+    directions: torch.Tensor
+    meta: BankMeta
+
+    @property
+    def bank_id(self) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self.meta), sort_keys=True).encode())
+        h.update(self.directions.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def model_id(self) -> str:
+        return self.meta.model_id
+
+    @property
+    def layer(self) -> str:
+        return self.meta.layer
+
+    @property
+    def clip_id(self) -> str:
+        return self.meta.clip_id
+
+    @classmethod
+    @torch.no_grad()
+    def calibrate(
+        cls,
+        model: LoadedModel,
+        clip: ClipEncoder,
+        probe_paths: Sequence[str | os.PathLike[str]],
+        *,
+        layer: str | None = None,
+        m: int = 50,
+        shrinkage: float = 0.5,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        device: str | torch.device = "auto",
+        progress: bool = True,
+    ) -> ChannelBank:
+        """Stream ``probe_paths`` once through classifier and CLIP and fit every channel's direction."""
+        from tqdm.auto import tqdm
+
+        if m < 2:
+            raise ValueError(f"m must be >= 2, got {m}")
+        dev = resolve_device(device)
+        layer = layer or model.target_layer
+        gaps: list[torch.Tensor] = []
+        embs: list[torch.Tensor] = []
+        failures: list[tuple[int, str]] = []
+        batches = iter_batches(
+            probe_paths, [model.preprocess, clip.preprocess], batch_size=batch_size, num_workers=num_workers
+        )
+        bar = tqdm(total=len(probe_paths), desc="calibrate", unit="img", disable=not progress)
+        with capture_gap(model.module, layer, model.token_grid, model.input_size) as captured:
+            for batch in batches:
+                failures.extend(batch.failed)
+                if batch.indices.numel():
+                    x_cls, x_clip = batch.tensors
+                    model.module(x_cls.to(dev))
+                    gaps.append(captured.pop().cpu())
+                    embs.append(clip.encode_images(x_clip).cpu())
+                bar.update(batch.indices.numel() + len(batch.failed))
+        bar.close()
+        if not gaps:
+            raise ValueError(f"no probe image could be read ({len(failures)} failures)")
+        gap = torch.cat(gaps)
+        emb = torch.cat(embs)
+        pos, neg = top_bottom(gap, m)
+        directions = lda_directions(emb, pos, neg, shrinkage)
+        meta = BankMeta(
+            model_id=model.model_id,
+            layer=layer,
+            clip_id=clip.clip_id,
+            m=m,
+            shrinkage=shrinkage,
+            n_probe=int(gap.shape[0]),
+            probe_hash=probe_hash(probe_paths),
+            n_channels=int(directions.shape[0]),
+            embed_dim=int(directions.shape[1]),
+            versions=_versions(),
+        )
+        return cls(directions, meta)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (safetensors; metadata and a checksum in its header), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"directions": self.directions.detach().cpu().float().contiguous()}
+        meta = {"meta": json.dumps(asdict(self.meta)), "sha256": _digest(tensors["directions"])}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata=meta)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(asdict(self.meta) | {"bank_id": self.bank_id}, indent=2))
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_id: str | None = None,
+        layer: str | None = None,
+        clip_id: str | None = None,
+    ) -> ChannelBank:
+        """Read a bank; raise :class:`BankMismatchError` if it was made for another model/layer/CLIP."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"channel bank not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(path)
+            meta = BankMeta(**json.loads(header["meta"]))
+            directions = tensors["directions"]
+        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, OSError) as exc:
+            raise BankCorruptError(f"channel bank {path} is unreadable: {exc}") from None
+        if _digest(directions) != header.get("sha256"):
+            raise BankCorruptError(f"channel bank {path} fails its checksum (file corrupted?)")
+        for what, want, have in (("classifier", model_id, meta.model_id), ("layer", layer, meta.layer),
+                                 ("CLIP model", clip_id, meta.clip_id)):
+            if want is not None and want != have:
+                raise BankMismatchError(
+                    f"channel bank {path.name} was calibrated for {what} {have!r}, not {want!r}; "
+                    "recalibrate with `textcam calibrate`"
+                )
+        return cls(directions, meta)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()

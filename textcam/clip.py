@@ -1,0 +1,183 @@
+"""The CLIP side of TextCAM: image and text embeddings through open_clip.
+
+Any architecture and pretrained tag open_clip knows works (``ViT-B-32`` + ``laion2b_s34b_b79k``
+where a network exists), as does a local checkpoint file (``pretrained="/path/weights.safetensors"``)
+or an open_clip ``local-dir:`` folder. The ground-truth world's tiny CLIP is an open_clip model
+too, so it loads through exactly the same path. Embeddings are L2-normalised; text embeddings of a
+vocabulary are cached on disk keyed by model identity and a hash of the phrases and templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from textcam.device import resolve_device
+
+#: Prompt templates averaged for every phrase (open_clip ``build_zero_shot_classifier`` style).
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a photo showing {}.", "{}")
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def default_cache_dir() -> Path:
+    """``$TEXTCAM_CACHE`` or ``~/.cache/textcam``."""
+    return Path(os.environ.get("TEXTCAM_CACHE", Path.home() / ".cache" / "textcam"))
+
+
+def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
+    """SHA-256 of a file's bytes, shortened; identifies local checkpoints by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@dataclass
+class ClipEncoder:
+    """An open_clip model with its preprocessing and tokenizer, in eval mode on ``device``.
+
+    ``clip_id`` names the weights (architecture + tag, or + content hash of a local file); it keys
+    caches and is recorded in channel banks so a bank is never used with another CLIP.
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    clip_id: str
+    device: torch.device
+    cacheable: bool = True  # False for random weights: their identity is not reproducible
+
+    @property
+    def embed_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.encode_texts(["x"], templates=("{}",), cache_dir=False).shape[1])
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed pixels → (B, D) unit-norm embeddings (float32)."""
+        emb = self.model.encode_image(pixels.to(self.device))
+        return F.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(
+        self,
+        texts: Sequence[str],
+        *,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        cache_dir: str | os.PathLike[str] | None | bool = None,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """Phrases → (P, D) unit-norm embeddings, averaged over prompt templates.
+
+        Cached on disk under ``cache_dir`` (default: :func:`default_cache_dir`; ``False`` disables)
+        keyed by ``clip_id`` and a hash of phrases and templates.
+        """
+        texts = list(texts)
+        if not texts:
+            raise ValueError("encode_texts needs at least one phrase")
+        cache_file = None
+        if cache_dir is not False and self.cacheable:
+            key = hashlib.sha256(
+                json.dumps([self.clip_id, list(templates), texts]).encode("utf-8")
+            ).hexdigest()[:20]
+            root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+            cache_file = root / "text-embeddings" / f"{key}.safetensors"
+            if cache_file.exists():
+                return load_file(cache_file)["embeddings"].to(self.device)
+        prompts = [t.format(p) for p in texts for t in templates]
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(prompts[start : start + batch_size]).to(self.device)
+            chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        emb = torch.cat(chunks).view(len(texts), len(templates), -1).mean(dim=1)
+        emb = F.normalize(emb, dim=-1)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            save_file({"embeddings": emb.cpu().contiguous()}, tmp, metadata={"clip_id": self.clip_id})
+            tmp.replace(cache_file)
+        return emb
+
+
+def _ensure_config(name: str) -> None:
+    """Make configs shipped in ``textcam/configs`` (e.g. the tiny CLIP) known to open_clip."""
+    import open_clip
+
+    if name in open_clip.list_models():
+        return
+    candidate = _CONFIG_DIR / f"{name}.json"
+    if candidate.exists():
+        open_clip.add_model_config(candidate)
+
+
+def load_clip(
+    name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "auto",
+) -> ClipEncoder:
+    """Load a CLIP model through open_clip.
+
+    Args:
+        name: an open_clip architecture (``ViT-B-32``), a config shipped in ``textcam/configs``,
+            or ``local-dir:/path`` (an open_clip folder with ``open_clip_config.json`` + weights).
+        pretrained: an open_clip pretrained tag (``laion2b_s34b_b79k``; needs a network the first
+            time), a local ``.safetensors``/``.pt`` file, or ``None`` for random weights.
+        device: ``auto|cpu|cuda[:N]``.
+
+    Example:
+        >>> clip = load_clip("ViT-B-32", "laion2b_s34b_b79k")  # doctest: +SKIP
+        >>> clip.encode_texts(["a dog", "a cat"]).shape  # doctest: +SKIP
+        torch.Size([2, 512])
+    """
+    import open_clip
+
+    dev = resolve_device(device)
+    cacheable = True
+    if name.startswith("local-dir:"):
+        folder = Path(name.split(":", 1)[1])
+        if not folder.is_dir():
+            raise FileNotFoundError(f"CLIP folder not found: {folder}")
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        clip_id = f"{name}@{file_digest(weights[0])}" if weights else name
+        pretrained = None
+    else:
+        _ensure_config(name)
+        if name not in open_clip.list_models():
+            raise ValueError(f"unknown CLIP architecture {name!r}; see open_clip.list_models()")
+        if pretrained is None:
+            clip_id, cacheable = f"{name}:random", False
+        elif Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"} or Path(pretrained).exists():
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
+            clip_id = f"{name}@{file_digest(pretrained)}"
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if pretrained not in tags:
+                raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; known: {tags}")
+            clip_id = f"{name}:{pretrained}"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if pretrained is None else str(pretrained), device=dev
+        )
+    except (OSError, RuntimeError) as exc:
+        if pretrained is not None and not Path(str(pretrained)).exists():
+            raise RuntimeError(
+                f"could not fetch pretrained weights {name}:{pretrained} ({exc}). Without a network, "
+                "pass a local checkpoint file as `pretrained`."
+            ) from exc
+        raise
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipEncoder(model, preprocess, tokenizer, clip_id, dev, cacheable)

@@ -1,0 +1,323 @@
+"""A tiny CLIP for the synthetic world: a real open_clip model, trained here on generated pairs.
+
+The architecture is the open_clip model config ``textcam/configs/textcam-tiny-clevr.json``
+(ModifiedResNet image tower at 64 px, a one-layer text transformer, open_clip's bundled BPE
+tokenizer). A trained model is saved as an open_clip *local directory*::
+
+    <dir>/open_clip_config.json          {"model_cfg": ..., "preprocess_cfg": ...}
+    <dir>/open_clip_model.safetensors    the state dict
+
+so open_clip loads it through its normal path, with no registry changes::
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{dir}")
+
+or, after :func:`register_tiny_clip_config`, like any named model:
+``open_clip.create_model_and_transforms("textcam-tiny-clevr", pretrained=f"{dir}/open_clip_model.safetensors")``.
+
+Training is contrastive on freshly generated image–caption pairs (no dataset on disk, every step
+sees new scenes). Captions drop attributes at random, so prompts naming one attribute
+(``"a photo of a red object"``) are in distribution; the loss treats every caption that is
+*compatible* with an image (all the attributes it names match) as a positive, because with dropped
+attributes a batch holds many true pairs beyond the diagonal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from textcam.synthetic.cache import load_state, save_state, write_json
+from textcam.synthetic.scenes import CHUNK, SceneConfig, caption, generate
+
+log = logging.getLogger(__name__)
+
+TINY_CLIP_NAME = "textcam-tiny-clevr"
+CHECKPOINT_NAME = "open_clip_model.safetensors"
+CONFIG_NAME = "open_clip_config.json"
+# open_clip's default (OpenAI) normalisation; the default preprocess of a 64-px model is then exact.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ZERO_SHOT_ATTRIBUTES = ("shape", "color", "size", "texture", "background", "watermark", "border")
+_TEMPLATES = ("a photo of {}", "{}", "an image of {}")
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """Tiny-CLIP training settings (they and the scene settings make the CLIP cache key)."""
+
+    epochs: int = 6
+    steps_per_epoch: int = 60
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    eval_images: int = 1024
+    single_attribute_prob: float = 0.35  # captions that name one attribute only
+    keep_prob: float = 0.6  # otherwise each attribute is named with this probability
+    seed: int = 0
+    model_overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("embed_dim", 64),)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClipTrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["model_overrides"] = tuple(tuple(kv) for kv in d.get("model_overrides", ()))
+        return cls(**d)
+
+
+def tiny_clip_config_path() -> Path:
+    """Path of the bundled open_clip model config JSON."""
+    return Path(str(resources.files("textcam") / "configs" / f"{TINY_CLIP_NAME}.json"))
+
+
+def tiny_clip_model_config(overrides: tuple[tuple[str, Any], ...] = ()) -> dict:
+    """The open_clip ``model_cfg`` dict, with top-level or ``vision_cfg.x``/``text_cfg.x`` overrides."""
+    cfg = json.loads(tiny_clip_config_path().read_text())
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def register_tiny_clip_config() -> str:
+    """Add the bundled config to open_clip's registry (a global, so only on request) and return its name."""
+    import open_clip
+
+    open_clip.add_model_config(tiny_clip_config_path())
+    return TINY_CLIP_NAME
+
+
+def _create(model_cfg: dict):
+    import open_clip
+
+    return open_clip.model.CLIP(**model_cfg)
+
+
+def load_tiny_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable]:
+    """Load a trained tiny CLIP (its directory or the ``.safetensors`` inside) through open_clip.
+
+    Returns ``(model, preprocess, tokenizer)`` with the model in eval mode.
+    """
+    import open_clip
+
+    p = Path(path)
+    d = p.parent if p.is_file() else p
+    if not (d / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no tiny CLIP at {path}: expected {d / CONFIG_NAME} and {d / CHECKPOINT_NAME}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}", device=device)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{d}")
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def to_clip_tensor(images: np.ndarray) -> Tensor:
+    """uint8 N×H×W×3 → normalised float N×3×H×W, identical to open_clip's preprocess at 64 px."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _attr_codes(records: pd.DataFrame, scene: SceneConfig) -> np.ndarray:
+    vals = scene.values()
+    return np.stack(
+        [pd.Categorical(records[a], categories=vals[a]).codes for a in ZERO_SHOT_ATTRIBUTES], axis=1
+    ).astype(np.int64)
+
+
+def _sample_keep(n: int, train: ClipTrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """(n, A) bool: which attributes each caption names (never none)."""
+    a = len(ZERO_SHOT_ATTRIBUTES)
+    keep = rng.random((n, a)) < train.keep_prob
+    single = rng.random(n) < train.single_attribute_prob
+    one = np.zeros((n, a), dtype=bool)
+    one[np.arange(n), rng.integers(0, a, n)] = True
+    keep = np.where(single[:, None], one, keep)
+    empty = ~keep.any(axis=1)
+    keep[empty] = one[empty]
+    return keep
+
+
+def training_pairs(scene: SceneConfig, train: ClipTrainConfig, step: int, seed: int) -> tuple[
+    np.ndarray, list[str], np.ndarray, np.ndarray
+]:
+    """Images, captions, attribute codes and keep masks for one training step (deterministic)."""
+    n = train.batch_size
+    batch = generate(scene, n, seed, "clip", start=step * n)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 77, step]))
+    keep = _sample_keep(n, train, rng)
+    templates = rng.integers(0, len(_TEMPLATES), n)
+    rows = batch.records.to_dict("records")
+    caps = [
+        caption(r, dict(zip(ZERO_SHOT_ATTRIBUTES, k.tolist(), strict=True)) | {"distractors": False},
+                template=_TEMPLATES[t])
+        for r, k, t in zip(rows, keep, templates, strict=True)
+    ]
+    return batch.images, caps, _attr_codes(batch.records, scene), keep
+
+
+def compatibility(codes: np.ndarray, keep: np.ndarray) -> Tensor:
+    """(N, N) bool: caption j (naming ``keep[j]`` attributes) is true of image i."""
+    same = codes[:, None, :] == codes[None, :, :]  # [i, j, a]
+    return torch.from_numpy((same | ~keep[None, :, :]).all(axis=2))
+
+
+def soft_clip_loss(img: Tensor, txt: Tensor, scale: Tensor, compat: Tensor) -> Tensor:
+    """Symmetric InfoNCE with every compatible pair as a positive (uniform target over them)."""
+    logits = scale * img @ txt.T
+    t_img = compat.float() / compat.sum(1, keepdim=True)
+    t_txt = compat.T.float() / compat.T.sum(1, keepdim=True)
+    loss_i = -(t_img * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(t_txt * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# zero-shot evaluation
+
+
+def zero_shot_prompts(scene: SceneConfig) -> dict[str, dict[str, str]]:
+    """Attribute → value → the single-attribute prompt used for zero-shot classification."""
+    base = {"shape": "object", "color": "", "size": "", "texture": "", "background": "",
+            "watermark": "no", "border": "no"}
+    out: dict[str, dict[str, str]] = {}
+    for attr in ZERO_SHOT_ATTRIBUTES:
+        keep = {a: a == attr for a in ZERO_SHOT_ATTRIBUTES}
+        out[attr] = {v: caption(base | {attr: v}, keep) for v in scene.values()[attr]}
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, tokenizer: Callable, scene: SceneConfig, images: np.ndarray,
+                       records: pd.DataFrame, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy of argmax-over-prompts, per attribute, on the given images."""
+    model.eval()
+    feats = torch.cat([
+        F.normalize(model.encode_image(to_clip_tensor(images[i:i + batch_size])), dim=-1)
+        for i in range(0, len(images), batch_size)
+    ])
+    out = {}
+    for attr, prompts in zero_shot_prompts(scene).items():
+        values = list(prompts)
+        txt = F.normalize(model.encode_text(tokenizer(list(prompts.values()))), dim=-1)
+        pred = (feats @ txt.T).argmax(1).numpy()
+        truth = pd.Categorical(records[attr], categories=values).codes
+        out[attr] = float((pred == truth).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_at(step: int, total: int, train: ClipTrainConfig) -> float:
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, total - train.warmup_steps)
+    return train.lr * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | Path,
+                    progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or just return) the tiny CLIP in ``out_dir``; returns its metrics.
+
+    A finished directory holds the open_clip files and ``metrics.json`` and is returned as is;
+    an unfinished one resumes from ``train_state.pt`` (saved after every epoch).
+    """
+    import open_clip
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "metrics.json").is_file() and (out / CHECKPOINT_NAME).is_file():
+        return json.loads((out / "metrics.json").read_text())
+    if train.batch_size != CHUNK:
+        # one generator chunk per step keeps every step's data independent of the batch size history
+        log.info("batch_size %d != chunk %d: steps render whole chunks and slice", train.batch_size, CHUNK)
+
+    model_cfg = tiny_clip_model_config(train.model_overrides)
+    model_cfg["vision_cfg"]["image_size"] = scene.image_size
+    torch.manual_seed(train.seed)
+    model = _create(model_cfg)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+
+    state_path = out / "train_state.pt"
+    start_epoch, elapsed = 0, 0.0
+    state = load_state(state_path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed_s"])
+        log.info("resuming tiny CLIP from epoch %d", start_epoch)
+
+    total = train.epochs * train.steps_per_epoch
+    for epoch in range(start_epoch, train.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        bar = tqdm(range(train.steps_per_epoch), desc=f"tiny CLIP epoch {epoch + 1}/{train.epochs}",
+                   disable=not progress, leave=False)
+        for i in bar:
+            step = epoch * train.steps_per_epoch + i
+            images, caps, codes, keep = training_pairs(scene, train, step, train.seed)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, train)
+            img = F.normalize(model.encode_image(to_clip_tensor(images)), dim=-1)
+            txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
+            loss = soft_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), compatibility(codes, keep))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed += time.perf_counter() - t0
+        save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "epoch": epoch + 1, "elapsed_s": elapsed})
+
+    eval_batch = generate(scene, train.eval_images, train.seed, "clip-eval")
+    zs = zero_shot_accuracy(model, tokenizer, scene, eval_batch.images, eval_batch.records)
+    _save_open_clip_dir(model, model_cfg, scene, out)
+    metrics = {"zero_shot": zs, "train_seconds": round(elapsed, 1), "model_name": TINY_CLIP_NAME,
+               "model_cfg": model_cfg, "eval_images": train.eval_images}
+    write_json(out / "metrics.json", metrics)
+    state_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _save_open_clip_dir(model: nn.Module, model_cfg: dict, scene: SceneConfig, out: Path) -> None:
+    """Write the open_clip local-dir pair (config + safetensors)."""
+    preprocess_cfg = {"size": scene.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / (CHECKPOINT_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"textcam_arch": TINY_CLIP_NAME, "open_clip_model_cfg": json.dumps(model_cfg)})
+    tmp.replace(out / CHECKPOINT_NAME)
+    write_json(out / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
