@@ -18,10 +18,12 @@ Statistics (table ``concept_stats``, one row per class c × phrase p × directio
   was not selected;
 * ``lift = (mean_{x in c} s - mean_{x not in c} s) / sd_all(s)`` — a difference of means in standard units
   of the phrase's score over all images (population sd);
-* ``z_lift`` standardises the lifts *within class c and direction d across phrases*, leave-one-out:
-  ``z = (lift_p - mean_{p' != p} lift_p') / sd_{p' != p} lift_p'`` (sample sd). Raw lifts carry a per-class
-  offset (some classes simply have larger explanation scores); this removes it, and leaving the phrase out
-  stops a strong outlier from inflating its own yardstick. Evidence *for* and *against* are kept apart.
+* ``z_lift = (lift - median_p' lift) / (1.4826 · MAD_p' lift)``: the lifts standardised *within class c and
+  direction d across phrases* p' (robustly; at least 3 phrases with a lift, else NULL). Raw lifts carry a
+  per-class offset (some classes simply have larger explanation scores); this removes it. The median/MAD
+  yardstick is not inflated by the class's own phrases ("whiskers" for cat), which always have the largest
+  lifts and would shrink every other phrase's z under a mean/sd yardstick. Evidence *for* and *against*
+  are kept apart.
 """
 
 from __future__ import annotations
@@ -204,19 +206,13 @@ eff AS (
 lifted AS (
     SELECT *, CASE WHEN sd_all > 1e-12 THEN (mean_c - mean_o) / sd_all END AS lift FROM eff
 ),
-loo AS (  -- leave-one-out moments of the lifts within class × direction
-    SELECT *,
-           count(lift) OVER w - 1 AS m,
-           sum(lift) OVER w - lift AS s_other,
-           sum(lift * lift) OVER w - lift * lift AS s2_other
-    FROM lifted
-    WINDOW w AS (PARTITION BY class_name, direction)
+robust AS (  -- median and scaled MAD of the lifts within class × direction
+    SELECT class_name, direction, count(lift) AS m, median(lift) AS med, 1.4826 * mad(lift) AS scale
+    FROM lifted GROUP BY class_name, direction
 ),
 z AS (
-    SELECT *,
-           s_other / nullif(m, 0) AS mu_other,
-           sqrt(greatest((s2_other - s_other * s_other / nullif(m, 0)) / nullif(m - 1, 0), 0.0)) AS sd_other
-    FROM loo
+    SELECT lifted.*, robust.m, robust.med, robust.scale
+    FROM lifted JOIN robust USING (class_name, direction)
 )
 SELECT class_name, class_index::INTEGER AS class_index, phrase, direction,
        n_class, n_images,
@@ -226,7 +222,7 @@ SELECT class_name, class_index::INTEGER AS class_index, phrase, direction,
        s1c / nullif(n_images, 0) AS mean_score_selected,
        mean_o AS mean_score_other,
        lift,
-       CASE WHEN m >= 2 AND sd_other > 1e-12 THEN (lift - mu_other) / sd_other END AS z_lift,
+       CASE WHEN m >= 3 AND scale > 1e-12 THEN (lift - med) / scale END AS z_lift,
        n_misclassified, n_correct,
        k_mis / nullif(n_misclassified, 0) AS frequency_misclassified,
        k_cor / nullif(n_correct, 0) AS frequency_correct

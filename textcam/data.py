@@ -90,7 +90,7 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(f"refused as a decompression bomb: {path} ({exc})") from None
+        raise ImageReadError(f"image too large, refused as a decompression bomb: {path} ({exc})") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"not an image (unrecognised format): {path}") from None
     except PermissionError:

@@ -1,0 +1,99 @@
+"""The channel bank and phrase embeddings for a run: loaded from cache or calibrated once.
+
+The run directory always holds the pair it used, ``RUN_DIR/bank/bank.safetensors`` and
+``RUN_DIR/bank/phrases.safetensors``; a resumed run loads them from there, so reused and recomputed
+shards share one bank even when the CLIP weights are random. Across runs, banks are cached under
+``CACHE_DIR/banks/<key>.safetensors`` with ``key`` = hash(model_id, layer, clip_id, probe hash, m,
+shrinkage), but only when every part of that key names reproducible weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import AuditConfig
+from tasks.explain_shard import load_phrases, save_phrases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BankFiles:
+    bank_path: str
+    phrases_path: str
+    bank_id: str
+    model_id: str
+    layer: str
+    clip_id: str
+    n_phrases: int
+    source: str  # "run_dir" | "cache" | "calibrated"
+    seconds: float
+
+
+def bank_key(model_id: str, layer: str, clip_id: str, probe: str, m: int, shrinkage: float) -> str:
+    blob = json.dumps([model_id, layer, clip_id, probe, m, shrinkage]).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os.PathLike[str]) -> BankFiles:
+    """Make sure ``RUN_DIR/bank/`` holds the channel bank and the phrase embeddings for ``cfg``."""
+    from textcam.bank import ChannelBank, probe_hash
+    from textcam.models import load_model
+
+    t0 = time.perf_counter()
+    folder = Path(run_dir) / "bank"
+    bank_path, phrases_path = folder / "bank.safetensors", folder / "phrases.safetensors"
+    device = cfg.device
+
+    model = load_model(cfg.model, weights=cfg.weights, device=device)
+    layer = cfg.layer or model.target_layer
+    if bank_path.is_file() and phrases_path.is_file():
+        bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
+        phrases, _ = load_phrases(phrases_path)
+        return BankFiles(str(bank_path), str(phrases_path), bank.bank_id, bank.model_id, bank.layer,
+                         bank.clip_id, len(phrases), "run_dir", time.perf_counter() - t0)
+
+    from textcam.clip import load_clip
+    from textcam.vocab import load_vocabulary
+
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=device)
+    cache = cfg.resolved_cache_dir()
+    key = bank_key(model.model_id, layer, clip.clip_id, probe_hash(probe_paths), cfg.bank_m, cfg.shrinkage)
+    cached = cache / "banks" / f"{key}.safetensors"
+    cacheable = clip.cacheable and getattr(model, "cacheable", True)
+    if cacheable and cached.is_file():
+        bank = ChannelBank.load(cached, model_id=model.model_id, layer=layer, clip_id=clip.clip_id)
+        _copy_atomic(cached, bank_path)
+        source = "cache"
+    else:
+        log.info("calibrating a channel bank on %d probe images (%s, layer %s, %s)",
+                 len(probe_paths), model.model_id, layer, clip.clip_id)
+        bank = ChannelBank.calibrate(model, clip, probe_paths, layer=layer, m=cfg.bank_m,
+                                     shrinkage=cfg.shrinkage, batch_size=cfg.batch_size,
+                                     num_workers=cfg.loader_workers, device=device, progress=False)
+        if cacheable:
+            bank.save(cached)
+            _copy_atomic(cached, bank_path)
+        else:
+            bank.save(bank_path)
+        source = "calibrated"
+    phrases = load_vocabulary(list(cfg.vocab))
+    embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
+    save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
+    return BankFiles(str(bank_path), str(phrases_path), bank.bank_id, bank.model_id, bank.layer,
+                     bank.clip_id, len(phrases), source, time.perf_counter() - t0)

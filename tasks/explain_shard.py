@@ -1,0 +1,306 @@
+"""Explaining one shard: batched model passes over a DataLoader, rows streamed to an atomic Parquet file.
+
+The heavy objects (classifier, channel bank, phrase embeddings, the :class:`~textcam.explain.Explainer`)
+are built once per worker process and kept in :data:`_RUNTIMES`, a cache keyed by the frozen
+:class:`RuntimeSpec`. That dictionary is the only module-level mutable state: it holds nothing
+but pure functions of its keys, so a task never sees anything its arguments did not determine.
+A lock per runtime serialises model passes when several shard tasks share a process (threads).
+
+Files written per shard (under the run directory)::
+
+    staging/shard-00000.parquet        explanations, until validated (then moved to explanations/)
+    errors/shard-00000.parquet         images of the shard that could not be explained (stage "explain")
+
+Each Parquet file carries the shard's fingerprint in its key-value metadata; a file whose
+fingerprint matches the planned shard is finished work and is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tasks.shards import Shard
+from textcam.data import iter_batches
+from textcam.device import resolve_device
+from textcam.schema import ERRORS, EXPLANATIONS
+
+if TYPE_CHECKING:
+    from textcam.explain import Explainer
+    from textcam.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_KEY = b"textcam.shard_fingerprint"
+COUNTS_KEY = b"textcam.shard_counts"
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Everything needed to rebuild the explainer in any process; hashable (the cache key)."""
+
+    model: str
+    weights: str
+    bank_path: str
+    phrases_path: str
+    method: str = "gradcam"
+    top_k: int = 1
+    n_phrases: int = 5
+    n_groups: int = 3
+    device: str = "auto"
+    torch_threads: int | None = None
+
+
+@dataclass
+class Runtime:
+    model: LoadedModel
+    explainer: Explainer
+    bank_id: str
+    clip_id: str
+    layer: str
+    device: torch.device
+    lock: threading.Lock
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task returns: counts and file paths only, never the rows."""
+
+    shard_id: str
+    path: str  # the explanations file (staging or final)
+    errors_path: str
+    n_images: int
+    n_explained: int  # images with at least one explanation row
+    n_rows: int
+    n_errors: int
+    seconds: float
+    reused: bool
+
+
+#: Per-process cache of loaded runtimes (see the module docstring).
+_RUNTIMES: dict[RuntimeSpec, Runtime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def load_phrases(path: str | os.PathLike[str]) -> tuple[list[str], torch.Tensor]:
+    """Read a phrase-embedding file written by :func:`save_phrases`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        phrases = json.loads((f.metadata() or {})["phrases"])
+    return phrases, load_file(str(path))["embeddings"]
+
+
+def save_phrases(path: str | os.PathLike[str], phrases: list[str], embeddings: torch.Tensor, clip_id: str) -> Path:
+    """Write phrases + (P, D) embeddings to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"embeddings": embeddings.detach().cpu().float().contiguous()}, str(tmp),
+              metadata={"phrases": json.dumps(phrases), "clip_id": clip_id})
+    os.replace(tmp, path)
+    return path
+
+
+def get_runtime(spec: RuntimeSpec) -> Runtime:
+    """The runtime for ``spec`` in this process, built on first use."""
+    with _RUNTIMES_LOCK:
+        runtime = _RUNTIMES.get(spec)
+        if runtime is None:
+            runtime = _build_runtime(spec)
+            _RUNTIMES[spec] = runtime
+        return runtime
+
+
+def clear_runtimes() -> None:
+    """Drop every cached runtime in this process (tests, benchmarks)."""
+    with _RUNTIMES_LOCK:
+        _RUNTIMES.clear()
+
+
+def _build_runtime(spec: RuntimeSpec) -> Runtime:
+    from textcam.bank import ChannelBank
+    from textcam.explain import Explainer
+    from textcam.models import load_model
+
+    t0 = time.perf_counter()
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    device = resolve_device(spec.device)
+    model = load_model(spec.model, weights=spec.weights, device=str(device))
+    phrases, embeddings = load_phrases(spec.phrases_path)
+    bank = ChannelBank.load(spec.bank_path, model_id=model.model_id)
+    explainer = Explainer(model, bank, phrases, embeddings, method=spec.method, top_k=spec.top_k,
+                          n_phrases=spec.n_phrases, n_groups=spec.n_groups, device=device)
+    log.info("loaded %s + bank %s in %.1f s (pid %d)", model.model_id, bank.bank_id,
+             time.perf_counter() - t0, os.getpid())
+    return Runtime(model, explainer, bank.bank_id, bank.clip_id, bank.layer, device, threading.Lock())
+
+
+# -- Parquet files --------------------------------------------------------------------------------
+
+
+def _file_metadata(path: str | os.PathLike[str]) -> dict[bytes, bytes]:
+    return pq.ParquetFile(path).metadata.metadata or {}
+
+
+def read_fingerprint(path: str | os.PathLike[str]) -> str | None:
+    """The shard fingerprint in a Parquet file's footer, or None when absent or unreadable."""
+    try:
+        value = _file_metadata(path).get(FINGERPRINT_KEY)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return value.decode() if value else None
+
+
+def read_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The counts written at commit time (n_images, n_explained, n_rows, n_errors)."""
+    return json.loads(_file_metadata(path).get(COUNTS_KEY, b"{}"))
+
+
+def is_finished(path: str | os.PathLike[str], shard: Shard) -> bool:
+    """A Parquet file that exists, is readable to its footer, and belongs to this planned shard."""
+    return Path(path).is_file() and read_fingerprint(path) == shard.fingerprint
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicParquetWriter:
+    """Write batches to ``.<name>.tmp<pid>``; on :meth:`commit` fsync and rename onto ``path``.
+
+    A crash at any point leaves either no file at ``path`` or the complete previous one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, metadata: dict[bytes, bytes]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        self.schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+        self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+            self.rows += len(rows)
+
+    def commit(self, extra_metadata: dict[bytes, bytes] | None = None) -> Path:
+        if extra_metadata:
+            for key, value in extra_metadata.items():
+                self._writer.add_key_value_metadata({key: value})
+        self._writer.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- the shard ------------------------------------------------------------------------------------
+
+
+def _batches(shard: Shard, runtime: Runtime, batch_size: int, loader_workers: int) -> Iterator[Any]:
+    yield from iter_batches(
+        [ref.path for ref in shard.images],
+        [runtime.model.preprocess],
+        batch_size=batch_size,
+        num_workers=min(loader_workers, max(1, len(shard) // batch_size)) if loader_workers else 0,
+        pin_memory=runtime.device.type == "cuda",
+    )
+
+
+def explain_shard(
+    spec: RuntimeSpec,
+    shard: Shard,
+    run_dir: str | os.PathLike[str],
+    run_id: str,
+    *,
+    batch_size: int = 32,
+    loader_workers: int = 2,
+) -> ShardResult:
+    """Explain every image of ``shard`` and write its explanations and errors files.
+
+    Skips the work when a finished file for this shard (same fingerprint) already exists in
+    ``explanations/`` (validated earlier) or in ``staging/`` (written, not yet validated).
+    Unreadable images become rows of the errors file (stage ``explain``); any other exception
+    propagates, so the task fails (and is retried) without leaving a partial file behind.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / "explanations" / f"{shard.shard_id}.parquet"
+    staged = run_dir / "staging" / f"{shard.shard_id}.parquet"
+    errors_path = run_dir / "errors" / f"{shard.shard_id}.parquet"
+    t0 = time.perf_counter()
+    if is_finished(errors_path, shard):
+        for candidate in (final, staged):
+            if is_finished(candidate, shard):
+                counts = read_counts(candidate)
+                return ShardResult(shard.shard_id, str(candidate), str(errors_path), len(shard),
+                                   counts.get("n_explained", 0), counts.get("n_rows", 0),
+                                   counts.get("n_errors", 0), time.perf_counter() - t0, reused=True)
+
+    runtime = get_runtime(spec)
+    meta = {FINGERPRINT_KEY: shard.fingerprint.encode(), b"textcam.shard_id": shard.shard_id.encode(),
+            b"textcam.run_id": run_id.encode()}
+    constant = {"run_id": run_id, "model_id": runtime.model.model_id, "layer": runtime.layer,
+                "bank_id": runtime.bank_id, "clip_id": runtime.clip_id}
+    writer = AtomicParquetWriter(staged, EXPLANATIONS, meta)
+    error_rows: list[dict[str, Any]] = []
+    explained = 0
+    try:
+        for batch in _batches(shard, runtime, batch_size, loader_workers):
+            for index, reason in batch.failed:
+                ref = shard.images[index]
+                error_rows.append({"run_id": run_id, "image_id": ref.image_id, "path": ref.path,
+                                   "stage": "explain", "reason": reason,
+                                   "row": json.dumps({"image_id": ref.image_id, "path": ref.path,
+                                                      "label": ref.label})})
+            if not batch.indices.numel():
+                continue
+            pixels = batch.tensors[0].to(runtime.device, non_blocking=True)
+            with runtime.lock:
+                explanations = runtime.explainer.explain_batch(pixels)
+            per_image = len(explanations) // batch.indices.numel()
+            rows = []
+            for k, expl in enumerate(explanations):
+                ref = shard.images[int(batch.indices[k // per_image])]
+                rows.append({**constant, "image_id": ref.image_id, "path": ref.path, "label": ref.label,
+                             **expl.to_record()})
+            writer.write(rows)
+            explained += batch.indices.numel()
+        counts = {"n_images": len(shard), "n_explained": explained, "n_rows": writer.rows,
+                  "n_errors": len(error_rows)}
+        blob = {COUNTS_KEY: json.dumps(counts).encode()}
+        # Errors first: the explanations file is the commit point that marks the shard as done.
+        err_writer = AtomicParquetWriter(errors_path, ERRORS, meta)
+        err_writer.write(error_rows)
+        err_writer.commit(blob)
+        writer.commit(blob)
+    except BaseException:
+        writer.abort()
+        raise
+    return ShardResult(shard.shard_id, str(staged), str(errors_path), len(shard), explained, writer.rows,
+                       len(error_rows), time.perf_counter() - t0, reused=False)

@@ -1,0 +1,363 @@
+"""Spurious-correlation candidates: phrases that explain one class far more than the others.
+
+The statistic (``z_lift``) is defined and computed in SQL by :mod:`tasks.store` (table ``concept_stats``):
+the per-image phrase score, as a difference of class means in standard units, standardised within class ×
+direction across phrases (median / scaled MAD). Here we only decide which z_lifts are surprising:
+
+* **null**: the class assignment is permuted across images ``n_permutations`` times (class sizes kept);
+  for each permutation the same z_lift is recomputed (vectorised over the sparse image × phrase scores) and
+  its maximum over all phrases and both directions of each class is kept. The class's threshold is the
+  ``quantile`` (0.99) of those maxima, so a class gets a false flag with probability about 1 % however many
+  phrases it has; ``p_value`` = (1 + #{permutations whose class maximum ≥ z}) / (1 + n_permutations), a
+  family-wise adjusted p-value.
+* **flag**: ``z_lift > threshold``, ``lift > 0``, at least ``min_images`` images of the class selected the
+  phrase, and the phrase does not describe the class: its CLIP text similarity to the class name and to the
+  class's own vocabulary stays below the similarity between the two most alike *different* class names.
+* misclassified-vs-correct frequencies of the phrase within the class are reported as supporting evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.store import DB_NAME, build_duckdb, create_table_sql
+
+log = logging.getLogger(__name__)
+
+#: One row per flagged class × phrase × direction (``RUN_DIR/flags.parquet`` and the DuckDB table ``flags``).
+FLAGS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = strongest flag of the class
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),  # "for" | "against"
+        pa.field("z_lift", pa.float64(), nullable=False),
+        pa.field("lift", pa.float64(), nullable=False),
+        pa.field("threshold", pa.float64(), nullable=False),  # the class's null 99th percentile
+        pa.field("p_value", pa.float64(), nullable=False),
+        pa.field("n_permutations", pa.int32(), nullable=False),
+        pa.field("n_class", pa.int64(), nullable=False),
+        pa.field("n_images", pa.int64(), nullable=False),
+        pa.field("frequency", pa.float64(), nullable=False),
+        pa.field("frequency_other", pa.float64(), nullable=True),
+        pa.field("class_similarity", pa.float64(), nullable=True),  # CLIP text sim to the class; null: unknown
+        pa.field("similarity_threshold", pa.float64(), nullable=True),
+        pa.field("n_misclassified", pa.int64(), nullable=False),
+        pa.field("frequency_misclassified", pa.float64(), nullable=True),
+        pa.field("frequency_correct", pa.float64(), nullable=True),
+        # (k_mis + .5)/(n_mis + 1) ÷ (k_cor + .5)/(n_cor + 1); null without misclassified images
+        pa.field("misclassified_enrichment", pa.float64(), nullable=True),
+        pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
+    ],
+    metadata={"table": "flags", "version": "1"},
+)
+
+
+@dataclass(frozen=True)
+class ClassText:
+    """CLIP text embeddings the "does this phrase describe the class?" test needs.
+
+    ``embeddings`` maps text -> embedding (any scale; normalised here) and must cover every class name and
+    every phrase of ``own_vocabulary``; phrases seen in the run but missing from it cannot be excluded by
+    similarity (a warning is logged; exact text matches are still excluded).
+    ``own_vocabulary`` maps class name -> phrases describing the class itself (e.g. "stripes" for "zebra").
+    """
+
+    embeddings: Mapping[str, np.ndarray]
+    own_vocabulary: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encode: Callable[[list[str]], np.ndarray],
+        class_names: Sequence[str],
+        phrases: Sequence[str],
+        own_vocabulary: Mapping[str, Sequence[str]] | None = None,
+    ) -> ClassText:
+        """Embed class names, phrases and own vocabularies with ``encode`` (texts -> (n, D) array)."""
+        own = dict(own_vocabulary or {})
+        texts = sorted({*class_names, *phrases, *(p for v in own.values() for p in v)})
+        emb = np.asarray(encode(texts), dtype=np.float64)
+        if emb.shape[0] != len(texts):
+            raise ValueError(f"encoder returned {emb.shape[0]} embeddings for {len(texts)} texts")
+        return cls(embeddings=dict(zip(texts, emb, strict=True)), own_vocabulary=own)
+
+    def _unit(self, texts: Sequence[str]) -> np.ndarray:
+        m = np.stack([np.asarray(self.embeddings[t], dtype=np.float64) for t in texts])
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+    def similarity_threshold(self, class_names: Sequence[str]) -> float:
+        """The largest cosine similarity between two different class names (1.0 with fewer than two)."""
+        names = [c for c in dict.fromkeys(class_names) if c in self.embeddings]
+        if len(names) < 2:
+            return 1.0
+        u = self._unit(names)
+        sim = u @ u.T
+        np.fill_diagonal(sim, -np.inf)
+        return float(sim.max())
+
+    def class_similarity(self, class_name: str, phrases: Sequence[str]) -> np.ndarray:
+        """max cosine similarity of each phrase to the class name and its own vocabulary (NaN: unknown)."""
+        refs = [t for t in [class_name, *self.own_vocabulary.get(class_name, ())] if t in self.embeddings]
+        out = np.full(len(phrases), np.nan)
+        known = [i for i, p in enumerate(phrases) if p in self.embeddings]
+        if refs and known:
+            sims = self._unit([phrases[i] for i in known]) @ self._unit(refs).T
+            out[known] = sims.max(axis=1)
+        return out
+
+
+def _load_scores(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Images (with class codes), phrase × direction columns, and the sparse score triplets."""
+    images = con.sql(
+        """
+        SELECT image_id, class_name, (dense_rank() OVER (ORDER BY class_name) - 1)::INTEGER AS k,
+               (row_number() OVER (ORDER BY image_id) - 1)::INTEGER AS i
+        FROM predictions ORDER BY i
+        """
+    ).df()
+    cols = con.sql(
+        """
+        SELECT phrase, direction, (row_number() OVER (ORDER BY direction, phrase) - 1)::INTEGER AS q
+        FROM (SELECT DISTINCT phrase, direction FROM image_phrases) ORDER BY q
+        """
+    ).df()
+    con.register("_images", images)
+    con.register("_cols", cols)
+    try:
+        triplets = con.sql(
+            """
+            SELECT im.i, c.q, ip.score
+            FROM image_phrases ip
+            JOIN _images im USING (image_id)
+            JOIN _cols c USING (phrase, direction)
+            """
+        ).df()
+    finally:
+        con.unregister("_images")
+        con.unregister("_cols")
+    return images, cols, triplets
+
+
+def z_lift_matrix(
+    sums: np.ndarray, n_class: np.ndarray, total: np.ndarray, sd_all: np.ndarray, direction_groups: np.ndarray
+) -> np.ndarray:
+    """The SQL z_lift in numpy, batched: ``sums`` (B, K, Q) class sums of scores -> (B, K, Q) z (NaN: none).
+
+    ``n_class`` (K,) class sizes, ``total`` (Q,) score sums, ``sd_all`` (Q,) population sd over all images,
+    ``direction_groups`` (Q,) int labels: z is standardised within class × group by median and scaled MAD.
+    """
+    n = n_class.sum()
+    n_c = n_class[None, :, None].astype(np.float64)
+    mean_c = sums / n_c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_o = (total[None, None, :] - sums) / (n - n_c)
+        lift = np.where(sd_all > 1e-12, (mean_c - mean_o) / sd_all, np.nan)
+    z = np.full_like(lift, np.nan)
+    for g in np.unique(direction_groups):  # two groups: "for" and "against"
+        cols = direction_groups == g
+        x = lift[..., cols]
+        m = (~np.isnan(x)).sum(-1, keepdims=True)
+        with warnings.catch_warnings():  # all-NaN slices (a class without any lift) are expected: NaN out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(x, axis=-1, keepdims=True)
+            scale = 1.4826 * np.nanmedian(np.abs(x - med), axis=-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z[..., cols] = np.where((m >= 3) & (scale > 1e-12), (x - med) / scale, np.nan)
+    return z
+
+
+def permutation_null(
+    class_codes: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    scores: np.ndarray,
+    n_cols: int,
+    direction_groups: np.ndarray,
+    *,
+    n_permutations: int = 200,
+    seed: int = 0,
+    chunk: int = 16,
+) -> np.ndarray:
+    """Per-class maxima of z_lift over phrases under permuted class labels: (n_permutations, K).
+
+    The scores are sparse triplets (image ``rows``, phrase ``cols``, ``scores``); each permutation's class
+    sums are one ``bincount`` over the triplets, a chunk of permutations at a time.
+    """
+    n_images = class_codes.shape[0]
+    k = int(class_codes.max()) + 1 if n_images else 0
+    n_class = np.bincount(class_codes, minlength=k)
+    total = np.bincount(cols, weights=scores, minlength=n_cols)
+    total2 = np.bincount(cols, weights=scores * scores, minlength=n_cols)
+    sd_all = np.sqrt(np.maximum(total2 / n_images - (total / n_images) ** 2, 0.0))
+    rng = np.random.default_rng(seed)
+    out = np.full((n_permutations, k), np.nan)
+    for start in range(0, n_permutations, chunk):  # loop over permutation chunks, not rows
+        b = min(chunk, n_permutations - start)
+        perm = np.stack([rng.permutation(class_codes) for _ in range(b)])  # (b, N)
+        flat = ((np.arange(b)[:, None] * k + perm[:, rows]) * n_cols + cols[None, :]).ravel()
+        sums = np.bincount(flat, weights=np.tile(scores, b), minlength=b * k * n_cols).reshape(b, k, n_cols)
+        z = z_lift_matrix(sums, n_class, total, sd_all, direction_groups)
+        with np.errstate(invalid="ignore"):
+            all_nan = np.isnan(z).all(-1)
+            out[start : start + b] = np.where(all_nan, np.nan, np.nanmax(np.where(np.isnan(z), -np.inf, z), -1))
+    return out
+
+
+def flag_spurious(
+    run_dir: str | Path,
+    class_text: ClassText | None = None,
+    *,
+    n_permutations: int = 200,
+    quantile: float = 0.99,
+    min_images: int = 3,
+    n_examples: int = 6,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Flag spurious-correlation candidates of a run; write ``flags.parquet`` and the DuckDB table ``flags``.
+
+    Needs ``RUN_DIR/run.duckdb`` (built by :func:`tasks.store.build_duckdb` if absent). Returns the flags as a
+    DataFrame with the :data:`FLAGS` columns, ordered by class then rank. See the module docstring for the
+    statistic. ``class_text=None`` disables the describe-the-class exclusion (a warning is logged).
+
+    >>> flag_spurious("runs/r1", ClassText.from_encoder(clip.encode_text, names, phrases, vocab))  # doctest: +SKIP
+    """
+    if n_permutations < 1:
+        raise ValueError("n_permutations must be at least 1")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError("quantile must lie in (0, 1)")
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / DB_NAME).is_file():
+        build_duckdb(run_dir)
+    con = duckdb.connect(str(run_dir / DB_NAME))
+    try:
+        con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
+        flags = _compute_flags(con, class_text, n_permutations, quantile, min_images, n_examples, seed)
+        table = pa.Table.from_pandas(flags, schema=FLAGS, preserve_index=False)
+        tmp = run_dir / ".flags.parquet.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(run_dir / "flags.parquet")
+        con.execute(create_table_sql("flags", FLAGS))
+        con.register("_flags", table)
+        con.execute("INSERT INTO flags BY NAME SELECT * FROM _flags")
+        con.unregister("_flags")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return flags
+
+
+def _compute_flags(
+    con: duckdb.DuckDBPyConnection,
+    class_text: ClassText | None,
+    n_permutations: int,
+    quantile: float,
+    min_images: int,
+    n_examples: int,
+    seed: int,
+) -> pd.DataFrame:
+    stats = con.sql("SELECT * FROM concept_stats").df()
+    empty = pa.Table.from_pylist([], schema=FLAGS).to_pandas()
+    if stats.empty:
+        return empty
+    images, cols, trip = _load_scores(con)
+    groups = (cols["direction"] == "against").to_numpy().astype(np.int64)
+    null_max = permutation_null(
+        images["k"].to_numpy(np.int64),
+        trip["i"].to_numpy(np.int64),
+        trip["q"].to_numpy(np.int64),
+        trip["score"].to_numpy(np.float64),
+        len(cols),
+        groups,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
+    class_order = images.drop_duplicates("class_name").sort_values("k")["class_name"].tolist()
+    with np.errstate(invalid="ignore"):
+        thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), quantile, axis=0)
+    stats["threshold"] = stats["class_name"].map(dict(zip(class_order, thresholds, strict=True)))
+    # p-value against the class's null maxima, vectorised by class.
+    k_of = stats["class_name"].map({c: i for i, c in enumerate(class_order)}).to_numpy()
+    z = stats["z_lift"].to_numpy(np.float64)
+    exceed = (null_max[:, k_of] >= z[None, :]).sum(0)
+    stats["p_value"] = (1 + exceed) / (1 + n_permutations)
+
+    stats["class_similarity"], stats["similarity_threshold"] = _similarities(stats, class_text, class_order)
+    # A phrase describes its class when it is the class name or in its own vocabulary (by text), or is at
+    # least as close to them in CLIP space as two different class names are to each other.
+    own = pd.MultiIndex.from_tuples(
+        [(c, p.casefold()) for c, v in (class_text.own_vocabulary if class_text else {}).items() for p in v]
+        + [(c, c.casefold()) for c in class_order],
+        names=["class_name", "phrase"],
+    )
+    pairs = pd.MultiIndex.from_arrays([stats["class_name"], stats["phrase"].str.casefold()])
+    describes = pairs.isin(own) | (stats["class_similarity"] >= stats["similarity_threshold"]).to_numpy()
+    keep = (
+        stats["z_lift"].notna()
+        & (stats["z_lift"] > stats["threshold"])
+        & (stats["lift"] > 0)
+        & (stats["n_images"] >= min_images)
+        & ~describes
+    )
+    flags = stats[keep].copy()
+    if flags.empty:
+        return empty
+    flags = flags.sort_values(["class_name", "z_lift"], ascending=[True, False])
+    flags["rank"] = flags.groupby("class_name").cumcount() + 1
+    n_mis, n_cor = flags["n_misclassified"], flags["n_correct"]
+    k_mis = flags["frequency_misclassified"] * n_mis
+    k_cor = (flags["frequency_correct"] * n_cor).fillna(0.0)
+    flags["misclassified_enrichment"] = ((k_mis + 0.5) / (n_mis + 1) / ((k_cor + 0.5) / (n_cor + 1))).where(n_mis > 0)
+    flags["n_permutations"] = n_permutations
+    flags["run_id"] = con.execute("SELECT coalesce(min(run_id), '') FROM explanations").fetchall()[0][0]
+    flags = flags.merge(_examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left")
+    flags["example_image_ids"] = flags["example_image_ids"].apply(lambda v: list(v) if v is not None else [])
+    return flags[FLAGS.names].reset_index(drop=True)
+
+
+def _similarities(
+    stats: pd.DataFrame, class_text: ClassText | None, class_names: list[str]
+) -> tuple[np.ndarray, float | None]:
+    """Per row: similarity of the phrase to its class; and the threshold learned on the class names."""
+    sims = np.full(len(stats), np.nan)
+    if class_text is None:
+        log.warning("no class text embeddings given: phrases describing their own class are not excluded")
+        return sims, np.nan
+    threshold = class_text.similarity_threshold(class_names)
+    missing = sorted(set(class_names) - set(class_text.embeddings))
+    unknown = sorted(set(stats["phrase"]) - set(class_text.embeddings))
+    if missing or unknown:
+        log.warning(
+            "no text embedding for classes %s and phrases %s: their similarity is unknown", missing[:5], unknown[:5]
+        )
+    for cname, idx in stats.groupby("class_name").indices.items():  # one matmul per class
+        sims[idx] = class_text.class_similarity(cname, stats["phrase"].iloc[idx].tolist())
+    return sims, threshold
+
+
+def _examples(con: duckdb.DuckDBPyConnection, flags: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Top-scoring image ids of each flagged class × phrase × direction."""
+    con.register("_wanted", flags[["class_name", "phrase", "direction"]])
+    try:
+        return con.sql(
+            f"""
+            SELECT class_name, phrase, direction,
+                   list(image_id ORDER BY score DESC, image_id)[1:{int(n)}] AS example_image_ids
+            FROM image_phrases JOIN _wanted USING (class_name, phrase, direction)
+            GROUP BY ALL
+            """
+        ).df()
+    finally:
+        con.unregister("_wanted")
