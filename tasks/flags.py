@@ -2,7 +2,7 @@
 
 The statistic (``z_lift``) is defined and computed in SQL by :mod:`tasks.store` (table ``concept_stats``):
 the per-image phrase score, as a difference of class means in standard units, standardised within class ×
-direction across phrases (median / scaled MAD). Here we only decide which z_lifts are surprising:
+direction across phrases (median; max of scaled MAD and the permutation standard error). Here we only decide which z_lifts are surprising:
 
 * **null**: the class assignment is permuted across images ``n_permutations`` times (class sizes kept);
   for each permutation the same z_lift is recomputed (vectorised over the sparse image × phrase scores) and
@@ -157,7 +157,8 @@ def z_lift_matrix(
     """The SQL z_lift in numpy, batched: ``sums`` (B, K, Q) class sums of scores -> (B, K, Q) z (NaN: none).
 
     ``n_class`` (K,) class sizes, ``total`` (Q,) score sums, ``sd_all`` (Q,) population sd over all images,
-    ``direction_groups`` (Q,) int labels: z is standardised within class × group by median and scaled MAD.
+    ``direction_groups`` (Q,) int labels: z is standardised within class × group by the median and
+    max(scaled MAD, permutation standard error), exactly as ``concept_stats.z_lift``.
     """
     n = n_class.sum()
     n_c = n_class[None, :, None].astype(np.float64)
@@ -165,6 +166,8 @@ def z_lift_matrix(
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_o = (total[None, None, :] - sums) / (n - n_c)
         lift = np.where(sd_all > 1e-12, (mean_c - mean_o) / sd_all, np.nan)
+    with np.errstate(divide="ignore"):
+        se = np.sqrt(n / (n - 1) * (1 / n_c + 1 / (n - n_c)))  # permutation standard error of a lift
     z = np.full_like(lift, np.nan)
     for g in np.unique(direction_groups):  # two groups: "for" and "against"
         cols = direction_groups == g
@@ -173,7 +176,7 @@ def z_lift_matrix(
         with warnings.catch_warnings():  # all-NaN slices (a class without any lift) are expected: NaN out
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(x, axis=-1, keepdims=True)
-            scale = 1.4826 * np.nanmedian(np.abs(x - med), axis=-1, keepdims=True)
+            scale = np.maximum(1.4826 * np.nanmedian(np.abs(x - med), axis=-1, keepdims=True), se)
         with np.errstate(divide="ignore", invalid="ignore"):
             z[..., cols] = np.where((m >= 3) & (scale > 1e-12), (x - med) / scale, np.nan)
     return z

@@ -18,12 +18,14 @@ Statistics (table ``concept_stats``, one row per class c × phrase p × directio
   was not selected;
 * ``lift = (mean_{x in c} s - mean_{x not in c} s) / sd_all(s)`` — a difference of means in standard units
   of the phrase's score over all images (population sd);
-* ``z_lift = (lift - median_p' lift) / (1.4826 · MAD_p' lift)``: the lifts standardised *within class c and
-  direction d across phrases* p' (robustly; at least 3 phrases with a lift, else NULL). Raw lifts carry a
-  per-class offset (some classes simply have larger explanation scores); this removes it. The median/MAD
-  yardstick is not inflated by the class's own phrases ("whiskers" for cat), which always have the largest
-  lifts and would shrink every other phrase's z under a mean/sd yardstick. Evidence *for* and *against*
-  are kept apart.
+* ``z_lift = (lift - median_p' lift) / max(1.4826 · MAD_p' lift, se_c)``: the lifts standardised *within
+  class c and direction d across phrases* p' (at least 3 phrases with a lift, else NULL), where
+  ``se_c = sqrt(N/(N-1) · (1/n_c + 1/(N - n_c)))`` is the exact permutation standard error of a lift with no
+  association. Raw lifts carry a per-class offset (some classes simply have larger explanation scores): the
+  median removes it. The median/MAD yardstick is not inflated by the class's own phrases ("whiskers" for
+  cat), which always have the largest lifts and would shrink every other z under a mean/sd yardstick; the
+  se floor keeps a small vocabulary's noisy MAD from blowing z up. Evidence *for* and *against* are kept
+  apart.
 """
 
 from __future__ import annotations
@@ -206,12 +208,16 @@ eff AS (
 lifted AS (
     SELECT *, CASE WHEN sd_all > 1e-12 THEN (mean_c - mean_o) / sd_all END AS lift FROM eff
 ),
-robust AS (  -- median and scaled MAD of the lifts within class × direction
-    SELECT class_name, direction, count(lift) AS m, median(lift) AS med, 1.4826 * mad(lift) AS scale
+robust AS (  -- location and spread of the lifts within class × direction
+    SELECT class_name, direction, count(lift) AS m, median(lift) AS med, 1.4826 * mad(lift) AS spread
     FROM lifted GROUP BY class_name, direction
 ),
 z AS (
-    SELECT lifted.*, robust.m, robust.med, robust.scale
+    SELECT lifted.*, robust.m, robust.med,
+           -- floor: the permutation standard error of a lift, sqrt(N/(N-1) (1/n_c + 1/(N-n_c)))
+           greatest(robust.spread,
+                    sqrt(n_total / nullif(n_total - 1, 0) * (1 / n_class + 1 / nullif(n_total - n_class, 0))))
+               AS scale
     FROM lifted JOIN robust USING (class_name, direction)
 )
 SELECT class_name, class_index::INTEGER AS class_index, phrase, direction,

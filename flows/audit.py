@@ -1,0 +1,512 @@
+"""The ``audit`` flow: explain every image of a dataset in words and flag spurious correlations.
+
+    manifest → run dir → channel bank → shards → explain + validate each shard → DuckDB → flags → report
+
+Outputs (the run-directory contract)::
+
+    RUN_DIR/config.yaml              the AuditConfig of the run
+    RUN_DIR/images.parquet           IMAGES schema + metadata columns
+    RUN_DIR/explanations/*.parquet   EXPLANATIONS, validated shards only
+    RUN_DIR/errors/*.parquet         ERRORS: manifest rows, unreadable images, quarantined shards
+    RUN_DIR/quarantine/              shards that failed validation, with the validation report
+    RUN_DIR/run.duckdb, flags.parquet, report.html, summary.json
+
+Resuming: shard files are the cache. Shard ids and fingerprints are deterministic, a finished
+shard file is never rewritten, so a re-run after a crash computes only the missing shards and never
+duplicates a row. ``run_id`` is a hash of the result-relevant config and the images, so the default
+and the Dask runner (and a resumed run) write identical tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.calibrate import BankFiles, prepare_bank
+from tasks.config import AuditConfig, ConfigError, from_mapping
+from tasks.explain_shard import (
+    AtomicParquetWriter,
+    RuntimeSpec,
+    ShardResult,
+    explain_shard,
+    is_finished,
+)
+from tasks.manifest import Manifest, read_manifest
+from tasks.shards import Shard, plan_shards
+from textcam.schema import ERRORS
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """A shard after validation: committed to explanations/ or quarantined."""
+
+    result: ShardResult
+    status: str  # "computed" | "reused" | "quarantined"
+    path: str
+    reason: str = ""
+
+
+@dataclass
+class Timer:
+    """Wall-clock seconds per stage, in order."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(time.perf_counter() - t0, 3)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Failures worth a retry: I/O hiccups, timeouts, GPU memory pressure; not bugs or bad config."""
+    import torch
+
+    return isinstance(exc, OSError | TimeoutError | ConnectionError | torch.cuda.OutOfMemoryError) and not (
+        isinstance(exc, FileNotFoundError | PermissionError | NotADirectoryError | IsADirectoryError)
+    )
+
+
+def _retry_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # the state's exception is what we classify, then let Prefect decide
+        return _transient(exc)
+    return False
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+
+
+@task(name="read-manifest", cache_policy=NO_CACHE)
+def read_manifest_task(cfg: AuditConfig) -> Manifest:
+    classes = _class_list(cfg)
+    manifest = read_manifest(cfg.data, classes=classes)
+    get_run_logger().info(
+        "manifest %s: %d rows → %d images, %d rejected", cfg.data, manifest.n_rows, manifest.n_images,
+        manifest.errors.num_rows,
+    )
+    return manifest
+
+
+def _class_list(cfg: AuditConfig) -> list[str] | None:
+    if cfg.classes is None:
+        return None
+    if cfg.classes == "model":
+        from textcam.models import load_model
+
+        return load_model(cfg.model, weights=cfg.weights, device="cpu").class_names
+    if isinstance(cfg.classes, str):
+        path = Path(cfg.classes)
+        if not path.is_file():
+            raise ConfigError(f"classes: expected 'model', a list of names or a file, got {cfg.classes!r}")
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return list(cfg.classes)
+
+
+def run_identity(cfg: AuditConfig, images: pa.Table) -> str:
+    """``run-<hash>`` of the result-relevant config and the images (ids, paths, labels)."""
+    import hashlib
+
+    h = hashlib.sha256(cfg.fingerprint().encode())
+    table = images.select(["image_id", "path", "label"]).sort_by("image_id")
+    for row in table.to_pylist():
+        h.update(json.dumps([row["image_id"], row["path"], row["label"]]).encode())
+    return "run-" + h.hexdigest()[:12]
+
+
+@task(name="start-run", cache_policy=NO_CACHE)
+def start_run(cfg: AuditConfig, manifest: Manifest) -> RunInfo:
+    """Fix the run id and directory; write config.yaml, images.parquet and the manifest errors."""
+    run_id = run_identity(cfg, manifest.images)
+    run_dir = Path(cfg.run_dir.format(run_id=run_id, date=datetime.now(UTC).strftime("%Y%m%d"))).resolve()
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        from tasks.config import load_config
+
+        previous = load_config(saved)
+        if previous.fingerprint() != cfg.fingerprint():
+            changed = sorted(k for k, v in cfg.content().items() if previous.content().get(k) != v)
+            raise ConfigError(
+                f"{run_dir} holds a run with a different configuration (changed: {changed}); "
+                "choose another --run-dir or delete it"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(saved)
+    images = manifest.images.replace_schema_metadata({**(manifest.images.schema.metadata or {}),
+                                                      b"textcam.run_id": run_id.encode()})
+    _write_atomic(images, run_dir / "images.parquet")
+    errors = manifest.errors.set_column(
+        0, "run_id", pa.array([run_id] * manifest.errors.num_rows, pa.string())
+    )
+    _write_atomic(errors.cast(ERRORS), run_dir / "errors" / "manifest.parquet")
+    get_run_logger().info("run %s → %s", run_id, run_dir)
+    return RunInfo(run_id, str(run_dir))
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    writer = AtomicParquetWriter(path, table.schema, {})
+    writer._writer.write_table(table)
+    writer.rows = table.num_rows
+    writer.commit()
+
+
+def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
+    """The calibration probe set: ``cfg.probe`` or the first ``probe_size`` audit images by image_id."""
+    images = manifest.images if cfg.probe is None else read_manifest(cfg.probe).images
+    ordered = images.sort_by("image_id").column("path").to_pylist()
+    return ordered[: cfg.probe_size]
+
+
+@task(name="channel-bank", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      retry_condition_fn=_retry_transient)
+def channel_bank(cfg: AuditConfig, probe: Sequence[str], run: RunInfo) -> BankFiles:
+    bank = prepare_bank(cfg, probe, run.run_dir)
+    get_run_logger().info("channel bank %s (%s, layer %s, %s): %s in %.1f s", bank.bank_id, bank.model_id,
+                          bank.layer, bank.clip_id, bank.source, bank.seconds)
+    return bank
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_shards_task(images: pa.Table, shard_size: int, run: RunInfo) -> list[Shard]:
+    shards = plan_shards(images, shard_size, run_id=run.run_id)
+    _sweep_stale(Path(run.run_dir), shards)
+    return shards
+
+
+def _sweep_stale(run_dir: Path, shards: Sequence[Shard]) -> None:
+    """Move shard files that belong to no planned shard out of the tables (to RUN_DIR/stale/)."""
+    planned = {s.shard_id: s for s in shards}
+    for folder in ("explanations", "staging", "errors"):
+        for path in sorted((run_dir / folder).glob("shard-*.parquet")):
+            shard_id = path.stem.removesuffix("-validate")
+            shard = planned.get(shard_id)
+            if shard is None or not is_finished(path, shard):
+                target = run_dir / "stale" / folder / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                get_run_logger().warning("moved stale %s/%s to stale/", folder, path.name)
+
+
+@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_retry_transient, task_run_name="explain-{shard.shard_id}")
+def explain_shard_task(spec: RuntimeSpec, shard: Shard, run: RunInfo, batch_size: int,
+                       loader_workers: int) -> ShardResult:
+    # NO_CACHE: the shard files are the cache (checked inside), a Prefect result cache could outlive them.
+    return explain_shard(spec, shard, run.run_dir, run.run_id, batch_size=batch_size,
+                         loader_workers=loader_workers)
+
+
+@task(name="validate-shard", cache_policy=NO_CACHE, task_run_name="validate-{shard.shard_id}")
+def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> ShardOutcome:
+    """Validate a staged shard; commit it to explanations/ or move it to quarantine/ with its report."""
+    logger = get_run_logger()
+    run_dir = Path(run.run_dir)
+    final = run_dir / "explanations" / f"{shard.shard_id}.parquet"
+    if result.path == str(final):
+        outcome = ShardOutcome(result, "reused", str(final))
+    else:
+        ok, report = validate_file(result.path)
+        if ok:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(result.path, final)
+            (run_dir / "errors" / f"{shard.shard_id}-validate.parquet").unlink(missing_ok=True)
+            outcome = ShardOutcome(result, "reused" if result.reused else "computed", str(final))
+        else:
+            outcome = _quarantine(result, shard, run, report)
+    logger.info(
+        "%s %-11s %4d images → %5d rows, %3d errors, %6.2f s", shard.shard_id, outcome.status,
+        result.n_images, result.n_rows if outcome.status != "quarantined" else 0, result.n_errors,
+        result.seconds,
+    )
+    return outcome
+
+
+def validate_file(path: str) -> tuple[bool, dict[str, Any]]:
+    """Run the analytics engineer's Great Expectations suite on one shard file."""
+    from tasks.quality import validate_shard
+
+    result = validate_shard(path)
+    success = result.get("success") if isinstance(result, dict) else getattr(result, "success", None)
+    if not isinstance(success, bool):
+        raise TypeError(f"validate_shard returned {type(result).__name__} without a boolean `success`")
+    report = result if isinstance(result, dict) else _as_dict(result)
+    return success, report
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    for attr in ("to_json_dict", "to_dict", "model_dump"):
+        fn = getattr(obj, attr, None)
+        if callable(fn):
+            return fn()
+    with contextlib.suppress(TypeError):
+        return asdict(obj)
+    return {"repr": repr(obj)}
+
+
+def _quarantine(result: ShardResult, shard: Shard, run: RunInfo, report: dict[str, Any]) -> ShardOutcome:
+    run_dir = Path(run.run_dir)
+    folder = run_dir / "quarantine"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{shard.shard_id}.parquet"
+    os.replace(result.path, target)
+    (folder / f"{shard.shard_id}.validation.json").write_text(json.dumps(report, indent=2, default=str))
+    reason = _failure_summary(report)
+    rows = [{"run_id": run.run_id, "image_id": ref.image_id, "path": ref.path, "stage": "validate",
+             "reason": f"{shard.shard_id} failed validation: {reason}",
+             "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label})}
+            for ref in shard.images]
+    failed_ids = set(pc.unique(pq.read_table(result.errors_path, columns=["image_id"]).column(0)).to_pylist())
+    rows = [r for r in rows if r["image_id"] not in failed_ids]  # already counted as explain errors
+    _write_atomic(pa.Table.from_pylist(rows, schema=ERRORS),
+                  run_dir / "errors" / f"{shard.shard_id}-validate.parquet")
+    get_run_logger().error("%s quarantined: %s (report in %s)", shard.shard_id, reason, folder)
+    return ShardOutcome(result, "quarantined", str(target), reason)
+
+
+def _failure_summary(report: dict[str, Any]) -> str:
+    failures = report.get("failures") or report.get("failed_expectations")
+    if failures:
+        return "; ".join(str(f) for f in failures)[:500]
+    results = report.get("results") or []
+    failed = [r.get("expectation_config", {}).get("type", "?") for r in results
+              if isinstance(r, dict) and not r.get("success", True)]
+    return ", ".join(failed)[:500] or "validation failed"
+
+
+@flow(name="explain-shards", validate_parameters=False)
+def explain_shards(spec: RuntimeSpec, shards: list[Shard], run: RunInfo, batch_size: int,
+                   loader_workers: int) -> list[ShardOutcome]:
+    """Explain and validate every shard on this flow's task runner (threads or Dask)."""
+    logger = get_run_logger()
+    explained = [explain_shard_task.submit(spec, s, run, batch_size, loader_workers) for s in shards]
+    checked = [validate_shard_task.submit(f, s, run) for f, s in zip(explained, shards, strict=True)]
+    outcomes = []
+    for i, future in enumerate(checked, 1):
+        outcomes.append(future.result())
+        logger.info("[%d/%d shards]", i, len(shards))
+    return outcomes
+
+
+@task(name="build-duckdb", cache_policy=NO_CACHE)
+def build_duckdb_task(run: RunInfo) -> str:
+    from tasks.store import build_duckdb
+
+    return str(build_duckdb(run.run_dir))
+
+
+@task(name="flag-spurious", cache_policy=NO_CACHE)
+def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> list[dict[str, Any]]:
+    from tasks.flags import flag_spurious
+
+    frame = flag_spurious(run.run_dir, _class_text(cfg, run, bank), **cfg.extra.get("flags", {}))
+    get_run_logger().info("%d spurious-correlation candidates flagged", len(frame))
+    return frame.to_dict(orient="records")
+
+
+def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> Any:
+    """CLIP text embeddings of the predicted class names and the run's phrases (for the flags)."""
+    from tasks.explain_shard import load_phrases
+    from tasks.flags import ClassText
+    from tasks.store import query
+    from textcam.clip import load_clip
+
+    names = query(run.run_dir, "SELECT DISTINCT pred_name FROM explanations ORDER BY 1")["pred_name"].tolist()
+    if not names:
+        return None
+    phrases, _ = load_phrases(bank.phrases_path)
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+    cache = cfg.resolved_cache_dir() if clip.cacheable else False
+    return ClassText.from_encoder(lambda texts: clip.encode_texts(texts, cache_dir=cache).cpu().numpy(),
+                                  names, phrases)
+
+
+@task(name="render-report", cache_policy=NO_CACHE)
+def render_report_task(run: RunInfo) -> str:
+    from reports import render_report
+
+    return str(render_report(run.run_dir))
+
+
+# -- the flow ---------------------------------------------------------------------------------------
+
+
+def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
+    return RuntimeSpec(model=cfg.model, weights=cfg.weights, bank_path=bank.bank_path,
+                       phrases_path=bank.phrases_path, method=cfg.method, top_k=cfg.top_k,
+                       n_phrases=cfg.n_phrases, n_groups=cfg.n_groups, device=cfg.device,
+                       torch_threads=cfg.torch_threads)
+
+
+def task_runner_for(cfg: AuditConfig) -> Any:
+    """Threads in this process (default) or Dask: a local cluster of ``workers`` processes, or
+    an existing scheduler at ``cfg.scheduler``."""
+    if cfg.runner == "default":
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.scheduler:
+        return DaskTaskRunner(address=cfg.scheduler)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@contextlib.contextmanager
+def _runner_environment(cfg: AuditConfig) -> Iterator[None]:
+    """Dask worker processes must be allowed children: the shard DataLoader forks decoding workers."""
+    if cfg.runner != "dask":
+        yield
+        return
+    import dask
+
+    with dask.config.set({"distributed.worker.daemon": False}):
+        yield
+
+
+def _execution_defaults(cfg: AuditConfig) -> AuditConfig:
+    if cfg.runner == "dask" and cfg.torch_threads is None and not cfg.scheduler:
+        return cfg.replace(torch_threads=max(1, (os.cpu_count() or 1) // cfg.workers))
+    return cfg
+
+
+@flow(name="audit", validate_parameters=False)
+def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
+    """Audit a dataset; returns the summary (also written to ``RUN_DIR/summary.json``).
+
+    ``config`` is an :class:`AuditConfig` or its dict form (deployments pass the dict).
+    """
+    logger = get_run_logger()
+    cfg = _execution_defaults(config if isinstance(config, AuditConfig) else from_mapping(config))
+    timer = Timer()
+    with timer.stage("manifest"):
+        manifest = read_manifest_task(cfg)
+        run = start_run(cfg, manifest)
+    with timer.stage("bank"):
+        bank = channel_bank(cfg, probe_paths(cfg, manifest), run)
+    with timer.stage("plan"):
+        shards = plan_shards_task(manifest.images, cfg.shard_size, run)
+    with timer.stage("explain"), _runner_environment(cfg):
+        outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
+            runtime_spec(cfg, bank), shards, run, cfg.batch_size, cfg.loader_workers
+        )
+    with timer.stage("duckdb"):
+        build_duckdb_task(run)
+    with timer.stage("flags"):
+        flags = flag_task(cfg, run, bank)
+    with timer.stage("report"):
+        report = render_report_task(run)
+    summary = summarise(cfg, run, manifest, bank, outcomes, timer, report, len(flags))
+    publish(summary, flags, report)
+    logger.info(summary["line"])
+    if cfg.fail_on_quarantine and summary["shards"]["quarantined"]:
+        raise RuntimeError(f"{len(summary['shards']['quarantined'])} shard(s) quarantined: see {run.run_dir}")
+    return summary
+
+
+def summarise(cfg: AuditConfig, run: RunInfo, manifest: Manifest, bank: BankFiles,
+              outcomes: Sequence[ShardOutcome], timer: Timer, report: str, n_flags: int) -> dict[str, Any]:
+    """Counts that reconcile (rows in = explained + errors), timings, computed vs reused shards."""
+    ok = [o for o in outcomes if o.status != "quarantined"]
+    quarantined = [o for o in outcomes if o.status == "quarantined"]
+    explained = sum(o.result.n_explained for o in ok)
+    explain_errors = sum(o.result.n_errors for o in outcomes)
+    quarantined_images = sum(o.result.n_explained for o in quarantined)
+    errors = manifest.errors.num_rows + explain_errors + quarantined_images
+    counts = {
+        "rows_in": manifest.n_rows,
+        "images": manifest.n_images,
+        "explained_images": explained,
+        "explanation_rows": sum(o.result.n_rows for o in ok),
+        "errors": errors,
+        "errors_by_stage": {"manifest": manifest.errors.num_rows, "explain": explain_errors,
+                            "validate": quarantined_images},
+        "flags": n_flags,
+    }
+    reconciled = counts["rows_in"] == explained + errors
+    line = (f"{run.run_id}: {counts['rows_in']} rows in = {explained} explained + {errors} errors "
+            f"({'reconciled' if reconciled else 'NOT RECONCILED'}); "
+            f"{sum(o.status == 'computed' for o in outcomes)} shards computed, "
+            f"{sum(o.status == 'reused' for o in outcomes)} reused, {len(quarantined)} quarantined; "
+            f"{n_flags} flags; report {report}")
+    summary = {
+        "run_id": run.run_id,
+        "run_dir": run.run_dir,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "counts": counts,
+        "reconciled": reconciled,
+        "timings_s": timer.stages,
+        "shards": {
+            "computed": [o.result.shard_id for o in outcomes if o.status == "computed"],
+            "reused": [o.result.shard_id for o in outcomes if o.status == "reused"],
+            "quarantined": [o.result.shard_id for o in quarantined],
+            "seconds": {o.result.shard_id: round(o.result.seconds, 3) for o in outcomes},
+        },
+        "bank": asdict(bank),
+        "report": report,
+        "line": line,
+    }
+    path = Path(run.run_dir) / "summary.json"
+    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    return summary
+
+
+def publish(summary: dict[str, Any], flags: list[dict[str, Any]], report: str) -> None:
+    """Prefect artifacts: the flags table, a link to the report, the summary as markdown."""
+    columns = ("class_name", "phrase", "direction", "z_lift", "p_value", "n_images", "frequency")
+    table = [{k: _plain(f.get(k)) for k in columns} for f in flags[:200]]
+    create_table_artifact(table=table or [dict.fromkeys(columns, "")], key="audit-flags",
+                          description=f"Spurious-correlation candidates of {summary['run_id']}")
+    create_link_artifact(link=Path(report).resolve().as_uri(), link_text="report.html", key="audit-report",
+                         description=f"HTML report of {summary['run_id']}")
+    c = summary["counts"]
+    create_markdown_artifact(
+        key="audit-summary",
+        markdown=(f"### Audit {summary['run_id']}\n\n{summary['line']}\n\n"
+                  f"| rows in | explained | errors | explanation rows | flags |\n|---|---|---|---|---|\n"
+                  f"| {c['rows_in']} | {c['explained_images']} | {c['errors']} | {c['explanation_rows']} "
+                  f"| {c['flags']} |\n\nRun directory: `{summary['run_dir']}`\n"),
+    )
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 4)
+    return value
+
+
+def run_audit(cfg: AuditConfig) -> dict[str, Any]:
+    """Run the flow in this process (the CLI's entry point)."""
+    return audit(cfg)
+
+
+def _cleanup_staging(run_dir: str) -> None:
+    shutil.rmtree(Path(run_dir) / "staging", ignore_errors=True)
