@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,8 +48,13 @@ from tasks.explain_shard import (
     is_finished,
 )
 from tasks.manifest import Manifest, read_manifest
+from tasks.quality import ValidationResult, validate_shard, write_quality_report
 from tasks.shards import Shard, plan_shards
 from textcam.schema import ERRORS
+
+#: Great Expectations' shared context is not thread-safe (building it concurrently fails with
+#: "datasource already exists"), so validations in one process take turns; they cost milliseconds.
+_GX_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -200,9 +205,13 @@ def plan_shards_task(images: pa.Table, shard_size: int, run: RunInfo) -> list[Sh
 
 
 def _sweep_stale(run_dir: Path, shards: Sequence[Shard]) -> None:
-    """Move shard files that belong to no planned shard out of the tables (to RUN_DIR/stale/)."""
+    """Before explaining: delete temp files of writers that were killed, and move shard files that
+    belong to no planned shard out of the tables (to RUN_DIR/stale/). A ``-validate`` errors file is
+    always moved: its shard was quarantined and is computed again now."""
     planned = {s.shard_id: s for s in shards}
     for folder in ("explanations", "staging", "errors"):
+        for leftover in (run_dir / folder).glob(".shard-*.parquet.tmp*"):
+            leftover.unlink()
         for path in sorted((run_dir / folder).glob("shard-*.parquet")):
             shard_id = path.stem.removesuffix("-validate")
             shard = planned.get(shard_id)
@@ -231,14 +240,15 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
     if result.path == str(final):
         outcome = ShardOutcome(result, "reused", str(final))
     else:
-        ok, report = validate_file(result.path)
-        if ok:
+        validation = _validate(result.path)
+        write_quality_report(run_dir, final, validation)
+        if validation.ok:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(result.path, final)
             (run_dir / "errors" / f"{shard.shard_id}-validate.parquet").unlink(missing_ok=True)
             outcome = ShardOutcome(result, "reused" if result.reused else "computed", str(final))
         else:
-            outcome = _quarantine(result, shard, run, report)
+            outcome = _quarantine(result, shard, run, validation)
     logger.info(
         "%s %-11s %4d images → %5d rows, %3d errors, %6.2f s", shard.shard_id, outcome.status,
         result.n_images, result.n_rows if outcome.status != "quarantined" else 0, result.n_errors,
@@ -247,56 +257,32 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
     return outcome
 
 
-def validate_file(path: str) -> tuple[bool, dict[str, Any]]:
-    """Run the analytics engineer's Great Expectations suite on one shard file."""
-    from tasks.quality import validate_shard
-
-    result = validate_shard(path)
-    success = result.get("success") if isinstance(result, dict) else getattr(result, "success", None)
-    if not isinstance(success, bool):
-        raise TypeError(f"validate_shard returned {type(result).__name__} without a boolean `success`")
-    report = result if isinstance(result, dict) else _as_dict(result)
-    return success, report
+def _validate(path: str) -> ValidationResult:
+    # A module-level function (pickled by reference for Dask, unlike the task's own body).
+    with _GX_LOCK:
+        return validate_shard(path)
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    for attr in ("to_json_dict", "to_dict", "model_dump"):
-        fn = getattr(obj, attr, None)
-        if callable(fn):
-            return fn()
-    with contextlib.suppress(TypeError):
-        return asdict(obj)
-    return {"repr": repr(obj)}
-
-
-def _quarantine(result: ShardResult, shard: Shard, run: RunInfo, report: dict[str, Any]) -> ShardOutcome:
+def _quarantine(
+    result: ShardResult, shard: Shard, run: RunInfo, validation: ValidationResult
+) -> ShardOutcome:
+    """Move a shard that failed validation to quarantine/ (with its report); its images become errors."""
     run_dir = Path(run.run_dir)
     folder = run_dir / "quarantine"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{shard.shard_id}.parquet"
     os.replace(result.path, target)
-    (folder / f"{shard.shard_id}.validation.json").write_text(json.dumps(report, indent=2, default=str))
-    reason = _failure_summary(report)
+    (folder / f"{shard.shard_id}.validation.json").write_text(validation.to_json())
+    reason = "; ".join(validation.failures)[:500] or "validation failed"
+    failed_ids = set(pc.unique(pq.read_table(result.errors_path, columns=["image_id"]).column(0)).to_pylist())
     rows = [{"run_id": run.run_id, "image_id": ref.image_id, "path": ref.path, "stage": "validate",
              "reason": f"{shard.shard_id} failed validation: {reason}",
              "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label})}
-            for ref in shard.images]
-    failed_ids = set(pc.unique(pq.read_table(result.errors_path, columns=["image_id"]).column(0)).to_pylist())
-    rows = [r for r in rows if r["image_id"] not in failed_ids]  # already counted as explain errors
+            for ref in shard.images if ref.image_id not in failed_ids]  # those are explain errors already
     _write_atomic(pa.Table.from_pylist(rows, schema=ERRORS),
                   run_dir / "errors" / f"{shard.shard_id}-validate.parquet")
     get_run_logger().error("%s quarantined: %s (report in %s)", shard.shard_id, reason, folder)
     return ShardOutcome(result, "quarantined", str(target), reason)
-
-
-def _failure_summary(report: dict[str, Any]) -> str:
-    failures = report.get("failures") or report.get("failed_expectations")
-    if failures:
-        return "; ".join(str(f) for f in failures)[:500]
-    results = report.get("results") or []
-    failed = [r.get("expectation_config", {}).get("type", "?") for r in results
-              if isinstance(r, dict) and not r.get("success", True)]
-    return ", ".join(failed)[:500] or "validation failed"
 
 
 @flow(name="explain-shards", validate_parameters=False)
@@ -304,8 +290,10 @@ def explain_shards(spec: RuntimeSpec, shards: list[Shard], run: RunInfo, batch_s
                    loader_workers: int) -> list[ShardOutcome]:
     """Explain and validate every shard on this flow's task runner (threads or Dask)."""
     logger = get_run_logger()
-    explained = [explain_shard_task.submit(spec, s, run, batch_size, loader_workers) for s in shards]
-    checked = [validate_shard_task.submit(f, s, run) for f, s in zip(explained, shards, strict=True)]
+    checked = []
+    for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
+        explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
+        checked.append(validate_shard_task.submit(explained, shard, run))
     outcomes = []
     for i, future in enumerate(checked, 1):
         outcomes.append(future.result())
@@ -330,20 +318,27 @@ def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> list[dict[str,
 
 
 def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> Any:
-    """CLIP text embeddings of the predicted class names and the run's phrases (for the flags)."""
-    from tasks.explain_shard import load_phrases
+    """CLIP text embeddings of the phrases (saved with the bank) and the predicted class names.
+
+    The class names are encoded here, only those predicted in the run. With random CLIP weights a
+    new process cannot reproduce the CLIP the phrases were embedded with, so the similarity test
+    is switched off (``None``) rather than computed against an unrelated embedding space.
+    """
+    from tasks.explain_shard import load_text_embeddings
     from tasks.flags import ClassText
     from tasks.store import query
     from textcam.clip import load_clip
 
-    names = query(run.run_dir, "SELECT DISTINCT pred_name FROM explanations ORDER BY 1")["pred_name"].tolist()
-    if not names:
+    if cfg.clip_pretrained is None and not cfg.clip.startswith("local-dir:"):
+        get_run_logger().warning("random CLIP weights: phrases that describe their class are not excluded")
         return None
-    phrases, _ = load_phrases(bank.phrases_path)
-    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
-    cache = cfg.resolved_cache_dir() if clip.cacheable else False
-    return ClassText.from_encoder(lambda texts: clip.encode_texts(texts, cache_dir=cache).cpu().numpy(),
-                                  names, phrases)
+    names = query(run.run_dir, "SELECT DISTINCT pred_name FROM explanations ORDER BY 1")["pred_name"].tolist()
+    embeddings = {text: emb.numpy() for text, emb in load_text_embeddings(bank.phrases_path).items()}
+    if names:
+        clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+        encoded = clip.encode_texts(names, cache_dir=cfg.resolved_cache_dir() if clip.cacheable else False)
+        embeddings.update(zip(names, encoded.cpu().numpy(), strict=True))
+    return ClassText(embeddings=embeddings)
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -367,7 +362,8 @@ def task_runner_for(cfg: AuditConfig) -> Any:
     """Threads in this process (default) or Dask: a local cluster of ``workers`` processes, or
     an existing scheduler at ``cfg.scheduler``."""
     if cfg.runner == "default":
-        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+        # One more thread than shard workers: validating shard i overlaps explaining shard i + 1.
+        return ThreadPoolTaskRunner(max_workers=cfg.workers + 1)
     from prefect_dask import DaskTaskRunner
 
     if cfg.scheduler:
@@ -418,6 +414,8 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
         build_duckdb_task(run)
     with timer.stage("flags"):
         flags = flag_task(cfg, run, bank)
+    report = str(Path(run.run_dir) / "report.html")
+    summarise(cfg, run, manifest, bank, outcomes, timer, report, len(flags))  # the report reads it
     with timer.stage("report"):
         report = render_report_task(run)
     summary = summarise(cfg, run, manifest, bank, outcomes, timer, report, len(flags))
@@ -456,6 +454,7 @@ def summarise(cfg: AuditConfig, run: RunInfo, manifest: Manifest, bank: BankFile
     summary = {
         "run_id": run.run_id,
         "run_dir": run.run_dir,
+        "dataset_root": str(manifest.root),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "counts": counts,
         "reconciled": reconciled,
@@ -506,7 +505,3 @@ def _plain(value: Any) -> Any:
 def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     """Run the flow in this process (the CLI's entry point)."""
     return audit(cfg)
-
-
-def _cleanup_staging(run_dir: str) -> None:
-    shutil.rmtree(Path(run_dir) / "staging", ignore_errors=True)

@@ -196,9 +196,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             if value.lower() in ("false", "0", "no"):
                 return False
             raise ConfigError(f"config key {name!r}: expected true/false, got {value!r}")
-        if typing.get_origin(tp) is tuple or any(typing.get_origin(a) is tuple for a in args):
-            if str not in args:
-                return tuple(v.strip() for v in value.split(",") if v.strip())
+        is_tuple = typing.get_origin(tp) is tuple or any(typing.get_origin(a) is tuple for a in args)
+        if is_tuple and str not in args:
+            return tuple(v.strip() for v in value.split(",") if v.strip())
     return value
 
 
@@ -229,10 +229,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot parse config file {path}: {exc}") from None
     if data is None:

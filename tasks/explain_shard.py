@@ -103,17 +103,41 @@ def load_phrases(path: str | os.PathLike[str]) -> tuple[list[str], torch.Tensor]
     return phrases, load_file(str(path))["embeddings"]
 
 
-def save_phrases(path: str | os.PathLike[str], phrases: list[str], embeddings: torch.Tensor, clip_id: str) -> Path:
-    """Write phrases + (P, D) embeddings to one safetensors file, atomically."""
+def save_phrases(
+    path: str | os.PathLike[str],
+    phrases: list[str],
+    embeddings: torch.Tensor,
+    clip_id: str,
+    class_names: list[str] | None = None,
+    class_embeddings: torch.Tensor | None = None,
+) -> Path:
+    """Write phrases + (P, D) embeddings (and the class names' embeddings) to one safetensors file."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"embeddings": embeddings.detach().cpu().float().contiguous()}
+    meta = {"phrases": json.dumps(phrases), "clip_id": clip_id, "class_names": json.dumps(class_names or [])}
+    if class_embeddings is not None:
+        tensors["class_embeddings"] = class_embeddings.detach().cpu().float().contiguous()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"embeddings": embeddings.detach().cpu().float().contiguous()}, str(tmp),
-              metadata={"phrases": json.dumps(phrases), "clip_id": clip_id})
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
+
+
+def load_text_embeddings(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Text → embedding for every phrase and class name in a file written by :func:`save_phrases`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    out = dict(zip(json.loads(meta["phrases"]), tensors["embeddings"], strict=True))
+    if "class_embeddings" in tensors:
+        out.update(zip(json.loads(meta["class_names"]), tensors["class_embeddings"], strict=True))
+    return out
 
 
 def get_runtime(spec: RuntimeSpec) -> Runtime:

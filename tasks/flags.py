@@ -2,7 +2,8 @@
 
 The statistic (``z_lift``) is defined and computed in SQL by :mod:`tasks.store` (table ``concept_stats``):
 the per-image phrase score, as a difference of class means in standard units, standardised within class ×
-direction across phrases (median; max of scaled MAD and the permutation standard error). Here we only decide which z_lifts are surprising:
+direction across phrases (median; max of scaled MAD and the permutation standard error). Here we only
+decide which z_lifts are surprising:
 
 * **null**: the class assignment is permuted across images ``n_permutations`` times (class sizes kept);
   for each permutation the same z_lift is recomputed (vectorised over the sparse image × phrase scores) and
@@ -52,7 +53,9 @@ FLAGS = pa.schema(
         pa.field("n_images", pa.int64(), nullable=False),
         pa.field("frequency", pa.float64(), nullable=False),
         pa.field("frequency_other", pa.float64(), nullable=True),
-        pa.field("class_similarity", pa.float64(), nullable=True),  # CLIP text sim to the class; null: unknown
+        pa.field(
+            "class_similarity", pa.float64(), nullable=True
+        ),  # CLIP text sim to the class; null: unknown
         pa.field("similarity_threshold", pa.float64(), nullable=True),
         pa.field("n_misclassified", pa.int64(), nullable=False),
         pa.field("frequency_misclassified", pa.float64(), nullable=True),
@@ -215,7 +218,9 @@ def permutation_null(
         z = z_lift_matrix(sums, n_class, total, sd_all, direction_groups)
         with np.errstate(invalid="ignore"):
             all_nan = np.isnan(z).all(-1)
-            out[start : start + b] = np.where(all_nan, np.nan, np.nanmax(np.where(np.isnan(z), -np.inf, z), -1))
+            out[start : start + b] = np.where(
+                all_nan, np.nan, np.nanmax(np.where(np.isnan(z), -np.inf, z), -1)
+            )
     return out
 
 
@@ -235,7 +240,8 @@ def flag_spurious(
     DataFrame with the :data:`FLAGS` columns, ordered by class then rank. See the module docstring for the
     statistic. ``class_text=None`` disables the describe-the-class exclusion (a warning is logged).
 
-    >>> flag_spurious("runs/r1", ClassText.from_encoder(clip.encode_text, names, phrases, vocab))  # doctest: +SKIP
+    >>> text = ClassText.from_encoder(clip.encode_text, names, phrases, vocab)  # doctest: +SKIP
+    >>> flag_spurious("runs/r1", text)  # doctest: +SKIP
     """
     if n_permutations < 1:
         raise ValueError("n_permutations must be at least 1")
@@ -322,10 +328,14 @@ def _compute_flags(
     n_mis, n_cor = flags["n_misclassified"], flags["n_correct"]
     k_mis = flags["frequency_misclassified"] * n_mis
     k_cor = (flags["frequency_correct"] * n_cor).fillna(0.0)
-    flags["misclassified_enrichment"] = ((k_mis + 0.5) / (n_mis + 1) / ((k_cor + 0.5) / (n_cor + 1))).where(n_mis > 0)
+    flags["misclassified_enrichment"] = ((k_mis + 0.5) / (n_mis + 1) / ((k_cor + 0.5) / (n_cor + 1))).where(
+        n_mis > 0
+    )
     flags["n_permutations"] = n_permutations
     flags["run_id"] = con.execute("SELECT coalesce(min(run_id), '') FROM explanations").fetchall()[0][0]
-    flags = flags.merge(_examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left")
+    flags = flags.merge(
+        _examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left"
+    )
     flags["example_image_ids"] = flags["example_image_ids"].apply(lambda v: list(v) if v is not None else [])
     return flags[FLAGS.names].reset_index(drop=True)
 
@@ -343,7 +353,9 @@ def _similarities(
     unknown = sorted(set(stats["phrase"]) - set(class_text.embeddings))
     if missing or unknown:
         log.warning(
-            "no text embedding for classes %s and phrases %s: their similarity is unknown", missing[:5], unknown[:5]
+            "no text embedding for classes %s and phrases %s: their similarity is unknown",
+            missing[:5],
+            unknown[:5],
         )
     for cname, idx in stats.groupby("class_name").indices.items():  # one matmul per class
         sims[idx] = class_text.class_similarity(cname, stats["phrase"].iloc[idx].tolist())

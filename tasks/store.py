@@ -115,11 +115,15 @@ def create_table_sql(name: str, schema: pa.Schema) -> str:
     return f"CREATE OR REPLACE TABLE {_ident(name)} ({cols})"
 
 
-def _source_sql(name: str, files: list[Path], schema: pa.Schema, run_dir: Path, absolute: bool, extra: bool) -> str:
+def _source_sql(
+    name: str, files: list[Path], schema: pa.Schema, run_dir: Path, absolute: bool, extra: bool
+) -> str:
     """A SELECT over the Parquet files of a table, columns in declared order (plus extras when asked)."""
     paths = [str(p if absolute else p.relative_to(run_dir)) for p in files]
     listing = "[" + ", ".join(_literal(p) for p in paths) + "]"
-    declared = ", ".join(f"CAST({_ident(f.name)} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
+    declared = ", ".join(
+        f"CAST({_ident(f.name)} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
+    )
     if extra:
         names = ", ".join(_ident(f.name) for f in schema)
         declared += f", * EXCLUDE ({names})"
@@ -131,7 +135,11 @@ def _table_files(run_dir: Path) -> dict[str, tuple[list[Path], pa.Schema, bool]]
     tables: dict[str, tuple[list[Path], pa.Schema, bool]] = {
         "explanations": (sorted((run_dir / "explanations").glob("*.parquet")), EXPLANATIONS, False),
         "errors": (sorted((run_dir / "errors").glob("*.parquet")), ERRORS, False),
-        "images": ([run_dir / "images.parquet"] if (run_dir / "images.parquet").is_file() else [], IMAGES, True),
+        "images": (
+            [run_dir / "images.parquet"] if (run_dir / "images.parquet").is_file() else [],
+            IMAGES,
+            True,
+        ),
     }
     return tables
 
@@ -147,7 +155,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, *, temporary: b
             body = f"SELECT {cols} WHERE false"
         con.execute(f"CREATE OR REPLACE {kind} {_ident(name)} AS {body}")
 
-    # One row per image: its predicted-class explanation. Duplicates (a resumed shard written twice) count once.
+    # One row per image: its predicted-class explanation; duplicates (a shard written twice) count once.
     con.execute(
         f"""
         CREATE OR REPLACE {kind} predictions AS
@@ -272,10 +280,12 @@ def build_duckdb(run_dir: str | Path) -> Path:
     return target
 
 
-def connect(run_dir: str | Path, *, read_only: bool = True, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(
+    run_dir: str | Path, *, read_only: bool = True, sandbox: bool = True
+) -> duckdb.DuckDBPyConnection:
     """Open a run's DuckDB file with views pointing at this run directory.
 
-    ``sandbox=True`` (requires ``read_only``) then forbids DuckDB any file access outside the run directory and
+    ``sandbox=True`` (requires ``read_only``) then forbids DuckDB file access outside the run directory and
     locks the configuration, so queries cannot read ``/etc/passwd`` or re-enable access.
     """
     run_dir = Path(run_dir).resolve()
@@ -301,8 +311,17 @@ def connect(run_dir: str | Path, *, read_only: bool = True, sandbox: bool = True
 
 
 # PRAGMAs that only describe the catalog.
-_READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "database_size", "show", "version",
-                 "storage_info", "functions", "database_list"}
+_READ_PRAGMAS = {
+    "table_info",
+    "show_tables",
+    "show_tables_expanded",
+    "database_size",
+    "show",
+    "version",
+    "storage_info",
+    "functions",
+    "database_list",
+}
 _READ_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
@@ -352,7 +371,7 @@ class QueryResult:
 def run_sql(run_dir: str | Path, sql: str, fmt: Literal["table", "csv", "json"] = "table") -> QueryResult:
     """Answer ``sql`` (one read-only statement) on a run, formatted as a text table, CSV or JSON records.
 
-    >>> print(run_sql(run, "SELECT class_name, phrase, frequency FROM concept_stats LIMIT 2").text)  # doctest: +SKIP
+    >>> res = run_sql(run, "SELECT class_name, phrase FROM concept_stats LIMIT 2")  # doctest: +SKIP
     """
     if fmt not in ("table", "csv", "json"):
         raise ValueError(f"unknown format {fmt!r}; use table, csv or json")

@@ -41,11 +41,14 @@ def make_run(
     shuffle: bool = False,
     n_shards: int = 2,
     label_text: dict[str, str] | None = None,
+    phrase_text: dict[str, str] | None = None,
+    name_suffix: str = "",
     write_images: bool = True,
 ) -> Path:
     """Write ``root/run`` (the run directory) and ``root/data`` (the dataset root); return the run dir.
 
-    ``label_text`` renames classes in labels/predictions (to plant hostile strings in the report).
+    ``label_text`` renames classes in labels/predictions, ``phrase_text`` renames phrases and ``name_suffix``
+    is appended to image file names (to plant hostile strings in the report).
     """
     rng = np.random.default_rng(seed)
     run_dir, data_dir = root / "run", root / "data"
@@ -85,9 +88,9 @@ def make_run(
     for r in rows:
         i, k = r["i"], r["k"]
         image_id = f"img{i:04d}"
-        rel = f"{CLASSES[k]}/{image_id}.png"
+        rel = f"{CLASSES[k]}/{image_id}{name_suffix}.png"
         if write_images:
-            (data_dir / CLASSES[k]).mkdir(exist_ok=True)
+            (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             arr = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
             Image.fromarray(arr).save(data_dir / rel)
         sal = rng.random(49).astype(np.float16)
@@ -102,8 +105,10 @@ def make_run(
             "pred_name": pred_name,
             "prob": float(0.5 + 0.5 * rng.random()),
             "topk": [{"class_index": int(k), "class_name": pred_name, "prob": 0.9}],
-            "groups": [{"text": p["text"], "share": 0.5, "n_channels": 3, "map": list(rng.random(49))}
-                       for p in r["phrases"][:2]],
+            "groups": [
+                {"text": p["text"], "share": 0.5, "n_channels": 3, "map": list(rng.random(49))}
+                for p in r["phrases"][:2]
+            ],
             "saliency": list(sal),
             "map_h": 7,
             "map_w": 7,
@@ -113,24 +118,49 @@ def make_run(
             "clip_id": "clip",
             "method": "gradcam",
         }
-        out.append({**base, "target_class": int(k), "target_name": pred_name, "rank_of_target": 0,
-                    "phrases": r["phrases"]})
+        renamed = [{**p, "text": (phrase_text or {}).get(p["text"], p["text"])} for p in r["phrases"]]
+        out.append(
+            {
+                **base,
+                "target_class": int(k),
+                "target_name": pred_name,
+                "rank_of_target": 0,
+                "phrases": renamed,
+            }
+        )
         # A second explained class (rank 1): must not enter the per-class statistics.
         k2 = (k + 1) % len(CLASSES)
-        out.append({**base, "target_class": k2, "target_name": names.get(CLASSES[k2], CLASSES[k2]),
-                    "rank_of_target": 1, "phrases": [_phrase("snow", 5.0, "for")]})
+        out.append(
+            {
+                **base,
+                "target_class": k2,
+                "target_name": names.get(CLASSES[k2], CLASSES[k2]),
+                "rank_of_target": 1,
+                "phrases": [_phrase("snow", 5.0, "for")],
+            }
+        )
         images.append({"image_id": image_id, "path": rel, "label": label, "split": "test"})
     table = pa.Table.from_pylist(out, schema=EXPLANATIONS)
     step = -(-table.num_rows // n_shards)
     for s in range(n_shards):
         pq.write_table(table.slice(s * step, step), run_dir / "explanations" / f"shard-{s:05d}.parquet")
     pq.write_table(pa.Table.from_pylist(images, schema=IMAGES), run_dir / "images.parquet")
-    errors = [{"run_id": "run-test", "image_id": "bad1", "path": "cat/broken.png", "stage": "read",
-               "reason": "cannot identify image file", "row": json.dumps({"path": "cat/broken.png"})}]
+    errors = [
+        {
+            "run_id": "run-test",
+            "image_id": "bad1",
+            "path": "cat/broken.png",
+            "stage": "read",
+            "reason": "cannot identify image file",
+            "row": json.dumps({"path": "cat/broken.png"}),
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS), run_dir / "errors" / "errors-00000.parquet")
     (run_dir / "config.yaml").write_text(f"dataset_root: {data_dir}\n")
     (run_dir / "summary.json").write_text(
-        json.dumps({"run_id": "run-test", "dataset_root": str(data_dir), "n_images": len(rows), "n_errors": 1})
+        json.dumps(
+            {"run_id": "run-test", "dataset_root": str(data_dir), "n_images": len(rows), "n_errors": 1}
+        )
     )
     return run_dir
 

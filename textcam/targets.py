@@ -66,7 +66,9 @@ class Target:
         return torch.ones_like(indices, dtype=torch.bool)
 
     def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        indices = self.select(logits.detach())
+        # A fresh tensor: gather saves the indices for backward, and views of a tensor made under
+        # inference_mode (e.g. ClassTargets built there) cannot be saved.
+        indices = self.select(logits.detach()).clone()
         return self.score(logits, indices), indices
 
 

@@ -158,7 +158,8 @@ class CamMethod:
         target = as_target(targets)
         images = images.detach()
         if self.uses_gradients:
-            with frozen_parameters(self.model), torch.enable_grad():
+            # Works under a caller's no_grad or inference_mode too: the graph is ours to record.
+            with frozen_parameters(self.model), torch.inference_mode(False), torch.enable_grad():
                 leaf, logits = self._forward(images, record=True)
                 scores, indices = target(logits)
                 grads = self._gradients(scores, leaf)
@@ -169,12 +170,12 @@ class CamMethod:
             grads = None
         logits = logits.detach()
         hw = tuple(images.shape[-2:])
+        if grads is not None:  # (B, K, ...) → (B·K, ...) → maps → (B, K, C, h, w)
+            grads = self._to_map(grads.flatten(0, 1), hw).unflatten(0, grads.shape[:2])
         inputs = CamInputs(
             images=images,
             activations=self._to_map(leaf.detach(), hw),
-            gradients=None if grads is None else self._to_map(grads.flatten(0, 1), hw).unflatten(
-                0, grads.shape[:2]
-            ),
+            gradients=grads,
             targets=indices,
             target=target,
             logits=logits,

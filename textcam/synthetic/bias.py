@@ -70,8 +70,9 @@ class BiasSpec:
             )
 
 
-def parse_biases(specs: Sequence[str | BiasSpec], values: Mapping[str, Sequence[str]],
-                 label_attribute: str) -> tuple[BiasSpec, ...]:
+def parse_biases(
+    specs: Sequence[str | BiasSpec], values: Mapping[str, Sequence[str]], label_attribute: str
+) -> tuple[BiasSpec, ...]:
     """Parse and validate a list of specs; one class may carry at most one bias per attribute."""
     out = tuple(s if isinstance(s, BiasSpec) else BiasSpec.parse(s) for s in specs)
     seen: dict[tuple[str, str], BiasSpec] = {}
@@ -79,7 +80,9 @@ def parse_biases(specs: Sequence[str | BiasSpec], values: Mapping[str, Sequence[
     for b in out:
         b.validate(values, label_attribute)
         if (b.label, b.attribute) in seen:
-            raise BiasSpecError(f"biases {seen[(b.label, b.attribute)]} and {b} both set {b.attribute} for {b.label}")
+            raise BiasSpecError(
+                f"biases {seen[(b.label, b.attribute)]} and {b} both set {b.attribute} for {b.label}"
+            )
         if (b.attribute, b.value) in claimed:
             raise BiasSpecError(f"biases {claimed[(b.attribute, b.value)]} and {b} claim the same cue")
         seen[(b.label, b.attribute)] = b
@@ -90,8 +93,13 @@ def parse_biases(specs: Sequence[str | BiasSpec], values: Mapping[str, Sequence[
     return out
 
 
-def apply_biases(codes: dict[str, np.ndarray], values: Mapping[str, Sequence[str]],
-                 biases: Sequence[BiasSpec], label_attribute: str, rng: np.random.Generator) -> None:
+def apply_biases(
+    codes: dict[str, np.ndarray],
+    values: Mapping[str, Sequence[str]],
+    biases: Sequence[BiasSpec],
+    label_attribute: str,
+    rng: np.random.Generator,
+) -> None:
     """Rewrite attribute codes in place so that the planted correlations hold (see module doc)."""
     if not biases:
         return

@@ -60,7 +60,8 @@ PHRASES: dict[str, dict[str, str]] = {
     "size": {"small": "small object", "large": "large object"},
     "texture": {"matte": "matte", "checkered": "checkered", "metallic": "metallic"},
     "background": {v: f"{v} background" for v in ("plain", "grass", "water", "sand")},
-    "watermark": {"yes": "watermark", "no": "no watermark"},
+    # worded "logo": open_clip's BPE splits "watermark" into "water"+"mark", colliding with "water background"
+    "watermark": {"yes": "logo", "no": "no logo"},
     "border": {"yes": "border", "no": "no border"},
 }
 
@@ -97,8 +98,9 @@ class SceneConfig:
     small_radius: tuple[float, float] = (5.0, 7.0)
     large_radius: tuple[float, float] = (10.0, 13.0)
     contrast: float = 1.0
-    noise: float = 0.03
-    rotate: bool = True
+    noise: float = 0.0
+    rotate: bool = False
+    outline: bool = True
     watermark_prob: float = 0.5
     border_prob: float = 0.3
     max_distractors: int = 0
@@ -108,9 +110,7 @@ class SceneConfig:
         for name, values in self.values().items():
             unknown = set(values) - set(ATTRIBUTE_VALUES[name])
             if unknown or len(values) < 2:
-                raise ValueError(
-                    f"SceneConfig.{name}: need >= 2 of {ATTRIBUTE_VALUES[name]}, got {values}"
-                )
+                raise ValueError(f"SceneConfig.{name}: need >= 2 of {ATTRIBUTE_VALUES[name]}, got {values}")
         if self.label_attribute not in ATTRIBUTE_VALUES:
             raise ValueError(f"label_attribute must be one of {sorted(ATTRIBUTE_VALUES)}")
         if self.image_size < 32:
@@ -206,8 +206,13 @@ def sample_codes(
 
 
 def _shape_mask(
-    shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, rot: np.ndarray,
-    names: tuple[str, ...], grid: tuple[np.ndarray, np.ndarray],
+    shape: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    r: np.ndarray,
+    rot: np.ndarray,
+    names: tuple[str, ...],
+    grid: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
     """Boolean (N, S, S) masks; each shape is a test on polar coordinates around the centre."""
     yy, xx = grid
@@ -249,23 +254,30 @@ def _backgrounds(code: np.ndarray, names: tuple[str, ...], s: int, rng: np.rando
         if name == "plain":
             shade = 0.45 + 0.15 * rng.random((m, 1, 1, 1), dtype=np.float32)
             bg = np.broadcast_to(shade, (m, s, s, 3))
-        elif name == "grass":  # green with coarse per-pixel noise (blades)
-            noise = rng.random((m, s, s, 1), dtype=np.float32)
-            bg = np.array([0.22, 0.45, 0.16], np.float32) * (0.6 + 0.8 * noise)
+        elif name == "grass":  # green, mottled in 4-px blocks (low frequency, so shape edges stay salient)
+            noise = rng.random((m, s // 4, s // 4, 1), dtype=np.float32).repeat(4, axis=1).repeat(4, axis=2)
+            bg = np.array([0.22, 0.45, 0.16], np.float32) * (0.75 + 0.5 * noise)
         elif name == "water":  # blue with horizontal wave stripes
             phase = rng.random((m, 1, 1, 1), dtype=np.float32) * 2 * np.pi
-            wave = 0.5 + 0.5 * np.sin(yy * (2 * np.pi / 6.0) + phase)
-            bg = np.array([0.10, 0.35, 0.62], np.float32) + np.array([0.12, 0.18, 0.22], np.float32) * wave
+            wave = 0.5 + 0.5 * np.sin(yy * (2 * np.pi / 8.0) + phase)
+            bg = np.array([0.12, 0.38, 0.66], np.float32) + np.array([0.06, 0.09, 0.12], np.float32) * wave
         else:  # sand: beige with sparse dark dots
-            dots = rng.random((m, s, s, 1), dtype=np.float32) < 0.08
-            bg = np.where(dots, np.float32(0.55), np.float32(1.0)) * np.array([0.86, 0.76, 0.56], np.float32)
+            dots = rng.random((m, s, s, 1), dtype=np.float32) < 0.05
+            bg = np.where(dots, np.float32(0.8), np.float32(1.0)) * np.array([0.86, 0.76, 0.56], np.float32)
         img[idx] = bg
     return img
 
 
 def _paint(
-    img: np.ndarray, mask: np.ndarray, color: np.ndarray, texture: np.ndarray, cx: np.ndarray,
-    cy: np.ndarray, r: np.ndarray, config: SceneConfig, grid: tuple[np.ndarray, np.ndarray],
+    img: np.ndarray,
+    mask: np.ndarray,
+    color: np.ndarray,
+    texture: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    r: np.ndarray,
+    config: SceneConfig,
+    grid: tuple[np.ndarray, np.ndarray],
 ) -> None:
     """Paint objects (colour × texture shading, blended by ``contrast``) into ``img`` in place."""
     yy, xx = grid
@@ -290,14 +302,26 @@ def _paint(
     obj = np.clip(base * shade[..., None], 0.0, 1.0)
     spec_white = np.clip(shade - 1.0, 0.0, None)[..., None]  # highlights saturate towards white
     obj = obj + (1.0 - obj) * np.clip(spec_white, 0.0, 1.0)
+    if config.outline:  # a dark 1-px rim: a consistent shape contour whatever colour and background
+        obj = np.where(_rim(mask)[..., None], obj * 0.25, obj)
     if config.contrast < 1.0:
         obj = config.contrast * obj + (1.0 - config.contrast) * img
     np.copyto(img, obj, where=mask[..., None])
 
 
-def render(codes: dict[str, np.ndarray], config: SceneConfig, rng: np.random.Generator) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def _rim(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` (N, S, S) with a 4-neighbour outside it."""
+    inner = mask.copy()
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[:, :, 1:] &= mask[:, :, :-1]
+    inner[:, :, :-1] &= mask[:, :, 1:]
+    return mask & ~inner
+
+
+def render(
+    codes: dict[str, np.ndarray], config: SceneConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw images (uint8, N×S×S×3) and visible per-object masks (bool, N×K×S×S) from codes."""
     s = config.image_size
     n = codes["shape"].shape[0]
@@ -307,16 +331,35 @@ def render(codes: dict[str, np.ndarray], config: SceneConfig, rng: np.random.Gen
     img = _backgrounds(codes["background"], config.backgrounds, s, rng)
     masks = np.zeros((n, 1 + k, s, s), dtype=bool)
     for j in range(k):  # distractors first, the main object is drawn on top
-        m = _shape_mask(codes["d_shape"][:, j], codes["d_cx"][:, j], codes["d_cy"][:, j],
-                        codes["d_radius"][:, j], codes["d_rotation"][:, j], config.shapes, grid)
+        m = _shape_mask(
+            codes["d_shape"][:, j],
+            codes["d_cx"][:, j],
+            codes["d_cy"][:, j],
+            codes["d_radius"][:, j],
+            codes["d_rotation"][:, j],
+            config.shapes,
+            grid,
+        )
         m &= (j < codes["n_distractors"])[:, None, None]
-        _paint(img, m, codes["d_color"][:, j], codes["d_texture"][:, j], codes["d_cx"][:, j],
-               codes["d_cy"][:, j], codes["d_radius"][:, j], config, grid)
-        masks[:, :1 + j] &= ~m[:, None]
+        _paint(
+            img,
+            m,
+            codes["d_color"][:, j],
+            codes["d_texture"][:, j],
+            codes["d_cx"][:, j],
+            codes["d_cy"][:, j],
+            codes["d_radius"][:, j],
+            config,
+            grid,
+        )
+        masks[:, : 1 + j] &= ~m[:, None]
         masks[:, 1 + j] = m
-    main = _shape_mask(codes["shape"], codes["cx"], codes["cy"], codes["radius"], codes["rotation"],
-                       config.shapes, grid)
-    _paint(img, main, codes["color"], codes["texture"], codes["cx"], codes["cy"], codes["radius"], config, grid)
+    main = _shape_mask(
+        codes["shape"], codes["cx"], codes["cy"], codes["radius"], codes["rotation"], config.shapes, grid
+    )
+    _paint(
+        img, main, codes["color"], codes["texture"], codes["cx"], codes["cy"], codes["radius"], config, grid
+    )
     masks[:, 1:] &= ~main[:, None]
     masks[:, 0] = main
     if config.noise > 0:
@@ -332,11 +375,11 @@ def _artefacts(img: np.ndarray, watermark: np.ndarray, border: np.ndarray) -> No
     y0, x0 = s - gh - 4, s - gw - 4
     idx = np.flatnonzero(watermark)
     if idx.size:
-        box = img[idx, y0 - 1:y0 + gh + 1, x0 - 1:x0 + gw + 1]
+        box = img[idx, y0 - 1 : y0 + gh + 1, x0 - 1 : x0 + gw + 1]
         box *= 0.35  # darken behind the glyph so it reads on any background
-        stamp = np.where(_GLYPH[None, :, :, None], np.float32(1.0), img[idx, y0:y0 + gh, x0:x0 + gw])
+        stamp = np.where(_GLYPH[None, :, :, None], np.float32(1.0), img[idx, y0 : y0 + gh, x0 : x0 + gw])
         box[:, 1:-1, 1:-1] = stamp
-        img[idx, y0 - 1:y0 + gh + 1, x0 - 1:x0 + gw + 1] = box
+        img[idx, y0 - 1 : y0 + gh + 1, x0 - 1 : x0 + gw + 1] = box
     idx = np.flatnonzero(border)
     if idx.size:
         frame = np.zeros((s, s), dtype=bool)
@@ -348,12 +391,15 @@ def _artefacts(img: np.ndarray, watermark: np.ndarray, border: np.ndarray) -> No
 # captions and records
 
 
-def caption(row: dict | pd.Series, keep: dict[str, bool] | None = None, template: str = "a photo of {}") -> str:
+def caption(
+    row: dict | pd.Series, keep: dict[str, bool] | None = None, template: str = "a photo of {}"
+) -> str:
     """Caption from an attribute record; ``keep[attr] = False`` drops that attribute.
 
-    Full form: ``"a photo of a large red checkered circle on a water background with a watermark
-    without a border"``. A dropped shape becomes ``"object"``, so single-attribute prompts such as
-    ``"a photo of a red object"`` are in the training distribution of the tiny CLIP.
+    Full form: ``"a photo of a large red checkered circle on a water background with a logo
+    without a border"`` (the watermark artefact is worded "logo", see :data:`PHRASES`). A dropped
+    shape becomes ``"object"``, so single-attribute prompts such as ``"a photo of a red object"``
+    are in the training distribution of the tiny CLIP.
     """
     keep = keep or {}
     words = [row[a] for a in ("size", "color", "texture") if keep.get(a, True)]
@@ -362,9 +408,9 @@ def caption(row: dict | pd.Series, keep: dict[str, bool] | None = None, template
     text = ("an " if head[0] in "aeiou" else "a ") + head
     if keep.get("background", True):
         text += f" on a {row['background']} background"
-    for art in ("watermark", "border"):
+    for art, word in (("watermark", "logo"), ("border", "border")):
         if keep.get(art, True):
-            text += f" with a {art}" if row[art] == "yes" else f" without a {art}"
+            text += f" with a {word}" if row[art] == "yes" else f" without a {word}"
     if "distractors" in row and keep.get("distractors", True) and row["distractors"]:
         text += " and " + " and ".join(f"a {d}" for d in row["distractors"].split(";"))  # all "small ..."
     return template.format(text)
@@ -382,8 +428,11 @@ def records_frame(codes: dict[str, np.ndarray], config: SceneConfig) -> pd.DataF
     if config.max_distractors:
         shapes, colors, textures = (np.asarray(vals[a], dtype=object) for a in ("shape", "color", "texture"))
         parts = [
-            [f"small {colors[codes['d_color'][i, j]]} {textures[codes['d_texture'][i, j]]} "
-             f"{shapes[codes['d_shape'][i, j]]}" for j in range(codes["n_distractors"][i])]
+            [
+                f"small {colors[codes['d_color'][i, j]]} {textures[codes['d_texture'][i, j]]} "
+                f"{shapes[codes['d_shape'][i, j]]}"
+                for j in range(codes["n_distractors"][i])
+            ]
             for i in range(len(df))
         ]
         df["distractors"] = [";".join(p) for p in parts]
@@ -407,7 +456,7 @@ def generate(
         masks.append(mk)
         recs.append(records_frame(codes, config))
     lo = start - first * CHUNK
-    images = np.concatenate(imgs)[lo:lo + n]
-    records = pd.concat(recs, ignore_index=True).iloc[lo:lo + n].reset_index(drop=True)
+    images = np.concatenate(imgs)[lo : lo + n]
+    records = pd.concat(recs, ignore_index=True).iloc[lo : lo + n].reset_index(drop=True)
     records.insert(0, "index", np.arange(start, start + n))
-    return SceneBatch(images=images, masks=np.concatenate(masks)[lo:lo + n], records=records)
+    return SceneBatch(images=images, masks=np.concatenate(masks)[lo : lo + n], records=records)

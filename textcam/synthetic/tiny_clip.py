@@ -12,8 +12,9 @@ so open_clip loads it through its normal path, with no registry changes::
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{dir}")
 
-or, after :func:`register_tiny_clip_config`, like any named model:
-``open_clip.create_model_and_transforms("textcam-tiny-clevr", pretrained=f"{dir}/open_clip_model.safetensors")``.
+or, after :func:`register_tiny_clip_config`, like any named model::
+
+    open_clip.create_model_and_transforms("textcam-tiny-clevr", pretrained=f"{dir}/{CHECKPOINT_NAME}")
 
 Training is contrastive on freshly generated image–caption pairs (no dataset on disk, every step
 sees new scenes). Captions drop attributes at random, so prompts naming one attribute
@@ -41,7 +42,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from textcam.synthetic.cache import load_state, save_state, write_json
-from textcam.synthetic.scenes import CHUNK, SceneConfig, caption, generate
+from textcam.synthetic.scenes import (
+    SceneConfig,
+    caption,
+    generate,
+    records_frame,
+    render,
+    sample_codes,
+    split_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +69,10 @@ _TEMPLATES = ("a photo of {}", "{}", "an image of {}")
 class ClipTrainConfig:
     """Tiny-CLIP training settings (they and the scene settings make the CLIP cache key)."""
 
-    epochs: int = 6
-    steps_per_epoch: int = 60
-    batch_size: int = 256
-    lr: float = 2e-3
+    epochs: int = 10
+    steps_per_epoch: int = 120
+    batch_size: int = 128
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
     eval_images: int = 1024
@@ -115,7 +124,9 @@ def _create(model_cfg: dict):
     return open_clip.model.CLIP(**model_cfg)
 
 
-def load_tiny_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable]:
+def load_tiny_clip(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Callable, Callable]:
     """Load a trained tiny CLIP (its directory or the ``.safetensors`` inside) through open_clip.
 
     Returns ``(model, preprocess, tokenizer)`` with the model in eval mode.
@@ -125,7 +136,9 @@ def load_tiny_clip(path: str | Path, device: str | torch.device = "cpu") -> tupl
     p = Path(path)
     d = p.parent if p.is_file() else p
     if not (d / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no tiny CLIP at {path}: expected {d / CONFIG_NAME} and {d / CHECKPOINT_NAME}")
+        raise FileNotFoundError(
+            f"no tiny CLIP at {path}: expected {d / CONFIG_NAME} and {d / CHECKPOINT_NAME}"
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{d}")
     model.eval()
@@ -164,22 +177,57 @@ def _sample_keep(n: int, train: ClipTrainConfig, rng: np.random.Generator) -> np
     return keep
 
 
-def training_pairs(scene: SceneConfig, train: ClipTrainConfig, step: int, seed: int) -> tuple[
-    np.ndarray, list[str], np.ndarray, np.ndarray
-]:
+def minimal_pair_codes(scene: SceneConfig, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Codes for ``n`` scenes in ``n // 2`` minimal pairs: each pair differs in one attribute only.
+
+    Without such pairs a batch is told apart by its easy, large-area attributes (colour, size,
+    background) and the contrastive gradient for shape, texture or the watermark starves; a pair
+    whose captions differ in one word forces every attribute to be encoded.
+    """
+    half = n // 2
+    base = sample_codes(scene, half, rng)
+    twin = {k: v.copy() for k, v in base.items()}
+    vals = scene.values()
+    which = rng.integers(0, len(ZERO_SHOT_ATTRIBUTES), half)
+    for a_idx, attr in enumerate(ZERO_SHOT_ATTRIBUTES):
+        sel = which == a_idx
+        k = len(vals[attr])
+        twin[attr][sel] = (base[attr][sel] + rng.integers(1, k, int(sel.sum()))) % k
+    # a size flip needs a radius (and a centre margin) from the other size range
+    flip = twin["size"] != base["size"]
+    lo = np.where(twin["size"] == 1, scene.large_radius[0], scene.small_radius[0])
+    hi = np.where(twin["size"] == 1, scene.large_radius[1], scene.small_radius[1])
+    twin["radius"] = np.where(flip, lo + (hi - lo) * rng.random(half), base["radius"])
+    margin = twin["radius"] * 1.3 + 3.0
+    for c in ("cx", "cy"):
+        twin[c] = np.clip(twin[c], margin, scene.image_size - margin)
+    codes = {k: np.concatenate([base[k], twin[k]]) for k in base}
+    codes["changed"] = np.concatenate([which, which])
+    return codes
+
+
+def training_pairs(
+    scene: SceneConfig, train: ClipTrainConfig, step: int, seed: int
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Images, captions, attribute codes and keep masks for one training step (deterministic)."""
     n = train.batch_size
-    batch = generate(scene, n, seed, "clip", start=step * n)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 77, step]))
-    keep = _sample_keep(n, train, rng)
-    templates = rng.integers(0, len(_TEMPLATES), n)
-    rows = batch.records.to_dict("records")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code("clip"), step]))
+    codes = minimal_pair_codes(scene, n, rng)
+    images, _ = render(codes, scene, rng)
+    records = records_frame(codes, scene)
+    keep = _sample_keep(len(records), train, rng)
+    keep[np.arange(len(records)), codes["changed"]] = True  # a pair's captions name what tells it apart
+    templates = rng.integers(0, len(_TEMPLATES), len(records))
+    rows = records.to_dict("records")
     caps = [
-        caption(r, dict(zip(ZERO_SHOT_ATTRIBUTES, k.tolist(), strict=True)) | {"distractors": False},
-                template=_TEMPLATES[t])
+        caption(
+            r,
+            dict(zip(ZERO_SHOT_ATTRIBUTES, k.tolist(), strict=True)) | {"distractors": False},
+            template=_TEMPLATES[t],
+        )
         for r, k, t in zip(rows, keep, templates, strict=True)
     ]
-    return batch.images, caps, _attr_codes(batch.records, scene), keep
+    return images, caps, _attr_codes(records, scene), keep
 
 
 def compatibility(codes: np.ndarray, keep: np.ndarray) -> Tensor:
@@ -204,8 +252,15 @@ def soft_clip_loss(img: Tensor, txt: Tensor, scale: Tensor, compat: Tensor) -> T
 
 def zero_shot_prompts(scene: SceneConfig) -> dict[str, dict[str, str]]:
     """Attribute → value → the single-attribute prompt used for zero-shot classification."""
-    base = {"shape": "object", "color": "", "size": "", "texture": "", "background": "",
-            "watermark": "no", "border": "no"}
+    base = {
+        "shape": "object",
+        "color": "",
+        "size": "",
+        "texture": "",
+        "background": "",
+        "watermark": "no",
+        "border": "no",
+    }
     out: dict[str, dict[str, str]] = {}
     for attr in ZERO_SHOT_ATTRIBUTES:
         keep = {a: a == attr for a in ZERO_SHOT_ATTRIBUTES}
@@ -214,14 +269,22 @@ def zero_shot_prompts(scene: SceneConfig) -> dict[str, dict[str, str]]:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model: nn.Module, tokenizer: Callable, scene: SceneConfig, images: np.ndarray,
-                       records: pd.DataFrame, batch_size: int = 256) -> dict[str, float]:
+def zero_shot_accuracy(
+    model: nn.Module,
+    tokenizer: Callable,
+    scene: SceneConfig,
+    images: np.ndarray,
+    records: pd.DataFrame,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Accuracy of argmax-over-prompts, per attribute, on the given images."""
     model.eval()
-    feats = torch.cat([
-        F.normalize(model.encode_image(to_clip_tensor(images[i:i + batch_size])), dim=-1)
-        for i in range(0, len(images), batch_size)
-    ])
+    feats = torch.cat(
+        [
+            F.normalize(model.encode_image(to_clip_tensor(images[i : i + batch_size])), dim=-1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     out = {}
     for attr, prompts in zero_shot_prompts(scene).items():
         values = list(prompts)
@@ -240,11 +303,12 @@ def _lr_at(step: int, total: int, train: ClipTrainConfig) -> float:
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, total - train.warmup_steps)
-    return train.lr * 0.5 * (1 + np.cos(np.pi * progress))
+    return float(train.lr * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
-def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | Path,
-                    progress: bool = True) -> dict[str, Any]:
+def train_tiny_clip(
+    scene: SceneConfig, train: ClipTrainConfig, out_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
     """Train (or resume, or just return) the tiny CLIP in ``out_dir``; returns its metrics.
 
     A finished directory holds the open_clip files and ``metrics.json`` and is returned as is;
@@ -257,9 +321,6 @@ def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     if (out / "metrics.json").is_file() and (out / CHECKPOINT_NAME).is_file():
         return json.loads((out / "metrics.json").read_text())
-    if train.batch_size != CHUNK:
-        # one generator chunk per step keeps every step's data independent of the batch size history
-        log.info("batch_size %d != chunk %d: steps render whole chunks and slice", train.batch_size, CHUNK)
 
     model_cfg = tiny_clip_model_config(train.model_overrides)
     model_cfg["vision_cfg"]["image_size"] = scene.image_size
@@ -267,8 +328,10 @@ def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | P
     model = _create(model_cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+    )
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
 
     state_path = out / "train_state.pt"
@@ -284,8 +347,12 @@ def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | P
     for epoch in range(start_epoch, train.epochs):
         t0 = time.perf_counter()
         model.train()
-        bar = tqdm(range(train.steps_per_epoch), desc=f"tiny CLIP epoch {epoch + 1}/{train.epochs}",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            range(train.steps_per_epoch),
+            desc=f"tiny CLIP epoch {epoch + 1}/{train.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for i in bar:
             step = epoch * train.steps_per_epoch + i
             images, caps, codes, keep = training_pairs(scene, train, step, train.seed)
@@ -293,20 +360,34 @@ def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | P
                 g["lr"] = _lr_at(step, total, train)
             img = F.normalize(model.encode_image(to_clip_tensor(images)), dim=-1)
             txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
-            loss = soft_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), compatibility(codes, keep))
+            loss = soft_clip_loss(
+                img, txt, model.logit_scale.exp().clamp(max=100), compatibility(codes, keep)
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         elapsed += time.perf_counter() - t0
-        save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "epoch": epoch + 1, "elapsed_s": elapsed})
+        save_state(
+            state_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "elapsed_s": elapsed,
+            },
+        )
 
     eval_batch = generate(scene, train.eval_images, train.seed, "clip-eval")
     zs = zero_shot_accuracy(model, tokenizer, scene, eval_batch.images, eval_batch.records)
     _save_open_clip_dir(model, model_cfg, scene, out)
-    metrics = {"zero_shot": zs, "train_seconds": round(elapsed, 1), "model_name": TINY_CLIP_NAME,
-               "model_cfg": model_cfg, "eval_images": train.eval_images}
+    metrics = {
+        "zero_shot": zs,
+        "train_seconds": round(elapsed, 1),
+        "model_name": TINY_CLIP_NAME,
+        "model_cfg": model_cfg,
+        "eval_images": train.eval_images,
+    }
     write_json(out / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)
     return metrics
@@ -314,10 +395,19 @@ def train_tiny_clip(scene: SceneConfig, train: ClipTrainConfig, out_dir: str | P
 
 def _save_open_clip_dir(model: nn.Module, model_cfg: dict, scene: SceneConfig, out: Path) -> None:
     """Write the open_clip local-dir pair (config + safetensors)."""
-    preprocess_cfg = {"size": scene.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess_cfg = {
+        "size": scene.image_size,
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (CHECKPOINT_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"textcam_arch": TINY_CLIP_NAME, "open_clip_model_cfg": json.dumps(model_cfg)})
+    save_file(
+        state,
+        str(tmp),
+        metadata={"textcam_arch": TINY_CLIP_NAME, "open_clip_model_cfg": json.dumps(model_cfg)},
+    )
     tmp.replace(out / CHECKPOINT_NAME)
     write_json(out / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})

@@ -1,0 +1,190 @@
+"""Explanation and calibration speed, measured side by side in one run (ratios, not absolute times).
+
+ResNet-50 at 224 px, batch 32, images from ../shared/imagenet-samples, CPU:
+  * bare classifier forward (no_grad) — the reference;
+  * full TextCAM explanation (saliency, T_c(x), phrase selection over the 5,505-phrase general
+    vocabulary, channel groups) with CAM weights and with Grad-CAM weights;
+  * pytorch-grad-cam's GradCAM and torch-cam's GradCAM on the same batch and targets;
+  * calibration: the probe pass vs the batched LDA for all 2048 channels vs a per-channel
+    scikit-learn loop (timed on a sample of channels and extrapolated — printed as such).
+Methods are interleaved round by round and the median round is reported, so machine noise hits all
+alike. Weights are random (no downloads here); speed does not depend on them.
+
+    python bench/explain.py [--rounds 5] [--probe 256] [--quick]
+
+Last line: one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "imagenet-samples"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_batch(model, paths: list[Path]) -> torch.Tensor:
+    from textcam.data import read_image
+
+    return torch.stack([model.preprocess(read_image(p)) for p in paths])
+
+
+def timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--probe", type=int, default=256, help="probe images for the calibration timing")
+    ap.add_argument("-m", type=int, default=50, help="positives/negatives per channel")
+    ap.add_argument("--sklearn-sample", type=int, default=64, help="channels timed in the sklearn loop")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and probe images (smoke run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.probe, args.sklearn_sample = 2, 128, 16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not SHARED.is_dir():
+        print(f"shared images not found at {SHARED}", file=sys.stderr)
+        return 2
+
+    from pytorch_grad_cam import GradCAM as PeerGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from torchcam.methods import GradCAM as TorchcamGradCAM
+
+    from textcam.bank import ChannelBank, capture_gap, lda_directions, top_bottom
+    from textcam.clip import load_clip
+    from textcam.data import iter_batches
+    from textcam.explain import Explainer
+    from textcam.models import load_model
+    from textcam.vocab import load_vocabulary
+
+    torch.manual_seed(0)
+    paths = sorted(p for p in SHARED.iterdir() if p.is_file())
+    model = load_model("resnet50", weights="none")
+    module = model.module
+    clip = load_clip("ViT-B-32", None, device="cpu")
+    x = load_batch(model, paths[: args.batch])
+
+    # --- calibration: probe pass, then LDA ---------------------------------------------------
+    probe = paths[: args.probe]
+    t0 = time.perf_counter()
+    gaps, embs = [], []
+    with torch.no_grad(), capture_gap(module, model.target_layer, None, model.input_size) as captured:
+        for batch in iter_batches(probe, [model.preprocess, clip.preprocess], batch_size=32, num_workers=2):
+            module(batch.tensors[0])
+            gaps.append(captured.pop())
+            embs.append(clip.encode_images(batch.tensors[1]))
+    probe_s = time.perf_counter() - t0
+    gap, emb = torch.cat(gaps), torch.cat(embs)
+    pos, neg = top_bottom(gap, args.m)
+    t0 = time.perf_counter()
+    directions = lda_directions(emb, pos, neg, 0.5)
+    lda_s = time.perf_counter() - t0
+    sample = torch.linspace(0, gap.shape[1] - 1, args.sklearn_sample).long()
+    y = np.r_[np.ones(args.m), np.zeros(args.m)]
+    t0 = time.perf_counter()
+    for j in sample.tolist():
+        xj = torch.cat([emb[pos[j]], emb[neg[j]]]).numpy()
+        LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.5).fit(xj, y)
+    sk_s = (time.perf_counter() - t0) / len(sample) * gap.shape[1]
+
+    # --- explanation --------------------------------------------------------------------------
+    from textcam.bank import BankMeta
+
+    meta = BankMeta(model.model_id, model.target_layer, clip.clip_id, args.m, 0.5, len(probe), "bench",
+                    directions.shape[0], directions.shape[1])
+    bank = ChannelBank(directions, meta)
+    phrases = load_vocabulary(["general"])
+    # One template keeps the (one-off, cached in real use) text encoding of 5,505 phrases short.
+    text = clip.encode_texts(phrases, templates=("{}",), cache_dir=False)
+    ex_cam = Explainer(model, bank, phrases, text, method="cam", device="cpu")
+    ex_grad = Explainer(model, bank, phrases, text, method="gradcam", device="cpu")
+    with torch.no_grad():
+        preds = module(x).argmax(1)
+    peer = PeerGradCAM(model=module, target_layers=[module.layer4])
+    peer_targets = [ClassifierOutputTarget(int(c)) for c in preds]
+
+    def bare() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def torchcam() -> None:
+        with TorchcamGradCAM(module, target_layer="layer4") as extractor:
+            scores = module(x)
+            extractor(preds.tolist(), scores)
+
+    runs = {
+        "forward": bare,
+        "textcam_cam": lambda: ex_cam.explain_batch(x),
+        "textcam_gradcam": lambda: ex_grad.explain_batch(x),
+        "peer_gradcam": lambda: peer(input_tensor=x, targets=peer_targets),
+        "torchcam_gradcam": torchcam,
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    thr = {k: args.batch / v for k, v in med.items()}
+
+    fig = {
+        "cam_vs_forward": thr["textcam_cam"] / thr["forward"],
+        "gradcam_vs_forward": thr["textcam_gradcam"] / thr["forward"],
+        "gradcam_vs_peer": thr["textcam_gradcam"] / thr["peer_gradcam"],
+        "gradcam_vs_torchcam": thr["textcam_gradcam"] / thr["torchcam_gradcam"],
+        "peer_vs_forward": thr["peer_gradcam"] / thr["forward"],
+        "torchcam_vs_forward": thr["torchcam_gradcam"] / thr["forward"],
+        "lda_share_of_probe_pass": lda_s / probe_s,
+        "lda_vs_sklearn_loop": sk_s / lda_s,
+        "lda_seconds_2048": lda_s,
+        "probe_pass_seconds": probe_s,
+        "probe_images": len(probe),
+        "sklearn_loop_seconds_extrapolated": sk_s,
+        "sklearn_channels_timed": len(sample),
+        "vocabulary_size": len(phrases),
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    print(f"ResNet-50, 224 px, batch {args.batch}, CPU ({torch.get_num_threads()} threads), "
+          f"{args.rounds} interleaved rounds, median")
+    print(f"{'run':<22}{'s/batch':>10}{'img/s':>10}{'vs forward':>12}")
+    for k in runs:
+        print(f"{k:<22}{med[k]:>10.3f}{thr[k]:>10.1f}{thr[k] / thr['forward']:>12.2f}")
+    print(f"\nGrad-CAM explanation vs pytorch-grad-cam: {fig['gradcam_vs_peer']:.2f}x, "
+          f"vs torch-cam: {fig['gradcam_vs_torchcam']:.2f}x")
+    print(f"calibration: probe pass {probe_s:.1f} s ({len(probe)} images, ResNet-50 + ViT-B-32); "
+          f"batched LDA for {gap.shape[1]} channels {lda_s:.2f} s = {100 * fig['lda_share_of_probe_pass']:.1f}% "
+          f"of the probe pass")
+    print(f"per-channel scikit-learn loop: {sk_s:.1f} s extrapolated from {len(sample)} channels "
+          f"-> batched LDA is {fig['lda_vs_sklearn_loop']:.0f}x faster")
+    print(f"peak RSS {fig['peak_rss_mb']:.0f} MB (calibration keeps only N x C GAP and N x D embeddings)")
+    print(json.dumps(fig))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The audit report: one self-contained HTML file per run (Jinja2, autoescaped, no network resources).
+
+Everything is embedded: thumbnails and saliency / group overlays as base64 data URIs, plots as base64 PNG
+(matplotlib Agg), CSS inline. A Content-Security-Policy meta tag forbids scripts and any non-``data:``
+resource, so even a string that escaped escaping could not run. Images are read only from inside the
+dataset root: paths that resolve outside it (``..``, absolute paths elsewhere, symlinks pointing out) are
+not embedded, and the card says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from tasks.store import DB_NAME, build_duckdb, connect
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).parent
+THUMB = 144  # px, longest side of embedded thumbnails
+MAX_FLAGS = 40  # flag cards in the report (the strongest first); flags.parquet has them all
+EVIDENCE_PER_FLAG = 3
+CONCEPTS_PER_CLASS = 8
+MAX_CLASSES = 40  # classes in tables and plots: flagged classes first, then the largest
+
+
+@dataclass(frozen=True)
+class _Picture:
+    uri: str | None  # data URI, or None when not embedded
+    note: str  # alt text / why it is missing
+
+
+def render_report(
+    run_dir: str | Path, *, dataset_root: str | Path | None = None, title: str | None = None
+) -> Path:
+    """Render ``RUN_DIR/report.html`` from the run's DuckDB (built if missing) and return its path.
+
+    ``dataset_root`` bounds where images may be read from; default: ``summary.json``'s ``dataset_root``, else
+    the config's ``dataset_root``, else its ``data`` (a folder, or a manifest file's folder). Without one, no
+    image is embedded.
+
+    >>> render_report("runs/r1", dataset_root="data/pets")  # doctest: +SKIP
+    PosixPath('runs/r1/report.html')
+    """
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / DB_NAME).is_file():
+        build_duckdb(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_yaml(run_dir / "config.yaml")
+    root = _dataset_root(dataset_root, summary, config)
+
+    con = connect(run_dir)
+    try:
+        context = _gather(con, run_dir, root, summary, config)
+    finally:
+        con.close()
+    context["title"] = title or f"TextCAM audit {context['run_id']}"
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_HERE / "templates"),
+        autoescape=True,  # every value is escaped unless explicitly marked safe (nothing is)
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    env.filters["pct"] = _pct
+    html = env.get_template("report.html.j2").render(
+        css=(_HERE / "static" / "report.css").read_text(), **context
+    )
+    out = run_dir / "report.html"
+    tmp = run_dir / ".report.html.tmp"
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _dataset_root(explicit: str | Path | None, summary: dict, config: dict) -> Path | None:
+    candidates: list[Any] = [explicit, summary.get("dataset_root"), config.get("dataset_root")]
+    data = config.get("data")
+    if isinstance(data, str) and data:
+        p = Path(data).expanduser()
+        candidates.append(p if p.is_dir() or not p.suffix else p.parent)
+    for c in candidates:
+        if c:
+            p = Path(c).expanduser()
+            if p.is_dir():
+                return p.resolve()
+            log.warning("dataset root %s is not a folder; images will not be embedded from it", p)
+    return None
+
+
+def _inside(root: Path | None, path: str) -> tuple[Path | None, str]:
+    """The real file for ``path`` if it lies inside ``root`` (symlinks resolved), else (None, why)."""
+    if root is None:
+        return None, "no dataset root known: image not embedded"
+    p = Path(path)
+    candidate = p if p.is_absolute() else root / p
+    try:
+        real = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None, "image file not found"
+    if not real.is_relative_to(root) or not real.is_file():
+        return None, "outside the dataset root: not embedded"
+    return real, ""
+
+
+# -- pictures ---------------------------------------------------------------------------------------
+
+
+def _png_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB via matplotlib's 'inferno' (perceptually ordered)."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["inferno"](np.clip(np.nan_to_num(values), 0.0, 1.0))
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def _overlay(base: Image.Image, grid: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """Blend a low-resolution map over ``base``: values upsampled bilinearly, then coloured."""
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+    norm = (grid - lo) / (hi - lo) if hi > lo else np.zeros_like(grid)
+    values = np.asarray(
+        Image.fromarray(norm.astype(np.float32), mode="F").resize(base.size, Image.Resampling.BILINEAR)
+    )
+    return Image.blend(base, Image.fromarray(_colormap(values), mode="RGB"), alpha)
+
+
+def _grid(values: Any, h: int, w: int) -> np.ndarray | None:
+    arr = np.asarray(values if values is not None else [], dtype=np.float32)
+    return arr.reshape(h, w) if h > 0 and w > 0 and arr.size == h * w else None
+
+
+def _evidence(row: pd.Series, phrase: str, root: Path | None) -> dict[str, Any]:
+    """Thumbnail, saliency overlay and the phrase's channel-group overlay of one evidence image."""
+    real, why = _inside(root, str(row["path"]))
+    base = None
+    if real is not None:
+        try:
+            with Image.open(real) as im:
+                im.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEG: decode at reduced size
+                base = im.convert("RGB")
+            base.thumbnail((THUMB, THUMB))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            log.warning("cannot read %s for the report: %s", real, exc)
+            why = f"unreadable image ({type(exc).__name__})"
+    h, w = int(row["map_h"]), int(row["map_w"])
+    sal = _grid(row["saliency"], h, w)
+    groups = list(row["groups"]) if row["groups"] is not None else []
+    group = next((g for g in groups if g["text"] == phrase), groups[0] if groups else None)
+    gmap = _grid(group["map"], h, w) if group is not None else None
+    canvas = base if base is not None else Image.new("RGB", (THUMB, THUMB), (40, 40, 40))
+    pictures = {
+        "image": _Picture(_png_uri(base), str(row["path"])) if base is not None else _Picture(None, why),
+        "saliency": _Picture(_png_uri(_overlay(canvas, sal)), "saliency")
+        if sal is not None
+        else _Picture(None, "no saliency map"),
+        "group": _Picture(_png_uri(_overlay(canvas, gmap)), f"group: {group['text']}")
+        if gmap is not None
+        else _Picture(None, "no group map"),
+    }
+    return {
+        "image_id": row["image_id"],
+        "path": row["path"],
+        "label": row["label"],
+        "pred": row["class_name"],
+        "prob": row["prob"],
+        "misclassified": bool(row["misclassified"]),
+        "group_text": group["text"] if group is not None else None,
+        **pictures,
+    }
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+
+def _figure_uri(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(stats: pd.DataFrame, flags: pd.DataFrame, classes: list[str]) -> list[dict[str, str]]:
+    """Concept frequency heatmap (classes × phrases) and per-class z_lift bars against the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plots: list[dict[str, str]] = []
+    if stats.empty:
+        return plots
+    # Labels are data: never let mathtext interpret "$...$" in a phrase or class name.
+    with matplotlib.rc_context({"text.parse_math": False, "font.size": 8}):
+        sub = stats[(stats["direction"] == "for") & stats["class_name"].isin(classes)]
+        freq = sub.pivot_table(index="class_name", columns="phrase", values="frequency", fill_value=0.0)
+        if not freq.empty:
+            top = freq.var(axis=0).sort_values(ascending=False).index[:25]
+            freq = freq.loc[[c for c in classes if c in freq.index], top]
+            fig, ax = plt.subplots(figsize=(1.2 + 0.32 * len(top), 1.0 + 0.28 * len(freq)))
+            im = ax.imshow(freq.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(top)), [str(t) for t in top], rotation=60, ha="right")
+            ax.set_yticks(range(len(freq)), [str(c) for c in freq.index])
+            fig.colorbar(im, ax=ax, label="share of the class's images")
+            ax.set_title("Concept frequency per predicted class (evidence for)")
+            plots.append(
+                {
+                    "title": "Concept frequency per class",
+                    "uri": _figure_uri(fig),
+                    "alt": "heatmap of phrase frequency per class",
+                }
+            )
+        lift_classes = (flags["class_name"].drop_duplicates().tolist() if not flags.empty else classes)[:6]
+        if lift_classes:
+            fig, axes = plt.subplots(
+                1, len(lift_classes), figsize=(3.2 * len(lift_classes), 3.0), squeeze=False
+            )
+            for ax, cname in zip(axes[0], lift_classes, strict=True):
+                rows = stats[(stats["class_name"] == cname) & stats["z_lift"].notna()]
+                rows = rows.sort_values("z_lift", ascending=False).head(8)[::-1]
+                colors = ["#c0392b" if d == "against" else "#2e86c1" for d in rows["direction"]]
+                ax.barh(
+                    [f"{p} ({d})" for p, d in zip(rows["phrase"], rows["direction"], strict=True)],
+                    rows["z_lift"],
+                    color=colors,
+                )
+                thr = flags.loc[flags["class_name"] == cname, "threshold"]
+                if len(thr):
+                    ax.axvline(float(thr.iloc[0]), color="black", linestyle="--", linewidth=1)
+                ax.set_title(str(cname))
+                ax.set_xlabel("z_lift (dashed: null 99th pct.)")
+            fig.tight_layout()
+            plots.append(
+                {
+                    "title": "Standardised lift of the top phrases",
+                    "uri": _figure_uri(fig),
+                    "alt": "bar charts of z_lift per class",
+                }
+            )
+    return plots
+
+
+# -- assembling -------------------------------------------------------------------------------------
+
+
+def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: dict) -> dict[str, Any]:
+    stats = con.sql("SELECT * FROM concept_stats").df()
+    flags = con.sql("SELECT * FROM flags ORDER BY z_lift - threshold DESC, class_name, phrase").df()
+    counts = (
+        con.sql(
+            """
+        SELECT (SELECT count(*) FROM images) AS images,
+               (SELECT count(*) FROM predictions) AS explained_images,
+               (SELECT count(*) FROM explanations) AS explanation_rows,
+               (SELECT count(*) FROM errors) AS errors,
+               (SELECT count(*) FROM predictions WHERE misclassified) AS misclassified,
+               (SELECT count(DISTINCT class_name) FROM predictions) AS classes
+        """
+        )
+        .df()
+        .iloc[0]
+        .to_dict()
+    )
+    run_id = (
+        summary.get("run_id")
+        or con.sql("SELECT coalesce(min(run_id), '') AS r FROM explanations").df()["r"][0]
+    )
+    errors = con.sql(
+        "SELECT stage, reason, count(*) AS n FROM errors GROUP BY ALL ORDER BY n DESC, stage, reason LIMIT 25"
+    ).df()
+
+    class_sizes = con.sql(
+        "SELECT class_name, count(*) AS n FROM predictions GROUP BY 1 ORDER BY n DESC, 1"
+    ).df()
+    flagged = flags["class_name"].drop_duplicates().tolist()
+    classes = list(dict.fromkeys(flagged + class_sizes["class_name"].tolist()))[:MAX_CLASSES]
+
+    shown = flags.head(MAX_FLAGS)
+    ids = sorted({i for v in shown["example_image_ids"] for i in list(v)[:EVIDENCE_PER_FLAG]})
+    evidence_rows = pd.DataFrame()
+    if ids:
+        con.register("_ids", pd.DataFrame({"image_id": ids}))
+        evidence_rows = (
+            con.sql("SELECT p.* FROM predictions p JOIN _ids USING (image_id)")
+            .df()
+            .set_index("image_id", drop=False)
+        )
+        con.unregister("_ids")
+    cards = []
+    for _, f in shown.iterrows():  # at most MAX_FLAGS cards: presentation, not aggregation
+        ev = [
+            _evidence(evidence_rows.loc[i], f["phrase"], root)
+            for i in list(f["example_image_ids"])[:EVIDENCE_PER_FLAG]
+            if i in evidence_rows.index
+        ]
+        cards.append({**{k: f[k] for k in f.index if k != "example_image_ids"}, "evidence": ev})
+
+    concept_tables = []
+    for cname in classes:
+        rows = stats[stats["class_name"] == cname]
+        tops = {
+            d: rows[rows["direction"] == d]
+            .sort_values("z_lift", ascending=False, na_position="last")
+            .head(CONCEPTS_PER_CLASS)
+            .to_dict("records")
+            for d in ("for", "against")
+        }
+        flagged_phrases = set(
+            flags.loc[flags["class_name"] == cname, "phrase"]
+            + "|"
+            + flags.loc[flags["class_name"] == cname, "direction"]
+        )
+        n = int(rows["n_class"].iloc[0]) if len(rows) else 0
+        concept_tables.append({"class_name": cname, "n": n, "tops": tops, "flagged": flagged_phrases})
+
+    return {
+        "run_id": run_id,
+        "summary_items": _flatten(summary),
+        "config_items": _flatten(config),
+        "counts": counts,
+        "dataset_root": str(root) if root else None,
+        "flags": cards,
+        "n_flags": len(flags),
+        "plots": _plots(stats, flags, classes),
+        "concept_tables": concept_tables,
+        "quality": _quality(run_dir),
+        "errors": errors.to_dict("records"),
+        "links": _links(run_dir),
+    }
+
+
+def _flatten(d: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """Nested dict -> (dotted key, short value) pairs for a key/value table."""
+    out: list[tuple[str, str]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and depth < 1:
+            out += _flatten(v, f"{key}.", depth + 1)
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+            out.append((key, text if len(text) <= 160 else text[:157] + "..."))
+    return out
+
+
+def _quality(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per shard report in quality/ and quarantine/ (written by tasks.quality / the flow)."""
+    rows = []
+    for folder in ("quality", "quarantine"):
+        for path in sorted((run_dir / folder).glob("*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("unreadable quality report %s: %s", path, exc)
+                rows.append(
+                    {
+                        "shard": path.name.split(".")[0],
+                        "where": folder,
+                        "ok": False,
+                        "rows": None,
+                        "failures": [f"unreadable report: {exc}"],
+                    }
+                )
+                continue
+            report = data.get("report", {}) if isinstance(data, dict) else {}
+            rows.append(
+                {
+                    "shard": path.name.split(".")[0],
+                    "where": folder,
+                    "ok": bool(data.get("ok", False)),
+                    "rows": report.get("rows"),
+                    "failures": [str(x) for x in data.get("failures", [])][:12],
+                }
+            )
+    # A quarantined shard may have a report in both places: keep the quarantine one.
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["shard"] not in seen or r["where"] == "quarantine":
+            seen[r["shard"]] = r
+    return [seen[k] for k in sorted(seen)]
+
+
+def _links(run_dir: Path) -> list[dict[str, str]]:
+    """Relative links to the run's data files (clickable next to report.html)."""
+    files = [
+        run_dir / "run.duckdb",
+        run_dir / "flags.parquet",
+        run_dir / "images.parquet",
+        *sorted((run_dir / "explanations").glob("*.parquet")),
+        *sorted((run_dir / "errors").glob("*.parquet")),
+        run_dir / "summary.json",
+        run_dir / "config.yaml",
+    ]
+    return [
+        {
+            "href": quote(p.relative_to(run_dir).as_posix()),
+            "text": p.relative_to(run_dir).as_posix(),
+            "size": _size(p.stat().st_size),
+        }
+        for p in files
+        if p.is_file()
+    ]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * float(value):.0f}%"

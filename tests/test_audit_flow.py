@@ -1,0 +1,196 @@
+"""The audit flow end to end on 44 real PNGs (2 unreadable) in 4 shards: tables, resume, kill, Dask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from audit_world import make_world
+
+from tasks.config import from_mapping
+from textcam.schema import EXPLANATIONS
+
+N_SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("audit-world")
+    cfg = make_world(root, n_per_class=14)
+    data = Path(cfg["data"])
+    (data / "apple" / "broken.png").write_bytes(b"")  # zero bytes
+    (data / "boat" / "fake.png").write_text("this is not a PNG")
+    cfg["shard_size"] = 11  # 44 images → 4 shards
+    return cfg
+
+
+def _run(cfg: dict[str, Any], run_dir: Path, **changes: Any) -> dict[str, Any]:
+    from flows.audit import audit
+
+    return audit(from_mapping({**cfg, "run_dir": str(run_dir), **changes}))
+
+
+@pytest.fixture(scope="module")
+def reference(world: dict[str, Any], prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted run with the default runner."""
+    return _run(world, tmp_path_factory.mktemp("runs") / "reference")
+
+
+def explanations(run_dir: str | Path) -> pa.Table:
+    table = pq.read_table(Path(run_dir) / "explanations")
+    return table.sort_by([("image_id", "ascending"), ("target_class", "ascending")])
+
+
+def _keys(table: pa.Table) -> list[tuple[str, int]]:
+    columns = table.select(["image_id", "target_class"]).to_pydict()
+    return list(zip(columns["image_id"], columns["target_class"], strict=True))
+
+
+def _file_ids(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("shard-*.parquet"))}
+
+
+def _finished_shards(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {**_file_ids(run_dir / "staging"), **_file_ids(run_dir / "explanations")}
+
+
+def _flags(run_dir: str | Path) -> list[dict]:
+    return pq.read_table(Path(run_dir) / "flags.parquet").to_pylist()
+
+
+def test_end_to_end_tables_and_summary(reference: dict[str, Any], world: dict[str, Any]) -> None:
+    run_dir = Path(reference["run_dir"])
+    counts = reference["counts"]
+    assert reference["reconciled"]
+    assert counts["rows_in"] == 44 and counts["explained_images"] == 42 and counts["errors"] == 2
+    assert counts["errors_by_stage"] == {"manifest": 0, "explain": 2, "validate": 0}
+    assert len(reference["shards"]["computed"]) == N_SHARDS and not reference["shards"]["reused"]
+    outputs = ("config.yaml", "images.parquet", "run.duckdb", "flags.parquet", "report.html", "summary.json")
+    for name in outputs:
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "explanations").iterdir()) == [
+        f"shard-{i:05d}.parquet" for i in range(N_SHARDS)
+    ]
+    assert not list((run_dir / "staging").glob("*.parquet"))
+    table = explanations(run_dir)
+    assert table.schema.remove_metadata().equals(EXPLANATIONS.remove_metadata())
+    keys = _keys(table)
+    assert len(keys) == len(set(keys)) == 42
+    assert set(table.column("run_id").to_pylist()) == {reference["run_id"]}
+    errors = pq.read_table(run_dir / "errors")
+    assert sorted(Path(p).name for p in errors.column("path").to_pylist()) == ["broken.png", "fake.png"]
+    assert set(errors.column("stage").to_pylist()) == {"explain"}
+    # The DuckDB views read the same rows.
+    from tasks.store import query
+
+    assert query(run_dir, "SELECT count(*) AS n FROM explanations")["n"][0] == 42
+    assert json.loads((run_dir / "summary.json").read_text())["run_id"] == reference["run_id"]
+
+
+def test_artifacts_published(reference: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["audit-flags", "audit-report",
+                                                                       "audit-summary"])))}
+    assert keys == {"audit-flags", "audit-report", "audit-summary"}
+
+
+def test_rerun_reuses_every_shard(reference: dict[str, Any], world: dict[str, Any]) -> None:
+    run_dir = Path(reference["run_dir"])
+    before = _file_ids(run_dir / "explanations")
+    again = _run(world, run_dir)
+    assert again["run_id"] == reference["run_id"]
+    assert len(again["shards"]["reused"]) == N_SHARDS and not again["shards"]["computed"]
+    assert _file_ids(run_dir / "explanations") == before
+    assert again["counts"] == reference["counts"]
+
+
+_KILLABLE = """
+import json, sys, time
+import flows.audit as audit_module
+from tasks.config import from_mapping
+
+real = audit_module.explain_shard
+
+def slow(*args, **kwargs):  # give the test time to kill us between shards
+    result = real(*args, **kwargs)
+    time.sleep(4)
+    return result
+
+audit_module.explain_shard = slow
+audit_module.audit(from_mapping(json.loads(sys.argv[1])))
+"""
+
+
+def test_kill_and_resume(reference: dict[str, Any], world: dict[str, Any], prefect_api: str,
+                         tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    cfg = {**world, "run_dir": str(run_dir)}
+    script = tmp_path / "killable.py"
+    script.write_text(textwrap.dedent(_KILLABLE))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _finished_shards(run_dir):
+            assert proc.poll() is None, "the flow ended before the test could kill it"
+            assert time.monotonic() < deadline, "no shard was written in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the flow and any loader workers
+        proc.wait(timeout=30)
+    finished = _finished_shards(run_dir)  # committed, or written and awaiting validation
+    assert 1 <= len(finished) < N_SHARDS
+
+    resumed = _run(world, run_dir)
+    assert set(resumed["shards"]["reused"]) == {n.removesuffix(".parquet") for n in finished}
+    assert len(resumed["shards"]["computed"]) == N_SHARDS - len(finished)
+    after = _file_ids(run_dir / "explanations")
+    assert {k: after[k] for k in finished} == finished  # finished shards were not rewritten (same inode)
+    assert resumed["counts"] == reference["counts"] and resumed["reconciled"]
+    table = explanations(run_dir)
+    keys = _keys(table)
+    assert len(keys) == len(set(keys))
+    assert table.equals(explanations(reference["run_dir"]))
+    assert _flags(run_dir) == _flags(reference["run_dir"])
+    assert not list(run_dir.glob("**/.*.tmp*"))  # the killed writer's temp file was not left in a table dir
+
+
+def test_dask_runner_gives_identical_tables(reference: dict[str, Any], world: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    pytest.importorskip("prefect_dask")
+    # DataLoader workers inside Dask worker processes (they must not be daemonic).
+    summary = _run(world, tmp_path / "dask", runner="dask", workers=2, loader_workers=2)
+    assert summary["run_id"] == reference["run_id"]
+    assert summary["counts"] == reference["counts"]
+    dask_table, ref_table = explanations(summary["run_dir"]), explanations(reference["run_dir"])
+    exact = [c for c in EXPLANATIONS.names if c not in ("prob", "topk", "phrases", "groups", "saliency")]
+    assert dask_table.select(exact).equals(ref_table.select(exact))
+    for column in ("prob", "saliency"):
+        a = pa.array(dask_table.column(column).to_pylist()).to_pylist()
+        b = pa.array(ref_table.column(column).to_pylist()).to_pylist()
+        assert _close(a, b), column
+    assert [[p["text"] for p in r] for r in dask_table.column("phrases").to_pylist()] == \
+           [[p["text"] for p in r] for r in ref_table.column("phrases").to_pylist()]
+    assert _flags(summary["run_dir"]) == _flags(reference["run_dir"])
+
+
+def _close(a: Any, b: Any, tol: float = 1e-3) -> bool:
+    if isinstance(a, list):
+        same_length = isinstance(b, list) and len(a) == len(b)
+        return same_length and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    return abs(a - b) <= tol * max(1.0, abs(b))

@@ -1,0 +1,156 @@
+"""Spurious-correlation flags on runs with planted structure (see tests/auditdata.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from auditdata import OWN, class_text_embeddings, make_run
+
+from tasks.flags import FLAGS, ClassText, _load_scores, flag_spurious, z_lift_matrix
+from tasks.store import build_duckdb, query
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = make_run(tmp_path_factory.mktemp("flags"), write_images=False)
+    build_duckdb(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def class_text() -> ClassText:
+    return ClassText(class_text_embeddings())
+
+
+@pytest.fixture(scope="module")
+def flags(planted: Path, class_text: ClassText):
+    return flag_spurious(planted, class_text)
+
+
+def test_planted_phrases_are_flagged_first_and_nothing_else(flags) -> None:
+    got = {(r.class_name, r.phrase, r.direction, r.rank) for r in flags.itertuples()}
+    assert got == {("dog", "snow", "for", 1), ("cat", "stripes", "against", 1)}
+    snow = flags[flags["phrase"] == "snow"].iloc[0]
+    assert snow["z_lift"] > snow["threshold"]
+    assert snow["p_value"] == pytest.approx(1 / 201)  # beyond every permutation's class maximum
+    assert snow["n_images"] == 34 and snow["frequency"] == pytest.approx(34 / 40)
+
+
+def test_for_and_against_are_kept_apart(planted: Path, flags) -> None:
+    stripes = query(
+        planted, "SELECT direction, z_lift FROM concept_stats WHERE class_name = 'cat' AND phrase = 'stripes'"
+    )
+    # stripes only ever counts against cat: its "for" row has no selection at all
+    assert stripes.set_index("direction").loc["against", "z_lift"] > 5
+    assert "for" not in set(flags.loc[flags["phrase"] == "stripes", "direction"])
+
+
+def test_nothing_is_flagged_without_structure(tmp_path: Path, class_text: ClassText) -> None:
+    for seed in (0, 1):
+        run_dir = make_run(tmp_path / str(seed), seed=seed, shuffle=True, write_images=False)
+        assert flag_spurious(run_dir, class_text).empty
+
+
+def test_phrases_describing_the_class_are_excluded(planted: Path, class_text: ClassText) -> None:
+    # Without text embeddings the class's own phrases dominate the flags ...
+    raw = flag_spurious(planted, None)
+    own = {(c, p) for c, p in OWN.items()}
+    assert own <= set(zip(raw["class_name"], raw["phrase"], strict=True))
+    # ... the learned threshold (max similarity between two class names) removes exactly those.
+    names = ["bird", "cat", "dog"]
+    emb = class_text.embeddings
+    unit = {n: emb[n] / np.linalg.norm(emb[n]) for n in names}
+    expected = max(float(unit[a] @ unit[b]) for a in names for b in names if a != b)
+    assert class_text.similarity_threshold(names) == pytest.approx(expected)
+    sims = class_text.class_similarity("cat", ["whiskers", "snow"])
+    assert sims[0] > expected > sims[1]
+    kept = flag_spurious(planted, class_text)
+    assert not own & set(zip(kept["class_name"], kept["phrase"], strict=True))
+    assert (kept["class_similarity"] < kept["similarity_threshold"]).all()
+
+
+def test_own_vocabulary_is_excluded_by_text(planted: Path) -> None:
+    # Embeddings that know nothing about "snow" still exclude it once it is dog's own vocabulary.
+    ct = ClassText({"bird": np.eye(3)[0], "cat": np.eye(3)[1], "dog": np.eye(3)[2]}, {"dog": ["Snow"]})
+    got = flag_spurious(planted, ct)
+    assert ("dog", "snow") not in set(zip(got["class_name"], got["phrase"], strict=True))
+
+
+def test_numpy_statistic_matches_sql(planted: Path) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(planted / "run.duckdb"), read_only=True)
+    con.execute(f"SET file_search_path = '{planted}'")
+    images, cols, trip = _load_scores(con)
+    con.close()
+    k, q = len(images["class_name"].unique()), len(cols)
+    sums = np.bincount(
+        images["k"].to_numpy()[trip["i"]] * q + trip["q"].to_numpy(), weights=trip["score"], minlength=k * q
+    ).reshape(1, k, q)
+    n = len(images)
+    total = np.bincount(trip["q"], weights=trip["score"], minlength=q)
+    sd = np.sqrt(np.bincount(trip["q"], weights=trip["score"] ** 2, minlength=q) / n - (total / n) ** 2)
+    z = z_lift_matrix(
+        sums, np.bincount(images["k"]), total, sd, (cols["direction"] == "against").to_numpy(int)
+    )[0]
+    sql = query(planted, "SELECT class_name, phrase, direction, z_lift FROM concept_stats")
+    classes = sorted(images["class_name"].unique())
+    qi = {(p, d): i for p, d, i in cols[["phrase", "direction"]].assign(i=cols["q"]).itertuples(index=False)}
+    ours = [
+        z[classes.index(c), qi[(p, d)]]
+        for c, p, d in sql[["class_name", "phrase", "direction"]].itertuples(index=False)
+    ]
+    np.testing.assert_allclose(ours, sql["z_lift"].astype(float), rtol=1e-9, atol=1e-9)
+
+
+def test_misclassified_enrichment_is_the_smoothed_ratio(planted: Path, flags) -> None:
+    snow = flags[flags["phrase"] == "snow"].iloc[0]
+    truth = query(
+        planted,
+        """
+        WITH p AS (
+            SELECT misclassified AS mis, len(list_filter(phrases, lambda x: x.text = 'snow')) > 0 AS snow
+            FROM predictions WHERE class_name = 'dog'
+        )
+        SELECT count(*) FILTER (WHERE mis) AS n_mis, count(*) FILTER (WHERE mis AND snow) AS k_mis,
+               count(*) FILTER (WHERE NOT mis) AS n_cor, count(*) FILTER (WHERE NOT mis AND snow) AS k_cor
+        FROM p
+        """,
+    ).iloc[0]
+    expected = (truth.k_mis + 0.5) / (truth.n_mis + 1) / ((truth.k_cor + 0.5) / (truth.n_cor + 1))
+    assert snow["misclassified_enrichment"] == pytest.approx(expected)
+    assert snow["n_misclassified"] == truth.n_mis
+    assert snow["misclassified_enrichment"] > 1  # snow is over-represented among the mistakes
+
+
+def test_flags_are_written_with_the_declared_schema(planted: Path, class_text: ClassText) -> None:
+    flags = flag_spurious(planted, class_text)  # other tests rewrite the shared run's flags
+    table = pq.read_table(planted / "flags.parquet")
+    assert table.schema.equals(FLAGS, check_metadata=False)
+    assert table.num_rows == len(flags)
+    db = query(planted, "SELECT class_name, phrase, example_image_ids FROM flags ORDER BY class_name")
+    assert db["phrase"].tolist() == ["stripes", "snow"]
+    # examples: the top-scoring images of the class for that phrase, best first
+    ex = list(db["example_image_ids"][1])
+    scores = query(
+        planted,
+        "SELECT image_id, score FROM image_phrases WHERE class_name = 'dog' AND phrase = 'snow' "
+        "ORDER BY score DESC, image_id LIMIT 6",
+    )
+    assert ex == scores["image_id"].tolist()
+
+
+def test_build_duckdb_reloads_flags(planted: Path, class_text: ClassText) -> None:
+    flags = flag_spurious(planted, class_text)
+    build_duckdb(planted)
+    assert query(planted, "SELECT count(*) AS n FROM flags")["n"][0] == len(flags)
+
+
+def test_bad_arguments_are_rejected(planted: Path) -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        flag_spurious(planted, None, quantile=1.0)
+    with pytest.raises(ValueError, match="n_permutations"):
+        flag_spurious(planted, None, n_permutations=0)

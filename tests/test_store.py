@@ -1,0 +1,210 @@
+"""DuckDB store: views over the Parquet files, concept_stats against a pandas reference, the SQL sandbox."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from auditdata import make_run
+
+from tasks.store import CONCEPT_STATS, UnsafeQueryError, build_duckdb, connect, query, run_sql
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = make_run(tmp_path_factory.mktemp("store"), n_per_class=30, seed=3)
+    build_duckdb(run_dir)
+    return run_dir
+
+
+def reference_stats(run_dir: Path) -> pd.DataFrame:
+    """concept_stats recomputed the slow, plain way: a dense image × (phrase, direction) score matrix."""
+    rows = pq.read_table(run_dir / "explanations").to_pylist()
+    rows = [r for r in rows if r["rank_of_target"] == 0]
+    images = pd.DataFrame(
+        {
+            "image_id": [r["image_id"] for r in rows],
+            "cls": [r["pred_name"] for r in rows],
+            "label": [r["label"] for r in rows],
+        }
+    )
+    images["mis"] = images["label"].notna() & (images["label"] != images["cls"])
+    images["cor"] = images["label"].notna() & ~images["mis"]
+    scores: dict[tuple[str, str], np.ndarray] = {}
+    for i, r in enumerate(rows):
+        for p in r["phrases"]:
+            col = scores.setdefault((p["text"], p["direction"]), np.zeros(len(rows)))
+            col[i] += abs(p["score"])
+    n = len(rows)
+    out = []
+    for c in sorted(images["cls"].unique()):
+        in_c = (images["cls"] == c).to_numpy()
+        for (phrase, direction), s in scores.items():
+            sd = s.std()  # population sd over all images
+            sel = s > 0
+            mis, cor = in_c & images["mis"].to_numpy(), in_c & images["cor"].to_numpy()
+            out.append(
+                {
+                    "class_name": c,
+                    "phrase": phrase,
+                    "direction": direction,
+                    "n_class": int(in_c.sum()),
+                    "n_images": int((sel & in_c).sum()),
+                    "frequency": (sel & in_c).sum() / in_c.sum(),
+                    "frequency_other": (sel & ~in_c).sum() / (~in_c).sum(),
+                    "mean_score": s[in_c].mean(),
+                    "mean_score_other": s[~in_c].mean(),
+                    "lift": (s[in_c].mean() - s[~in_c].mean()) / sd if sd > 1e-12 else np.nan,
+                    "frequency_misclassified": (sel & mis).sum() / mis.sum() if mis.sum() else np.nan,
+                    "frequency_correct": (sel & cor).sum() / cor.sum() if cor.sum() else np.nan,
+                }
+            )
+    ref = pd.DataFrame(out)
+    se = {
+        c: np.sqrt(n / (n - 1) * (1 / k + 1 / (n - k)))
+        for c, k in ref.groupby("class_name")["n_class"].first().items()
+    }
+    z = []
+    for (c, _), g in ref.groupby(["class_name", "direction"]):
+        x = g["lift"].to_numpy()
+        med = np.nanmedian(x)
+        scale = max(1.4826 * np.nanmedian(np.abs(x - med)), se[c])
+        z.append(pd.Series((x - med) / scale, index=g.index))
+    ref["z_lift"] = pd.concat(z)
+    return ref
+
+
+def test_concept_stats_equal_a_plain_reference(run: Path) -> None:
+    got = query(run, "SELECT * FROM concept_stats")
+    ref = reference_stats(run)
+    assert len(got) == len(ref) == 3 * ref[["phrase", "direction"]].drop_duplicates().shape[0]
+    merged = ref.merge(got, on=["class_name", "phrase", "direction"], suffixes=("_ref", ""))
+    assert len(merged) == len(ref)
+    for col in (
+        "n_class",
+        "n_images",
+        "frequency",
+        "frequency_other",
+        "mean_score",
+        "mean_score_other",
+        "lift",
+        "z_lift",
+        "frequency_misclassified",
+        "frequency_correct",
+    ):
+        np.testing.assert_allclose(
+            merged[col].astype(float), merged[f"{col}_ref"].astype(float), rtol=1e-5, atol=1e-6, err_msg=col
+        )
+
+
+def test_concept_stats_table_has_the_declared_schema(run: Path) -> None:
+    desc = query(run, "DESCRIBE concept_stats")
+    assert desc["column_name"].tolist() == CONCEPT_STATS.names
+    nulls = dict(zip(desc["column_name"], desc["null"], strict=True))
+    assert nulls["class_name"] == "NO" and nulls["z_lift"] == "YES"
+
+
+def test_only_the_predicted_class_explanation_counts(run: Path) -> None:
+    # Each image also has a rank-1 explanation with "snow" at score 5.0: it must not leak into the stats.
+    # (planted snow scores are at most 1.2, times 3 in bird images)
+    top = query(run, "SELECT max(score) AS m FROM image_phrases WHERE phrase = 'snow'")
+    assert top["m"][0] <= 3.6 + 1e-6
+    counts = query(run, "SELECT count(*) AS n FROM predictions")
+    assert counts["n"][0] == 90
+
+
+def test_duplicate_shard_rows_count_once(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, n_per_class=10, seed=1, write_images=False)
+    build_duckdb(run_dir)
+    before = query(run_dir, "SELECT * FROM concept_stats ORDER BY ALL")
+    shutil.copy(
+        run_dir / "explanations" / "shard-00000.parquet", run_dir / "explanations" / "shard-00009.parquet"
+    )
+    build_duckdb(run_dir)
+    after = query(run_dir, "SELECT * FROM concept_stats ORDER BY ALL")
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_missing_tables_are_empty_typed_views(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, n_per_class=5, write_images=False)
+    shutil.rmtree(run_dir / "errors")
+    build_duckdb(run_dir)
+    desc = query(run_dir, "DESCRIBE errors")
+    assert desc["column_name"].tolist() == ["run_id", "image_id", "path", "stage", "reason", "row"]
+    assert query(run_dir, "SELECT count(*) AS n FROM errors")["n"][0] == 0
+
+
+def test_run_directory_can_be_moved(run: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    got = query(moved, "SELECT count(*) AS n FROM explanations")
+    assert got["n"][0] == 180
+
+
+def test_run_sql_answers_a_per_class_frequency_query(run: Path) -> None:
+    sql = (
+        "SELECT class_name, count(*) FILTER (WHERE phrase = 'snow') / any_value(n) AS freq "
+        "FROM image_phrases "
+        "JOIN (SELECT class_name, count(*) AS n FROM predictions GROUP BY 1) USING (class_name) "
+        "WHERE direction = 'for' GROUP BY class_name ORDER BY class_name"
+    )
+    res = run_sql(run, sql, "csv")
+    ref = reference_stats(run).query("phrase == 'snow' and direction == 'for'").sort_values("class_name")
+    assert res.frame["class_name"].tolist() == ["bird", "cat", "dog"]
+    np.testing.assert_allclose(res.frame["freq"], ref["frequency"])
+    assert res.text.splitlines()[0] == "class_name,freq"
+    assert run_sql(run, "SHOW TABLES", "json").text.count("concept_stats") == 1
+    table = run_sql(run, "SELECT 1 AS one").text
+    assert table.split() == ["one", "1"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("INSERT INTO flags SELECT * FROM flags", "got INSERT"),
+        ("ATTACH '/tmp/other.duckdb' AS o", "got ATTACH"),
+        ("COPY concept_stats TO '/tmp/x.csv'", "got COPY"),
+        ("INSTALL httpfs", "got LOAD"),
+        ("SET enable_external_access = true", "got SET"),
+        ("SELECT 1; DROP TABLE flags", "exactly one statement"),
+        ("CREATE TABLE t AS SELECT 1", "got CREATE"),
+        ("PRAGMA enable_profiling", "got PRAGMA"),
+    ],
+)
+def test_run_sql_refuses_statements_that_write_or_escape(run: Path, sql: str, message: str) -> None:
+    with pytest.raises(UnsafeQueryError, match=message):
+        run_sql(run, sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_parquet('../../../etc/passwd')",
+    ],
+)
+def test_run_sql_cannot_read_files_outside_the_run(run: Path, sql: str) -> None:
+    with pytest.raises(duckdb.Error, match=r"disabled by configuration|Permission"):
+        run_sql(run, sql)
+
+
+def test_sandboxed_connection_is_read_only_and_locked(run: Path) -> None:
+    con = connect(run)
+    try:
+        with pytest.raises(duckdb.Error):
+            con.execute("CREATE TABLE main.t AS SELECT 1")
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute("SET enable_external_access = true")
+    finally:
+        con.close()
+
+
+def test_pragma_table_info_is_allowed(run: Path) -> None:
+    info = run_sql(run, "PRAGMA table_info('flags')").frame
+    assert "z_lift" in info["name"].tolist()
