@@ -71,18 +71,33 @@ def make_models(folder: Path) -> str:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = torchvision.models.resnet50()
-        save_checkpoint(net, path, arch="resnet50", class_names=list(imagenet_class_names()),
-                        target_layer="layer4", preprocess={"resize": 232, "crop": 224})
+        save_checkpoint(
+            net,
+            path,
+            arch="resnet50",
+            class_names=list(imagenet_class_names()),
+            target_layer="layer4",
+            preprocess={"resize": 232, "crop": 224},
+        )
     return str(path)
 
 
 def config(work: Path, manifest: Path, model: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     return {
-        "data": str(manifest), "model": model, "clip": "ViT-B-32", "clip_pretrained": None,
-        "vocab": [str(work / "vocab.txt")], "shard_size": args.shard_size, "batch_size": args.batch_size,
-        "loader_workers": args.loader_workers, "workers": 1, "device": args.device,
-        "probe_size": args.probe_size, "bank_m": min(50, min(args.probe_size, args.limit) // 2),
-        "cache_dir": str(work / "cache"), "run_dir": str(run_dir),
+        "data": str(manifest),
+        "model": model,
+        "clip": "ViT-B-32",
+        "clip_pretrained": None,
+        "vocab": [str(work / "vocab.txt")],
+        "shard_size": args.shard_size,
+        "batch_size": args.batch_size,
+        "loader_workers": args.loader_workers,
+        "workers": 1,
+        "device": args.device,
+        "probe_size": args.probe_size,
+        "bank_m": min(50, min(args.probe_size, args.limit) // 2),
+        "cache_dir": str(work / "cache"),
+        "run_dir": str(run_dir),
     }
 
 
@@ -117,8 +132,13 @@ def plain_loop(cfg_map: dict[str, Any], run_dir: Path, warmup: bool = False) -> 
     if warmup:
         paths = paths[: cfg_map["batch_size"]]
     rows = 0
-    for batch in iter_batches(paths, [model.preprocess], batch_size=cfg_map["batch_size"],
-                              num_workers=cfg_map["loader_workers"], pin_memory=device.type == "cuda"):
+    for batch in iter_batches(
+        paths,
+        [model.preprocess],
+        batch_size=cfg_map["batch_size"],
+        num_workers=cfg_map["loader_workers"],
+        pin_memory=device.type == "cuda",
+    ):
         if batch.indices.numel():
             rows += len([e.to_record() for e in explainer.explain_batch(batch.tensors[0].to(device))])
     return time.perf_counter() - t0, rows
@@ -143,8 +163,11 @@ def _rss_child(cfg_json: str) -> None:
     with prefect_test_harness(server_startup_timeout=120):
         run_flow(cfg_map)  # the bank was made by the parent: CLIP never enters this process
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the parent's peak.
-    hwm_kb = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
-                  if ln.startswith("VmHWM:"))
+    hwm_kb = next(
+        int(ln.split()[1])
+        for ln in Path("/proc/self/status").read_text().splitlines()
+        if ln.startswith("VmHWM:")
+    )
     print(json.dumps({"peak_rss_mb": hwm_kb / 1024}))
 
 
@@ -157,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--probe-size", type=int, default=200)
-    p.add_argument("--vocab-size", type=int, default=300,
-                   help="phrases: the first N of the built-in `general` list (default 300; random-weight "
-                        "ViT-B-32 text encoding on a CPU costs ~0.1 s per phrase, done before timing)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=300,
+        help="phrases: the first N of the built-in `general` list (default 300; random-weight "
+        "ViT-B-32 text encoding on a CPU costs ~0.1 s per phrase, done before timing)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -191,13 +218,21 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_test_harness(server_startup_timeout=120):
             flow_s, summary = run_flow(cfg_map)
         figures: dict[str, Any] = {
-            "images": args.limit, "device": str(torch.device(args.device) if args.device != "auto" else
-                                                 ("cuda" if torch.cuda.is_available() else "cpu")),
-            "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "shard_size": args.shard_size, "loader_workers": args.loader_workers,
+            "images": args.limit,
+            "device": str(
+                torch.device(args.device)
+                if args.device != "auto"
+                else ("cuda" if torch.cuda.is_available() else "cpu")
+            ),
+            "torch_threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "shard_size": args.shard_size,
+            "loader_workers": args.loader_workers,
             "bank_and_phrases_s": round(prepare_s, 2),
-            "plain_loop_s": round(loop_s, 2), "plain_loop_rows": loop_rows,
-            "flow_s": round(flow_s, 2), "flow_rows": summary["counts"]["explanation_rows"],
+            "plain_loop_s": round(loop_s, 2),
+            "plain_loop_rows": loop_rows,
+            "flow_s": round(flow_s, 2),
+            "flow_rows": summary["counts"]["explanation_rows"],
             "flow_stages_s": summary["timings_s"],
             "flow_vs_plain_loop": round(flow_s / loop_s, 3),
             "plain_loop_images_per_s": round(args.limit / loop_s, 2),
@@ -205,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.memory:
             for n, key in sizes.items():
-                out = subprocess.run([sys.executable, __file__, "--_rss-child", json.dumps(child_cfgs[n])],
-                                     capture_output=True, text=True, check=True, env={**os.environ})
+                out = subprocess.run(
+                    [sys.executable, __file__, "--_rss-child", json.dumps(child_cfgs[n])],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ},
+                )
                 figures[key] = round(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"], 1)
             figures["memory_sizes"] = [args.limit, 10 * args.limit]
             figures["rss_ratio_10x"] = round(figures["peak_rss_10k_mb"] / figures["peak_rss_1k_mb"], 3)

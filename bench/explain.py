@@ -111,8 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     # --- explanation --------------------------------------------------------------------------
     from textcam.bank import BankMeta
 
-    meta = BankMeta(model.model_id, model.target_layer, clip.clip_id, args.m, 0.5, len(probe), "bench",
-                    directions.shape[0], directions.shape[1])
+    meta = BankMeta(
+        model.model_id,
+        model.target_layer,
+        clip.clip_id,
+        args.m,
+        0.5,
+        len(probe),
+        "bench",
+        directions.shape[0],
+        directions.shape[1],
+    )
     bank = ChannelBank(directions, meta)
     phrases = load_vocabulary(["general"])
     # One template keeps the (one-off, cached in real use) text encoding of 5,505 phrases short.
@@ -169,18 +178,26 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
     }
-    print(f"ResNet-50, 224 px, batch {args.batch}, CPU ({torch.get_num_threads()} threads), "
-          f"{args.rounds} interleaved rounds, median")
+    print(
+        f"ResNet-50, 224 px, batch {args.batch}, CPU ({torch.get_num_threads()} threads), "
+        f"{args.rounds} interleaved rounds, median"
+    )
     print(f"{'run':<22}{'s/batch':>10}{'img/s':>10}{'vs forward':>12}")
     for k in runs:
         print(f"{k:<22}{med[k]:>10.3f}{thr[k]:>10.1f}{thr[k] / thr['forward']:>12.2f}")
-    print(f"\nGrad-CAM explanation vs pytorch-grad-cam: {fig['gradcam_vs_peer']:.2f}x, "
-          f"vs torch-cam: {fig['gradcam_vs_torchcam']:.2f}x")
-    print(f"calibration: probe pass {probe_s:.1f} s ({len(probe)} images, ResNet-50 + ViT-B-32); "
-          f"batched LDA for {gap.shape[1]} channels {lda_s:.2f} s = {100 * fig['lda_share_of_probe_pass']:.1f}% "
-          f"of the probe pass")
-    print(f"per-channel scikit-learn loop: {sk_s:.1f} s extrapolated from {len(sample)} channels "
-          f"-> batched LDA is {fig['lda_vs_sklearn_loop']:.0f}x faster")
+    print(
+        f"\nGrad-CAM explanation vs pytorch-grad-cam: {fig['gradcam_vs_peer']:.2f}x, "
+        f"vs torch-cam: {fig['gradcam_vs_torchcam']:.2f}x"
+    )
+    print(
+        f"calibration: probe pass {probe_s:.1f} s ({len(probe)} images, ResNet-50 + ViT-B-32); "
+        f"batched LDA for {gap.shape[1]} channels {lda_s:.2f} s = "
+        f"{100 * fig['lda_share_of_probe_pass']:.1f}% of the probe pass"
+    )
+    print(
+        f"per-channel scikit-learn loop: {sk_s:.1f} s extrapolated from {len(sample)} channels "
+        f"-> batched LDA is {fig['lda_vs_sklearn_loop']:.0f}x faster"
+    )
     print(f"peak RSS {fig['peak_rss_mb']:.0f} MB (calibration keeps only N x C GAP and N x D embeddings)")
     print(json.dumps(fig))
     return 0

@@ -113,7 +113,10 @@ def read_manifest_task(cfg: AuditConfig) -> Manifest:
     classes = _class_list(cfg)
     manifest = read_manifest(cfg.data, classes=classes)
     get_run_logger().info(
-        "manifest %s: %d rows → %d images, %d rejected", cfg.data, manifest.n_rows, manifest.n_images,
+        "manifest %s: %d rows → %d images, %d rejected",
+        cfg.data,
+        manifest.n_rows,
+        manifest.n_images,
         manifest.errors.num_rows,
     )
     return manifest
@@ -163,8 +166,9 @@ def start_run(cfg: AuditConfig, manifest: Manifest) -> RunInfo:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(saved)
-    images = manifest.images.replace_schema_metadata({**(manifest.images.schema.metadata or {}),
-                                                      b"textcam.run_id": run_id.encode()})
+    images = manifest.images.replace_schema_metadata(
+        {**(manifest.images.schema.metadata or {}), b"textcam.run_id": run_id.encode()}
+    )
     _write_atomic(images, run_dir / "images.parquet")
     errors = manifest.errors.set_column(
         0, "run_id", pa.array([run_id] * manifest.errors.num_rows, pa.string())
@@ -188,12 +192,24 @@ def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
     return ordered[: cfg.probe_size]
 
 
-@task(name="channel-bank", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
-      retry_condition_fn=_retry_transient)
+@task(
+    name="channel-bank",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_transient,
+)
 def channel_bank(cfg: AuditConfig, probe: Sequence[str], run: RunInfo) -> BankFiles:
     bank = prepare_bank(cfg, probe, run.run_dir)
-    get_run_logger().info("channel bank %s (%s, layer %s, %s): %s in %.1f s", bank.bank_id, bank.model_id,
-                          bank.layer, bank.clip_id, bank.source, bank.seconds)
+    get_run_logger().info(
+        "channel bank %s (%s, layer %s, %s): %s in %.1f s",
+        bank.bank_id,
+        bank.model_id,
+        bank.layer,
+        bank.clip_id,
+        bank.source,
+        bank.seconds,
+    )
     return bank
 
 
@@ -222,13 +238,21 @@ def _sweep_stale(run_dir: Path, shards: Sequence[Shard]) -> None:
                 get_run_logger().warning("moved stale %s/%s to stale/", folder, path.name)
 
 
-@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_retry_transient, task_run_name="explain-{shard.shard_id}")
-def explain_shard_task(spec: RuntimeSpec, shard: Shard, run: RunInfo, batch_size: int,
-                       loader_workers: int) -> ShardResult:
+@task(
+    name="explain-shard",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_transient,
+    task_run_name="explain-{shard.shard_id}",
+)
+def explain_shard_task(
+    spec: RuntimeSpec, shard: Shard, run: RunInfo, batch_size: int, loader_workers: int
+) -> ShardResult:
     # NO_CACHE: the shard files are the cache (checked inside), a Prefect result cache could outlive them.
-    return explain_shard(spec, shard, run.run_dir, run.run_id, batch_size=batch_size,
-                         loader_workers=loader_workers)
+    return explain_shard(
+        spec, shard, run.run_dir, run.run_id, batch_size=batch_size, loader_workers=loader_workers
+    )
 
 
 @task(name="validate-shard", cache_policy=NO_CACHE, task_run_name="validate-{shard.shard_id}")
@@ -250,8 +274,12 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
         else:
             outcome = _quarantine(result, shard, run, validation)
     logger.info(
-        "%s %-11s %4d images → %5d rows, %3d errors, %6.2f s", shard.shard_id, outcome.status,
-        result.n_images, result.n_rows if outcome.status != "quarantined" else 0, result.n_errors,
+        "%s %-11s %4d images → %5d rows, %3d errors, %6.2f s",
+        shard.shard_id,
+        outcome.status,
+        result.n_images,
+        result.n_rows if outcome.status != "quarantined" else 0,
+        result.n_errors,
         result.seconds,
     )
     return outcome
@@ -275,19 +303,29 @@ def _quarantine(
     (folder / f"{shard.shard_id}.validation.json").write_text(validation.to_json())
     reason = "; ".join(validation.failures)[:500] or "validation failed"
     failed_ids = set(pc.unique(pq.read_table(result.errors_path, columns=["image_id"]).column(0)).to_pylist())
-    rows = [{"run_id": run.run_id, "image_id": ref.image_id, "path": ref.path, "stage": "validate",
-             "reason": f"{shard.shard_id} failed validation: {reason}",
-             "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label})}
-            for ref in shard.images if ref.image_id not in failed_ids]  # those are explain errors already
-    _write_atomic(pa.Table.from_pylist(rows, schema=ERRORS),
-                  run_dir / "errors" / f"{shard.shard_id}-validate.parquet")
+    rows = [
+        {
+            "run_id": run.run_id,
+            "image_id": ref.image_id,
+            "path": ref.path,
+            "stage": "validate",
+            "reason": f"{shard.shard_id} failed validation: {reason}",
+            "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label}),
+        }
+        for ref in shard.images
+        if ref.image_id not in failed_ids
+    ]  # those are explain errors already
+    _write_atomic(
+        pa.Table.from_pylist(rows, schema=ERRORS), run_dir / "errors" / f"{shard.shard_id}-validate.parquet"
+    )
     get_run_logger().error("%s quarantined: %s (report in %s)", shard.shard_id, reason, folder)
     return ShardOutcome(result, "quarantined", str(target), reason)
 
 
 @flow(name="explain-shards", validate_parameters=False)
-def explain_shards(spec: RuntimeSpec, shards: list[Shard], run: RunInfo, batch_size: int,
-                   loader_workers: int) -> list[ShardOutcome]:
+def explain_shards(
+    spec: RuntimeSpec, shards: list[Shard], run: RunInfo, batch_size: int, loader_workers: int
+) -> list[ShardOutcome]:
     """Explain and validate every shard on this flow's task runner (threads or Dask)."""
     logger = get_run_logger()
     checked = []
@@ -352,10 +390,18 @@ def render_report_task(run: RunInfo) -> str:
 
 
 def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
-    return RuntimeSpec(model=cfg.model, weights=cfg.weights, bank_path=bank.bank_path,
-                       phrases_path=bank.phrases_path, method=cfg.method, top_k=cfg.top_k,
-                       n_phrases=cfg.n_phrases, n_groups=cfg.n_groups, device=cfg.device,
-                       torch_threads=cfg.torch_threads)
+    return RuntimeSpec(
+        model=cfg.model,
+        weights=cfg.weights,
+        bank_path=bank.bank_path,
+        phrases_path=bank.phrases_path,
+        method=cfg.method,
+        top_k=cfg.top_k,
+        n_phrases=cfg.n_phrases,
+        n_groups=cfg.n_groups,
+        device=cfg.device,
+        torch_threads=cfg.torch_threads,
+    )
 
 
 def task_runner_for(cfg: AuditConfig) -> Any:
@@ -368,8 +414,14 @@ def task_runner_for(cfg: AuditConfig) -> Any:
 
     if cfg.scheduler:
         return DaskTaskRunner(address=cfg.scheduler)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -426,8 +478,16 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
     return summary
 
 
-def summarise(cfg: AuditConfig, run: RunInfo, manifest: Manifest, bank: BankFiles,
-              outcomes: Sequence[ShardOutcome], timer: Timer, report: str, n_flags: int) -> dict[str, Any]:
+def summarise(
+    cfg: AuditConfig,
+    run: RunInfo,
+    manifest: Manifest,
+    bank: BankFiles,
+    outcomes: Sequence[ShardOutcome],
+    timer: Timer,
+    report: str,
+    n_flags: int,
+) -> dict[str, Any]:
     """Counts that reconcile (rows in = explained + errors), timings, computed vs reused shards."""
     ok = [o for o in outcomes if o.status != "quarantined"]
     quarantined = [o for o in outcomes if o.status == "quarantined"]
@@ -441,16 +501,21 @@ def summarise(cfg: AuditConfig, run: RunInfo, manifest: Manifest, bank: BankFile
         "explained_images": explained,
         "explanation_rows": sum(o.result.n_rows for o in ok),
         "errors": errors,
-        "errors_by_stage": {"manifest": manifest.errors.num_rows, "explain": explain_errors,
-                            "validate": quarantined_images},
+        "errors_by_stage": {
+            "manifest": manifest.errors.num_rows,
+            "explain": explain_errors,
+            "validate": quarantined_images,
+        },
         "flags": n_flags,
     }
     reconciled = counts["rows_in"] == explained + errors
-    line = (f"{run.run_id}: {counts['rows_in']} rows in = {explained} explained + {errors} errors "
-            f"({'reconciled' if reconciled else 'NOT RECONCILED'}); "
-            f"{sum(o.status == 'computed' for o in outcomes)} shards computed, "
-            f"{sum(o.status == 'reused' for o in outcomes)} reused, {len(quarantined)} quarantined; "
-            f"{n_flags} flags; report {report}")
+    line = (
+        f"{run.run_id}: {counts['rows_in']} rows in = {explained} explained + {errors} errors "
+        f"({'reconciled' if reconciled else 'NOT RECONCILED'}); "
+        f"{sum(o.status == 'computed' for o in outcomes)} shards computed, "
+        f"{sum(o.status == 'reused' for o in outcomes)} reused, {len(quarantined)} quarantined; "
+        f"{n_flags} flags; report {report}"
+    )
     summary = {
         "run_id": run.run_id,
         "run_dir": run.run_dir,
@@ -480,17 +545,26 @@ def publish(summary: dict[str, Any], flags: list[dict[str, Any]], report: str) -
     """Prefect artifacts: the flags table, a link to the report, the summary as markdown."""
     columns = ("class_name", "phrase", "direction", "z_lift", "p_value", "n_images", "frequency")
     table = [{k: _plain(f.get(k)) for k in columns} for f in flags[:200]]
-    create_table_artifact(table=table or [dict.fromkeys(columns, "")], key="audit-flags",
-                          description=f"Spurious-correlation candidates of {summary['run_id']}")
-    create_link_artifact(link=Path(report).resolve().as_uri(), link_text="report.html", key="audit-report",
-                         description=f"HTML report of {summary['run_id']}")
+    create_table_artifact(
+        table=table or [dict.fromkeys(columns, "")],
+        key="audit-flags",
+        description=f"Spurious-correlation candidates of {summary['run_id']}",
+    )
+    create_link_artifact(
+        link=Path(report).resolve().as_uri(),
+        link_text="report.html",
+        key="audit-report",
+        description=f"HTML report of {summary['run_id']}",
+    )
     c = summary["counts"]
     create_markdown_artifact(
         key="audit-summary",
-        markdown=(f"### Audit {summary['run_id']}\n\n{summary['line']}\n\n"
-                  f"| rows in | explained | errors | explanation rows | flags |\n|---|---|---|---|---|\n"
-                  f"| {c['rows_in']} | {c['explained_images']} | {c['errors']} | {c['explanation_rows']} "
-                  f"| {c['flags']} |\n\nRun directory: `{summary['run_dir']}`\n"),
+        markdown=(
+            f"### Audit {summary['run_id']}\n\n{summary['line']}\n\n"
+            f"| rows in | explained | errors | explanation rows | flags |\n|---|---|---|---|---|\n"
+            f"| {c['rows_in']} | {c['explained_images']} | {c['errors']} | {c['explanation_rows']} "
+            f"| {c['flags']} |\n\nRun directory: `{summary['run_dir']}`\n"
+        ),
     )
 
 

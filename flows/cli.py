@@ -25,15 +25,22 @@ SCHEDULE_EPILOG = """examples:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML or TOML audit config; the flags below override it")
-    p.add_argument("--data", metavar="DIR|MANIFEST",
-                   help="image folder (one subfolder per class) or CSV/Parquet manifest with a `path` column")
+    p.add_argument(
+        "--data",
+        metavar="DIR|MANIFEST",
+        help="image folder (one subfolder per class) or CSV/Parquet manifest with a `path` column",
+    )
     p.add_argument("--model", help="registered model name or .safetensors checkpoint (default resnet18)")
     p.add_argument("--weights", help="'default' (pretrained), 'none' (random) or a local state dict")
     p.add_argument("--layer", help="target layer (default: the model's)")
     p.add_argument("--clip", help="open_clip architecture or local-dir:PATH (default ViT-B-32)")
     p.add_argument("--clip-pretrained", metavar="TAG|FILE", help="open_clip tag or local checkpoint file")
-    p.add_argument("--vocab", nargs="+", metavar="SOURCE",
-                   help="built-in vocabulary names, phrase files or 'phrase:TEXT' (default: general)")
+    p.add_argument(
+        "--vocab",
+        nargs="+",
+        metavar="SOURCE",
+        help="built-in vocabulary names, phrase files or 'phrase:TEXT' (default: general)",
+    )
     p.add_argument("--method", help="CAM method for the channel weights (default gradcam)")
     p.add_argument("--top-k", type=int, help="explain the top-k predicted classes (default 1)")
     p.add_argument("--shard-size", type=int, metavar="N", help="images per shard (default 256)")
@@ -41,14 +48,34 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runner", choices=("default", "dask"), help="task runner (default: threads here)")
     p.add_argument("--workers", type=int, metavar="N", help="Dask worker processes / concurrent shards")
     p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler (implies --runner dask)")
-    p.add_argument("--run-dir", metavar="DIR", help="output folder; {run_id} and {date} are filled in "
-                   "(default runs/{run_id})")
+    p.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="output folder; {run_id} and {date} are filled in (default runs/{run_id})",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="channel-bank cache (default $TEXTCAM_CACHE)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
 
 
-_OVERRIDES = ("data", "model", "weights", "layer", "clip", "clip_pretrained", "vocab", "method", "top_k",
-              "shard_size", "batch_size", "runner", "workers", "scheduler", "run_dir", "cache_dir", "device")
+_OVERRIDES = (
+    "data",
+    "model",
+    "weights",
+    "layer",
+    "clip",
+    "clip_pretrained",
+    "vocab",
+    "method",
+    "top_k",
+    "shard_size",
+    "batch_size",
+    "runner",
+    "workers",
+    "scheduler",
+    "run_dir",
+    "cache_dir",
+    "device",
+)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -73,10 +100,19 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.pool:
-        deployment_id = deploy.deploy_to_pool(cfg, name=args.name, cron=args.cron, pool=args.pool,
-                                              timezone=args.timezone)
-        print(json.dumps({"deployment": f"audit/{args.name}", "id": deployment_id, "cron": args.cron,
-                          "pool": args.pool}))
+        deployment_id = deploy.deploy_to_pool(
+            cfg, name=args.name, cron=args.cron, pool=args.pool, timezone=args.timezone
+        )
+        print(
+            json.dumps(
+                {
+                    "deployment": f"audit/{args.name}",
+                    "id": deployment_id,
+                    "cron": args.cron,
+                    "pool": args.pool,
+                }
+            )
+        )
         print(f"start a worker to run it: prefect worker start --pool {args.pool}")
     else:
         deploy.serve(cfg, name=args.name, cron=args.cron, timezone=args.timezone)
@@ -86,20 +122,24 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def add_audit_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``audit`` and ``schedule`` to the ``textcam`` command line."""
     p = subparsers.add_parser(
-        "audit", help="explain a whole dataset and flag spurious correlations (Prefect flow)",
+        "audit",
+        help="explain a whole dataset and flag spurious correlations (Prefect flow)",
         description="Run the audit flow: manifest → channel bank → shards explained in parallel → "
-                    "validated Parquet → DuckDB → flags → HTML report.",
-        epilog=AUDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "validated Parquet → DuckDB → flags → HTML report.",
+        epilog=AUDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_audit)
 
     p = subparsers.add_parser(
-        "schedule", help="run the audit on a cron schedule (Prefect deployment)",
+        "schedule",
+        help="run the audit on a cron schedule (Prefect deployment)",
         description="Create a Prefect deployment of the audit flow with a cron schedule. Without --pool "
-                    "this process serves it (and blocks); with --pool the deployment is registered on "
-                    "the Prefect server (PREFECT_API_URL) for `prefect worker start --pool POOL`.",
-        epilog=SCHEDULE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "this process serves it (and blocks); with --pool the deployment is registered on "
+        "the Prefect server (PREFECT_API_URL) for `prefect worker start --pool POOL`.",
+        epilog=SCHEDULE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (daily at 03:00)')
     p.add_argument("--timezone", help="IANA timezone of the cron expression (default UTC)")

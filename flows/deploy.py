@@ -38,8 +38,9 @@ def deployment_parameters(cfg: AuditConfig, base: Path | None = None) -> dict[st
         data[key] = absolute(data[key])
     if isinstance(data["classes"], str) and data["classes"] != "model":
         data["classes"] = absolute(data["classes"])
-    data["vocab"] = [absolute(v) if not v.startswith("phrase:") and Path(v).exists() else v
-                     for v in data["vocab"]]
+    data["vocab"] = [
+        absolute(v) if not v.startswith("phrase:") and Path(v).exists() else v for v in data["vocab"]
+    ]
     data["cache_dir"] = data["cache_dir"] or str(cfg.resolved_cache_dir())
     return {"config": data}
 
@@ -70,8 +71,15 @@ def ensure_process_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
 
 
-def deploy_to_pool(cfg: AuditConfig, *, name: str, cron: str, pool: str, timezone: str | None = None,
-                   source: Path = PROJECT_ROOT) -> str:
+def deploy_to_pool(
+    cfg: AuditConfig,
+    *,
+    name: str,
+    cron: str,
+    pool: str,
+    timezone: str | None = None,
+    source: Path = PROJECT_ROOT,
+) -> str:
     """Register a cron-scheduled deployment for workers of ``pool``; returns the deployment id."""
     from prefect import flow
     from prefect.schedules import Cron
@@ -99,5 +107,9 @@ def serve(cfg: AuditConfig, *, name: str, cron: str, timezone: str | None = None
     from flows.audit import audit
 
     _check_cron(cron, timezone)
-    audit.serve(name=name, schedules=[Cron(cron, timezone=timezone or "UTC")],
-                parameters=deployment_parameters(cfg), tags=["textcam", "audit"])
+    audit.serve(
+        name=name,
+        schedules=[Cron(cron, timezone=timezone or "UTC")],
+        parameters=deployment_parameters(cfg),
+        tags=["textcam", "audit"],
+    )

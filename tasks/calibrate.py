@@ -65,8 +65,17 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     if bank_path.is_file() and phrases_path.is_file():
         bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
         phrases, _ = load_phrases(phrases_path)
-        return BankFiles(str(bank_path), str(phrases_path), bank.bank_id, bank.model_id, bank.layer,
-                         bank.clip_id, len(phrases), "run_dir", time.perf_counter() - t0)
+        return BankFiles(
+            str(bank_path),
+            str(phrases_path),
+            bank.bank_id,
+            bank.model_id,
+            bank.layer,
+            bank.clip_id,
+            len(phrases),
+            "run_dir",
+            time.perf_counter() - t0,
+        )
 
     from textcam.clip import load_clip
     from textcam.vocab import load_vocabulary
@@ -81,11 +90,25 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
         _copy_atomic(cached, bank_path)
         source = "cache"
     else:
-        log.info("calibrating a channel bank on %d probe images (%s, layer %s, %s)",
-                 len(probe_paths), model.model_id, layer, clip.clip_id)
-        bank = ChannelBank.calibrate(model, clip, probe_paths, layer=layer, m=cfg.bank_m,
-                                     shrinkage=cfg.shrinkage, batch_size=cfg.batch_size,
-                                     num_workers=cfg.loader_workers, device=device, progress=False)
+        log.info(
+            "calibrating a channel bank on %d probe images (%s, layer %s, %s)",
+            len(probe_paths),
+            model.model_id,
+            layer,
+            clip.clip_id,
+        )
+        bank = ChannelBank.calibrate(
+            model,
+            clip,
+            probe_paths,
+            layer=layer,
+            m=cfg.bank_m,
+            shrinkage=cfg.shrinkage,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.loader_workers,
+            device=device,
+            progress=False,
+        )
         if cacheable:
             bank.save(cached)
             _copy_atomic(cached, bank_path)
@@ -95,5 +118,14 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     phrases = load_vocabulary(list(cfg.vocab))
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
-    return BankFiles(str(bank_path), str(phrases_path), bank.bank_id, bank.model_id, bank.layer,
-                     bank.clip_id, len(phrases), source, time.perf_counter() - t0)
+    return BankFiles(
+        str(bank_path),
+        str(phrases_path),
+        bank.bank_id,
+        bank.model_id,
+        bank.layer,
+        bank.clip_id,
+        len(phrases),
+        source,
+        time.perf_counter() - t0,
+    )

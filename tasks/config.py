@@ -80,16 +80,34 @@ class AuditConfig:
 
     #: Fields that do not change any row of any table.
     EXECUTION_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
-        {"runner", "workers", "scheduler", "torch_threads", "run_dir", "cache_dir", "device",
-         "loader_workers", "batch_size", "fail_on_quarantine"}
+        {
+            "runner",
+            "workers",
+            "scheduler",
+            "torch_threads",
+            "run_dir",
+            "cache_dir",
+            "device",
+            "loader_workers",
+            "batch_size",
+            "fail_on_quarantine",
+        }
     )
 
     def __post_init__(self) -> None:
         _check_types(self)
         if self.runner not in RUNNERS:
             raise ConfigError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
-        positive = ("top_k", "n_phrases", "n_groups", "probe_size", "bank_m", "shard_size", "batch_size",
-                    "workers")
+        positive = (
+            "top_k",
+            "n_phrases",
+            "n_groups",
+            "probe_size",
+            "bank_m",
+            "shard_size",
+            "batch_size",
+            "workers",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

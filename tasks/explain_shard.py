@@ -168,10 +168,24 @@ def _build_runtime(spec: RuntimeSpec) -> Runtime:
     model = load_model(spec.model, weights=spec.weights, device=str(device))
     phrases, embeddings = load_phrases(spec.phrases_path)
     bank = ChannelBank.load(spec.bank_path, model_id=model.model_id)
-    explainer = Explainer(model, bank, phrases, embeddings, method=spec.method, top_k=spec.top_k,
-                          n_phrases=spec.n_phrases, n_groups=spec.n_groups, device=device)
-    log.info("loaded %s + bank %s in %.1f s (pid %d)", model.model_id, bank.bank_id,
-             time.perf_counter() - t0, os.getpid())
+    explainer = Explainer(
+        model,
+        bank,
+        phrases,
+        embeddings,
+        method=spec.method,
+        top_k=spec.top_k,
+        n_phrases=spec.n_phrases,
+        n_groups=spec.n_groups,
+        device=device,
+    )
+    log.info(
+        "loaded %s + bank %s in %.1f s (pid %d)",
+        model.model_id,
+        bank.bank_id,
+        time.perf_counter() - t0,
+        os.getpid(),
+    )
     return Runtime(model, explainer, bank.bank_id, bank.clip_id, bank.layer, device, threading.Lock())
 
 
@@ -282,15 +296,31 @@ def explain_shard(
         for candidate in (final, staged):
             if is_finished(candidate, shard):
                 counts = read_counts(candidate)
-                return ShardResult(shard.shard_id, str(candidate), str(errors_path), len(shard),
-                                   counts.get("n_explained", 0), counts.get("n_rows", 0),
-                                   counts.get("n_errors", 0), time.perf_counter() - t0, reused=True)
+                return ShardResult(
+                    shard.shard_id,
+                    str(candidate),
+                    str(errors_path),
+                    len(shard),
+                    counts.get("n_explained", 0),
+                    counts.get("n_rows", 0),
+                    counts.get("n_errors", 0),
+                    time.perf_counter() - t0,
+                    reused=True,
+                )
 
     runtime = get_runtime(spec)
-    meta = {FINGERPRINT_KEY: shard.fingerprint.encode(), b"textcam.shard_id": shard.shard_id.encode(),
-            b"textcam.run_id": run_id.encode()}
-    constant = {"run_id": run_id, "model_id": runtime.model.model_id, "layer": runtime.layer,
-                "bank_id": runtime.bank_id, "clip_id": runtime.clip_id}
+    meta = {
+        FINGERPRINT_KEY: shard.fingerprint.encode(),
+        b"textcam.shard_id": shard.shard_id.encode(),
+        b"textcam.run_id": run_id.encode(),
+    }
+    constant = {
+        "run_id": run_id,
+        "model_id": runtime.model.model_id,
+        "layer": runtime.layer,
+        "bank_id": runtime.bank_id,
+        "clip_id": runtime.clip_id,
+    }
     writer = AtomicParquetWriter(staged, EXPLANATIONS, meta)
     error_rows: list[dict[str, Any]] = []
     explained = 0
@@ -298,10 +328,16 @@ def explain_shard(
         for batch in _batches(shard, runtime, batch_size, loader_workers):
             for index, reason in batch.failed:
                 ref = shard.images[index]
-                error_rows.append({"run_id": run_id, "image_id": ref.image_id, "path": ref.path,
-                                   "stage": "explain", "reason": reason,
-                                   "row": json.dumps({"image_id": ref.image_id, "path": ref.path,
-                                                      "label": ref.label})})
+                error_rows.append(
+                    {
+                        "run_id": run_id,
+                        "image_id": ref.image_id,
+                        "path": ref.path,
+                        "stage": "explain",
+                        "reason": reason,
+                        "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label}),
+                    }
+                )
             if not batch.indices.numel():
                 continue
             pixels = batch.tensors[0].to(runtime.device, non_blocking=True)
@@ -311,12 +347,23 @@ def explain_shard(
             rows = []
             for k, expl in enumerate(explanations):
                 ref = shard.images[int(batch.indices[k // per_image])]
-                rows.append({**constant, "image_id": ref.image_id, "path": ref.path, "label": ref.label,
-                             **expl.to_record()})
+                rows.append(
+                    {
+                        **constant,
+                        "image_id": ref.image_id,
+                        "path": ref.path,
+                        "label": ref.label,
+                        **expl.to_record(),
+                    }
+                )
             writer.write(rows)
             explained += batch.indices.numel()
-        counts = {"n_images": len(shard), "n_explained": explained, "n_rows": writer.rows,
-                  "n_errors": len(error_rows)}
+        counts = {
+            "n_images": len(shard),
+            "n_explained": explained,
+            "n_rows": writer.rows,
+            "n_errors": len(error_rows),
+        }
         blob = {COUNTS_KEY: json.dumps(counts).encode()}
         # Errors first: the explanations file is the commit point that marks the shard as done.
         err_writer = AtomicParquetWriter(errors_path, ERRORS, meta)
@@ -326,5 +373,14 @@ def explain_shard(
     except BaseException:
         writer.abort()
         raise
-    return ShardResult(shard.shard_id, str(staged), str(errors_path), len(shard), explained, writer.rows,
-                       len(error_rows), time.perf_counter() - t0, reused=False)
+    return ShardResult(
+        shard.shard_id,
+        str(staged),
+        str(errors_path),
+        len(shard),
+        explained,
+        writer.rows,
+        len(error_rows),
+        time.perf_counter() - t0,
+        reused=False,
+    )

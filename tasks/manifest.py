@@ -188,8 +188,16 @@ def _validate(
     seen: dict[str, int] = {}
 
     def reject(i: int, row: dict[str, Any], reason: str, path: str = "", image_id: str = "") -> None:
-        bad.append({"run_id": run_id, "image_id": image_id, "path": path, "stage": STAGE,
-                    "reason": f"row {i}: {reason}", "row": _row_json(row)})
+        bad.append(
+            {
+                "run_id": run_id,
+                "image_id": image_id,
+                "path": path,
+                "stage": STAGE,
+                "reason": f"row {i}: {reason}",
+                "row": _row_json(row),
+            }
+        )
 
     for i, row in enumerate(records):
         raw = row.get("path")
@@ -229,15 +237,27 @@ def _validate(
         if check_files:
             try:
                 if not full.is_file():
-                    reject(i, row, "file not found" if not full.exists() else "not a regular file",
-                           path, image_id)
+                    reject(
+                        i,
+                        row,
+                        "file not found" if not full.exists() else "not a regular file",
+                        path,
+                        image_id,
+                    )
                     continue
             except OSError as exc:  # e.g. a name too long for the file system
                 reject(i, row, f"cannot check file: {exc.strerror or exc}", path, image_id)
                 continue
         seen[image_id] = i
-        good.append({"image_id": image_id, "path": path, "label": label, "split": split,
-                     **{c: row[c] for c in meta_columns}})
+        good.append(
+            {
+                "image_id": image_id,
+                "path": path,
+                "label": label,
+                "split": split,
+                **{c: row[c] for c in meta_columns},
+            }
+        )
 
     images = _images_table(good, frame, meta_columns)
     errors = pa.Table.from_pylist(bad, schema=ERRORS)

@@ -20,9 +20,30 @@ from PIL import Image
 
 CLASSES = ("apple", "boat", "cloud")
 PHRASES = (
-    "red", "green", "blue", "yellow", "stripes", "dots", "grass", "sky", "water", "snow", "sand", "road",
-    "text", "a watermark", "a frame", "wood", "metal", "fur", "leaves", "a person", "a car", "a dog",
-    "indoors", "night",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "stripes",
+    "dots",
+    "grass",
+    "sky",
+    "water",
+    "snow",
+    "sand",
+    "road",
+    "text",
+    "a watermark",
+    "a frame",
+    "wood",
+    "metal",
+    "fur",
+    "leaves",
+    "a person",
+    "a car",
+    "a dog",
+    "indoors",
+    "night",
 )
 
 
@@ -47,8 +68,14 @@ def make_classifier(path: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = torchvision.models.resnet18(num_classes=len(CLASSES))
-    return save_checkpoint(net, path, arch="resnet18", class_names=list(CLASSES), target_layer="layer4",
-                           preprocess={"resize": 64, "crop": 64})
+    return save_checkpoint(
+        net,
+        path,
+        arch="resnet18",
+        class_names=list(CLASSES),
+        target_layer="layer4",
+        preprocess={"resize": 64, "crop": 64},
+    )
 
 
 def make_clip(path: Path, seed: int = 0) -> Path:

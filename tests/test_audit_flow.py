@@ -102,9 +102,14 @@ def test_artifacts_published(reference: dict[str, Any]) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["audit-flags", "audit-report",
-                                                                       "audit-summary"])))}
+        keys = {
+            a.key
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["audit-flags", "audit-report", "audit-summary"])
+                )
+            )
+        }
     assert keys == {"audit-flags", "audit-report", "audit-summary"}
 
 
@@ -135,15 +140,21 @@ audit_module.audit(from_mapping(json.loads(sys.argv[1])))
 """
 
 
-def test_kill_and_resume(reference: dict[str, Any], world: dict[str, Any], prefect_api: str,
-                         tmp_path: Path) -> None:
+def test_kill_and_resume(
+    reference: dict[str, Any], world: dict[str, Any], prefect_api: str, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "killed"
     cfg = {**world, "run_dir": str(run_dir)}
     script = tmp_path / "killable.py"
     script.write_text(textwrap.dedent(_KILLABLE))
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not _finished_shards(run_dir):
@@ -170,8 +181,9 @@ def test_kill_and_resume(reference: dict[str, Any], world: dict[str, Any], prefe
     assert not list(run_dir.glob("**/.*.tmp*"))  # the killed writer's temp file was not left in a table dir
 
 
-def test_dask_runner_gives_identical_tables(reference: dict[str, Any], world: dict[str, Any],
-                                            tmp_path: Path) -> None:
+def test_dask_runner_gives_identical_tables(
+    reference: dict[str, Any], world: dict[str, Any], tmp_path: Path
+) -> None:
     pytest.importorskip("prefect_dask")
     # DataLoader workers inside Dask worker processes (they must not be daemonic).
     summary = _run(world, tmp_path / "dask", runner="dask", workers=2, loader_workers=2)
@@ -184,8 +196,9 @@ def test_dask_runner_gives_identical_tables(reference: dict[str, Any], world: di
         a = pa.array(dask_table.column(column).to_pylist()).to_pylist()
         b = pa.array(ref_table.column(column).to_pylist()).to_pylist()
         assert _close(a, b), column
-    assert [[p["text"] for p in r] for r in dask_table.column("phrases").to_pylist()] == \
-           [[p["text"] for p in r] for r in ref_table.column("phrases").to_pylist()]
+    assert [[p["text"] for p in r] for r in dask_table.column("phrases").to_pylist()] == [
+        [p["text"] for p in r] for r in ref_table.column("phrases").to_pylist()
+    ]
     assert _flags(summary["run_dir"]) == _flags(reference["run_dir"])
 
 

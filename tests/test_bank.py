@@ -62,8 +62,17 @@ def test_bad_shrinkage_rejected() -> None:
 
 
 def _bank() -> ChannelBank:
-    meta = BankMeta(model_id="m1", layer="layer4", clip_id="clipA", m=10, shrinkage=0.5, n_probe=100,
-                    probe_hash="abc", n_channels=3, embed_dim=4)
+    meta = BankMeta(
+        model_id="m1",
+        layer="layer4",
+        clip_id="clipA",
+        m=10,
+        shrinkage=0.5,
+        n_probe=100,
+        probe_hash="abc",
+        n_channels=3,
+        embed_dim=4,
+    )
     return ChannelBank(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), meta)
 
 

@@ -31,8 +31,15 @@ def test_each_file_read_or_refused_with_reason(corpus) -> None:
 
 def test_specific_reasons(corpus) -> None:
     reasons = {}
-    for name in ("zero.jpg", "truncated.jpg", "not_an_image.png", "bomb.png", "dir.jpg",
-                 "broken_link.jpg", "missing.jpg"):
+    for name in (
+        "zero.jpg",
+        "truncated.jpg",
+        "not_an_image.png",
+        "bomb.png",
+        "dir.jpg",
+        "broken_link.jpg",
+        "missing.jpg",
+    ):
         with pytest.raises(ImageReadError) as err:
             read_image(corpus[name][0])
         reasons[name] = str(err.value)

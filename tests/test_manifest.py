@@ -89,8 +89,13 @@ def test_csv_manifest_keeps_metadata_and_rejects_bad_rows(folder: Path) -> None:
 
 def test_parquet_manifest_with_wrong_types(folder: Path) -> None:
     path = folder / "m.parquet"
-    table = pa.table({"path": ["cat/0.png", "cat/1.png", "dog/0.png"], "label": [1.5, None, 2.0],
-                      "split": ["train", "test", "val"]})
+    table = pa.table(
+        {
+            "path": ["cat/0.png", "cat/1.png", "dog/0.png"],
+            "label": [1.5, None, 2.0],
+            "split": ["train", "test", "val"],
+        }
+    )
     pq.write_table(table, path)
     m = read_manifest(path)
     assert m.n_images == 1 and m.images.column("label").to_pylist() == [None]
@@ -104,8 +109,12 @@ def test_parquet_manifest_with_wrong_types(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("", "empty"), ("label,split\ncat,train\n", "no `path` column"), ("path,label\n", "no rows"),
-     ("path,image_id\na.png,x\n", "computed by TextCAM")],
+    [
+        ("", "empty"),
+        ("label,split\ncat,train\n", "no `path` column"),
+        ("path,label\n", "no rows"),
+        ("path,image_id\na.png,x\n", "computed by TextCAM"),
+    ],
 )
 def test_whole_file_problems_raise_clear_errors(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "m.csv"
@@ -126,15 +135,23 @@ def test_missing_source_and_unsupported_type(tmp_path: Path) -> None:
 
 
 _cell = st.one_of(
-    st.none(), st.text(alphabet=string.ascii_letters + "./\\ _-", max_size=12),
-    st.integers(-5, 5), st.floats(allow_nan=True), st.booleans(),
+    st.none(),
+    st.text(alphabet=string.ascii_letters + "./\\ _-", max_size=12),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True),
+    st.booleans(),
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.fixed_dictionaries({"path": _cell, "label": _cell, "split": _cell, "note": _cell}),
-                     min_size=1, max_size=12),
-       classes=st.one_of(st.none(), st.just(["cat", "dog"])))
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries({"path": _cell, "label": _cell, "split": _cell, "note": _cell}),
+        min_size=1,
+        max_size=12,
+    ),
+    classes=st.one_of(st.none(), st.just(["cat", "dog"])),
+)
 def test_property_every_row_accounted_for(
     tmp_path: Path, rows: list[dict], classes: list[str] | None
 ) -> None:

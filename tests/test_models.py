@@ -182,9 +182,15 @@ def test_callable_family_and_checkpoint_metadata(tmp_path, monkeypatch):
         load_model("tiny-callable", weights="none")
     torch.manual_seed(0)
     net = load_model("tiny-callable", weights="none", num_classes=2, target_layer="layer2").module
-    path = save_checkpoint(net, tmp_path / "t.safetensors", arch="tiny-callable", num_classes=2,
-                           target_layer="layer3", output="sigmoid",
-                           model_kwargs={"zero_init_residual": True})
+    path = save_checkpoint(
+        net,
+        tmp_path / "t.safetensors",
+        arch="tiny-callable",
+        num_classes=2,
+        target_layer="layer3",
+        output="sigmoid",
+        model_kwargs={"zero_init_residual": True},
+    )
     loaded = load_model(path)
     assert loaded.target_layer == "layer3" and loaded.output == "sigmoid" and len(loaded.class_names) == 2
     x = torch.randn(1, 3, 32, 32)

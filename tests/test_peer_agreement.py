@@ -143,6 +143,13 @@ def test_scorecam_probability_score_tiny_torchvision_vit(lite0, photos):
         vit.encoder.layers[-1].ln_1.weight.normal_(1.0, 0.5)
         vit.encoder.layers[-1].ln_1.bias.normal_(0.0, 0.5)
     x = batch(photos, lite0.preprocess, 32)
-    r = compare(vit, "encoder.layers.-1.ln_1", x, "scorecam", grid=TokenGrid(1, 8), score="prob",
-                peer_target=ClassifierOutputSoftmaxTarget)
+    r = compare(
+        vit,
+        "encoder.layers.-1.ln_1",
+        x,
+        "scorecam",
+        grid=TokenGrid(1, 8),
+        score="prob",
+        peer_target=ClassifierOutputSoftmaxTarget,
+    )
     assert min(r) >= 0.99

@@ -59,8 +59,12 @@ def test_group_channels_assigns_by_similarity() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    n=st.integers(1, 4), p=st.integers(1, 12), d=st.integers(2, 10), k=st.integers(1, 6),
-    seed=st.integers(0, 2**16), redundancy=st.floats(0, 2),
+    n=st.integers(1, 4),
+    p=st.integers(1, 12),
+    d=st.integers(2, 10),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    redundancy=st.floats(0, 2),
 )
 def test_selection_never_crashes(n: int, p: int, d: int, k: int, seed: int, redundancy: float) -> None:
     g = torch.Generator().manual_seed(seed)

@@ -70,6 +70,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+
         def healthy() -> bool:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             try:
@@ -92,9 +93,24 @@ def test_worker_runs_the_deployment(server: tuple[str, dict[str, str]], tmp_path
     config_file.write_text(yaml.safe_dump(cfg))
 
     created = subprocess.run(
-        [sys.executable, "-m", "textcam.cli", "schedule", "--cron", "0 3 * * *", "--config", str(config_file),
-         "--pool", "textcam-test", "--name", "nightly"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "textcam.cli",
+            "schedule",
+            "--cron",
+            "0 3 * * *",
+            "--config",
+            str(config_file),
+            "--pool",
+            "textcam-test",
+            "--name",
+            "nightly",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert created.returncode == 0, created.stderr[-3000:]
     deployment = json.loads(next(ln for ln in created.stdout.splitlines() if ln.startswith("{")))
@@ -103,9 +119,22 @@ def test_worker_runs_the_deployment(server: tuple[str, dict[str, str]], tmp_path
 
     worker_log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "textcam-test", "--type", "process",
-         "--limit", "1"],
-        env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            "textcam-test",
+            "--type",
+            "process",
+            "--limit",
+            "1",
+        ],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=tmp_path,
     )
     try:
         run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10)

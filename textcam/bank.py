@@ -248,7 +248,9 @@ class ChannelBank:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file(tensors, tmp, metadata=meta)
         tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(asdict(self.meta) | {"bank_id": self.bank_id}, indent=2))
+        path.with_suffix(".json").write_text(
+            json.dumps(asdict(self.meta) | {"bank_id": self.bank_id}, indent=2)
+        )
         return path
 
     @classmethod
@@ -276,8 +278,11 @@ class ChannelBank:
             raise BankCorruptError(f"channel bank {path} is unreadable: {exc}") from None
         if _digest(directions) != header.get("sha256"):
             raise BankCorruptError(f"channel bank {path} fails its checksum (file corrupted?)")
-        for what, want, have in (("classifier", model_id, meta.model_id), ("layer", layer, meta.layer),
-                                 ("CLIP model", clip_id, meta.clip_id)):
+        for what, want, have in (
+            ("classifier", model_id, meta.model_id),
+            ("layer", layer, meta.layer),
+            ("CLIP model", clip_id, meta.clip_id),
+        ):
             if want is not None and want != have:
                 raise BankMismatchError(
                     f"channel bank {path.name} was calibrated for {what} {have!r}, not {want!r}; "

@@ -29,18 +29,27 @@ class CliError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="registered model name (see `textcam models`) or a local .safetensors checkpoint")
-    p.add_argument("--weights", default="default",
-                   help="'default' (the registry's pretrained weights), 'none' (random), or a local file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="registered model name (see `textcam models`) or a local .safetensors checkpoint",
+    )
+    p.add_argument(
+        "--weights",
+        default="default",
+        help="'default' (the registry's pretrained weights), 'none' (random), or a local file",
+    )
     p.add_argument("--layer", default=None, help="target layer by module name (default: the model's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
 def _add_clip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", required=True, help="open_clip architecture (e.g. ViT-B-32) or local-dir:PATH")
-    p.add_argument("--clip-pretrained", default=None,
-                   help="open_clip pretrained tag or local checkpoint file (omit for random weights)")
+    p.add_argument(
+        "--clip-pretrained",
+        default=None,
+        help="open_clip pretrained tag or local checkpoint file (omit for random weights)",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -61,8 +70,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from textcam.layers import list_layers
 
     model = _load_model(args)
-    rows = list_layers(model.module, model.input_size, token_grid=model.token_grid,
-                       default=model.target_layer)
+    rows = list_layers(
+        model.module, model.input_size, token_grid=model.token_grid, default=model.target_layer
+    )
     width = max(len(r.name) for r in rows)
     for r in rows:
         mark = "*" if r.is_default else " "
@@ -99,12 +109,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip, args.clip_pretrained, device=args.device)
     paths = _probe_paths(args.probe)
     bank = ChannelBank.calibrate(
-        model, clip, paths, layer=args.layer, m=args.m, shrinkage=args.shrinkage,
-        batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=True,
+        model,
+        clip,
+        paths,
+        layer=args.layer,
+        m=args.m,
+        shrinkage=args.shrinkage,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        progress=True,
     )
     out = bank.save(args.out)
-    print(f"channel bank: {out} ({bank.meta.n_channels} channels × {bank.meta.embed_dim} dims, "
-          f"{bank.meta.n_probe} probe images, bank_id {bank.bank_id})")
+    print(
+        f"channel bank: {out} ({bank.meta.n_channels} channels × {bank.meta.embed_dim} dims, "
+        f"{bank.meta.n_probe} probe images, bank_id {bank.bank_id})"
+    )
     return 0
 
 
@@ -127,9 +147,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     bank = ChannelBank.load(args.bank, model_id=model.model_id, layer=args.layer, clip_id=clip.clip_id)
     extra = [f"phrase:{p}" for p in (list(model.class_names) if args.class_names else []) + args.phrase]
     phrases = load_vocabulary(args.vocab + extra)
-    explainer = Explainer(model, bank, phrases, clip.encode_texts(phrases), method=args.method,
-                          top_k=args.top_k, n_phrases=args.n_phrases, n_groups=args.n_groups,
-                          device=args.device)
+    explainer = Explainer(
+        model,
+        bank,
+        phrases,
+        clip.encode_texts(phrases),
+        method=args.method,
+        top_k=args.top_k,
+        n_phrases=args.n_phrases,
+        n_groups=args.n_groups,
+        device=args.device,
+    )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -195,11 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_clip_args(p)
     p.add_argument("--bank", required=True, help="channel bank from `textcam calibrate`")
-    p.add_argument("--vocab", nargs="+", default=["general"],
-                   help="built-in vocabulary names or phrase files (default: general)")
+    p.add_argument(
+        "--vocab",
+        nargs="+",
+        default=["general"],
+        help="built-in vocabulary names or phrase files (default: general)",
+    )
     p.add_argument("--phrase", action="append", default=[], help="extra phrase (repeatable)")
     p.add_argument("--class-names", action="store_true", help="add the model's class names as phrases")
-    p.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="CAM weights (default gradcam)")
+    p.add_argument(
+        "--method", default="gradcam", choices=sorted(METHODS), help="CAM weights (default gradcam)"
+    )
     p.add_argument("--top-k", type=int, default=1, help="explain the top-k predicted classes (default 1)")
     p.add_argument("--n-phrases", type=int, default=5)
     p.add_argument("--n-groups", type=int, default=3)

@@ -75,7 +75,7 @@ class ClipEncoder:
         texts: Sequence[str],
         *,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
-        cache_dir: str | os.PathLike[str] | None | bool = None,
+        cache_dir: str | os.PathLike[str] | bool | None = None,
         batch_size: int = 256,
     ) -> torch.Tensor:
         """Phrases → (P, D) unit-norm embeddings, averaged over prompt templates.

@@ -78,8 +78,12 @@ class Explanation:
             "rank_of_target": self.rank_of_target,
             "phrases": [asdict(p) for p in self.phrases],
             "groups": [
-                {"text": g.text, "share": g.share, "n_channels": g.n_channels,
-                 "map": g.map.astype(np.float16).ravel().tolist()}
+                {
+                    "text": g.text,
+                    "share": g.share,
+                    "n_channels": g.n_channels,
+                    "map": g.map.astype(np.float16).ravel().tolist(),
+                }
                 for g in self.groups
             ],
             "saliency": self.saliency.astype(np.float16).ravel().tolist(),
@@ -163,9 +167,7 @@ class Explainer:
             return logits.topk(self.top_k, dim=1).indices
         return targets.view(-1, 1) if targets.dim() == 1 else targets
 
-    def explain_tensors(
-        self, images: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> ExplanationBatch:
+    def explain_tensors(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> ExplanationBatch:
         """Batched explanation as tensors; ``targets`` is (B,) or (B, K) class indices or None (top-k)."""
         from textcam.targets import ClassTargets, TopK
 
@@ -183,7 +185,9 @@ class Explainer:
         text_for = contrib.clamp_min(0) @ self.directions
         text_against = (-contrib).clamp_min(0) @ self.directions
 
-        sel_for = select_phrases(text_for.flatten(0, 1), self.vocab, self.n_phrases, redundancy=self.redundancy)
+        sel_for = select_phrases(
+            text_for.flatten(0, 1), self.vocab, self.n_phrases, redundancy=self.redundancy
+        )
         sel_against = select_phrases(
             text_against.flatten(0, 1), self.vocab, max(self.n_against, 1), redundancy=self.redundancy
         )
@@ -199,7 +203,9 @@ class Explainer:
         else:
             group_maps = torch.einsum("bkchw,bchw,bkcg->bkghw", weights, acts, onehot)
         positive = contrib.clamp_min(0)
-        share = torch.einsum("bkc,bkcg->bkg", positive, onehot) / positive.sum(-1, keepdim=True).clamp_min(1e-12)
+        share = torch.einsum("bkc,bkcg->bkg", positive, onehot) / positive.sum(-1, keepdim=True).clamp_min(
+            1e-12
+        )
 
         peak = out.maps.flatten(2).amax(dim=2).clamp_min(1e-12)[..., None, None]
         return ExplanationBatch(
@@ -217,9 +223,7 @@ class Explainer:
             group_share=share,
         )
 
-    def explain_batch(
-        self, images: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> list[Explanation]:
+    def explain_batch(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> list[Explanation]:
         """One :class:`Explanation` per image × target, image-major."""
         eb = self.explain_tensors(images, targets)
         return self.to_explanations(eb)
@@ -243,10 +247,21 @@ class Explainer:
         ranks_l, top_p_l, top_i_l = ranks.tolist(), top_p.tolist(), top_i.tolist()
         out = []
         for i in range(b):
-            topk = [{"class_index": c, "class_name": names[c], "prob": p} for c, p in zip(top_i_l[i], top_p_l[i])]
+            topk = [
+                {"class_index": c, "class_name": names[c], "prob": p}
+                for c, p in zip(top_i_l[i], top_p_l[i], strict=False)
+            ]
             for j in range(k):
-                phrases = [Phrase(self.phrases[p], s, "for") for p, s in zip(fi[i][j], fs[i][j]) if p >= 0]
-                phrases += [Phrase(self.phrases[p], s, "against") for p, s in zip(ai[i][j], as_[i][j]) if p >= 0]
+                phrases = [
+                    Phrase(self.phrases[p], s, "for")
+                    for p, s in zip(fi[i][j], fs[i][j], strict=False)
+                    if p >= 0
+                ]
+                phrases += [
+                    Phrase(self.phrases[p], s, "against")
+                    for p, s in zip(ai[i][j], as_[i][j], strict=False)
+                    if p >= 0
+                ]
                 groups = [
                     Group(self.phrases[p], share[i][j][g], n_in_group[i][j][g], gmaps[i, j, g])
                     for g, p in enumerate(fi[i][j][: self.n_groups])
@@ -255,9 +270,17 @@ class Explainer:
                 t = targets[i][j]
                 out.append(
                     Explanation(
-                        pred=top_i_l[i][0], pred_name=names[top_i_l[i][0]], prob=top_p_l[i][0], topk=topk,
-                        target_class=t, target_name=names[t], rank_of_target=ranks_l[i][j],
-                        score=logits_t[i][j], phrases=phrases, groups=groups, saliency=sal[i, j],
+                        pred=top_i_l[i][0],
+                        pred_name=names[top_i_l[i][0]],
+                        prob=top_p_l[i][0],
+                        topk=topk,
+                        target_class=t,
+                        target_name=names[t],
+                        rank_of_target=ranks_l[i][j],
+                        score=logits_t[i][j],
+                        phrases=phrases,
+                        groups=groups,
+                        saliency=sal[i, j],
                         method=self.method,
                     )
                 )

@@ -200,9 +200,7 @@ def list_layers(
     return [LayerInfo(n, types[n], shapes[n], n == default_name) for n in order]
 
 
-def _map_shape(
-    output: Tensor, grid: TokenGrid | None, input_size: tuple[int, int]
-) -> tuple[int, ...] | None:
+def _map_shape(output: Tensor, grid: TokenGrid | None, input_size: tuple[int, int]) -> tuple[int, ...] | None:
     if output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
         return tuple(output.shape[1:])
     if output.ndim == 3 and grid is not None:

@@ -52,8 +52,9 @@ def select_phrases(
     row with no evidence gets no phrases. ``redundancy`` (ρ) trades fit against diversity.
     """
     if targets.dim() != 2 or vocab.dim() != 2 or targets.shape[1] != vocab.shape[1]:
-        raise ValueError(f"targets (N, D) and vocab (P, D) must share D; got {tuple(targets.shape)}, "
-                         f"{tuple(vocab.shape)}")
+        raise ValueError(
+            f"targets (N, D) and vocab (P, D) must share D; got {tuple(targets.shape)}, {tuple(vocab.shape)}"
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n, p = targets.shape[0], vocab.shape[0]
