@@ -207,3 +207,25 @@ def _close(a: Any, b: Any, tol: float = 1e-3) -> bool:
         same_length = isinstance(b, list) and len(a) == len(b)
         return same_length and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
     return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def test_loader_workers_survive_prefect_services(reference: dict[str, Any], world: dict[str, Any]) -> None:
+    """Forked DataLoader workers in a process running Prefect must exit cleanly (exit code 0).
+
+    Prefect registers thread-shutdown hooks that fail in a forked child; without the worker init
+    in ``textcam.data`` every worker exits with code 1 and the DataLoader aborts the audit.
+    """
+    from textcam.data import iter_batches, list_images
+
+    paths = list_images(world["data"])
+    seen = []
+    for batch in iter_batches(paths, [_tiny_tensor], batch_size=4, num_workers=2):
+        seen += batch.indices.tolist() + [i for i, _ in batch.failed]
+    assert sorted(seen) == list(range(len(paths)))
+
+
+def _tiny_tensor(img: Any) -> Any:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(img.resize((4, 4)), dtype=np.float32))

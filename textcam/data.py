@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -169,8 +170,19 @@ def iter_batches(
         collate_fn=collate_images,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=_forget_parent_atexit if num_workers else None,
     )
     yield from loader
+
+
+def _forget_parent_atexit(_worker_id: int) -> None:
+    """Drop thread-shutdown hooks a forked worker inherited from its parent.
+
+    Prefect's background services register such hooks; run in a forked DataLoader worker they fail
+    (their threads did not survive the fork), the worker exits with code 1 and the DataLoader
+    aborts. The worker owns none of those services, so it has nothing to drain.
+    """
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]
 
 
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
