@@ -328,13 +328,16 @@ def explain_shards(
 ) -> list[ShardOutcome]:
     """Explain and validate every shard on this flow's task runner (threads or Dask)."""
     logger = get_run_logger()
-    checked = []
+    pairs = []
     for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
         explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
-        checked.append(validate_shard_task.submit(explained, shard, run))
+        pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
     outcomes = []
-    for i, future in enumerate(checked, 1):
-        outcomes.append(future.result())
+    for i, (explained, checked) in enumerate(pairs, 1):
+        # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
+        # validation's result would only say that its upstream did not complete.
+        explained.result()
+        outcomes.append(checked.result())
         logger.info("[%d/%d shards]", i, len(shards))
     return outcomes
 
@@ -347,7 +350,7 @@ def build_duckdb_task(run: RunInfo) -> str:
 
 
 @task(name="flag-spurious", cache_policy=NO_CACHE)
-def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> list[dict[str, Any]]:
+def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> list[dict[str, Any]]:
     from tasks.flags import flag_spurious
 
     frame = flag_spurious(run.run_dir, _class_text(cfg, run, bank), **cfg.extra.get("flags", {}))
@@ -355,7 +358,7 @@ def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> list[dict[str,
     return frame.to_dict(orient="records")
 
 
-def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> Any:
+def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> Any:
     """CLIP text embeddings of the phrases (saved with the bank) and the predicted class names.
 
     The class names are encoded here, only those predicted in the run. With random CLIP weights a
@@ -367,6 +370,8 @@ def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles) -> Any:
     from tasks.store import query
     from textcam.clip import load_clip
 
+    if bank is None:  # nothing was explained: no phrases to judge
+        return None
     if cfg.clip_pretrained is None and not cfg.clip.startswith("local-dir:"):
         get_run_logger().warning("random CLIP weights: phrases that describe their class are not excluded")
         return None
@@ -442,6 +447,25 @@ def _execution_defaults(cfg: AuditConfig) -> AuditConfig:
     return cfg
 
 
+def explain_all(
+    cfg: AuditConfig, manifest: Manifest, run: RunInfo, timer: Timer
+) -> tuple[BankFiles | None, list[ShardOutcome]]:
+    """Bank, shards, explanations; nothing when every manifest row was rejected (no probe images
+    either), so such a run still records its errors and renders its report."""
+    if manifest.n_images == 0:
+        get_run_logger().warning("no usable image in %s: nothing to explain", cfg.data)
+        return None, []
+    with timer.stage("bank"):
+        bank = channel_bank(cfg, probe_paths(cfg, manifest), run)
+    with timer.stage("plan"):
+        shards = plan_shards_task(manifest.images, cfg.shard_size, run)
+    with timer.stage("explain"), _runner_environment(cfg):
+        outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
+            runtime_spec(cfg, bank), shards, run, cfg.batch_size, cfg.loader_workers
+        )
+    return bank, outcomes
+
+
 @flow(name="audit", validate_parameters=False)
 def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
     """Audit a dataset; returns the summary (also written to ``RUN_DIR/summary.json``).
@@ -454,14 +478,7 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
     with timer.stage("manifest"):
         manifest = read_manifest_task(cfg)
         run = start_run(cfg, manifest)
-    with timer.stage("bank"):
-        bank = channel_bank(cfg, probe_paths(cfg, manifest), run)
-    with timer.stage("plan"):
-        shards = plan_shards_task(manifest.images, cfg.shard_size, run)
-    with timer.stage("explain"), _runner_environment(cfg):
-        outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
-            runtime_spec(cfg, bank), shards, run, cfg.batch_size, cfg.loader_workers
-        )
+    bank, outcomes = explain_all(cfg, manifest, run, timer)
     with timer.stage("duckdb"):
         build_duckdb_task(run)
     with timer.stage("flags"):
@@ -482,7 +499,7 @@ def summarise(
     cfg: AuditConfig,
     run: RunInfo,
     manifest: Manifest,
-    bank: BankFiles,
+    bank: BankFiles | None,
     outcomes: Sequence[ShardOutcome],
     timer: Timer,
     report: str,
@@ -530,7 +547,7 @@ def summarise(
             "quarantined": [o.result.shard_id for o in quarantined],
             "seconds": {o.result.shard_id: round(o.result.seconds, 3) for o in outcomes},
         },
-        "bank": asdict(bank),
+        "bank": asdict(bank) if bank is not None else None,
         "report": report,
         "line": line,
     }

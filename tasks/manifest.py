@@ -127,6 +127,8 @@ def _frame_from_file(path: Path) -> pd.DataFrame:
                 dtype={"path": "object", "label": "object", "split": "object"},
                 keep_default_na=False,
                 na_values={"label": [""], "split": [""]},
+                # A file name that is not UTF-8 (``ls > manifest.csv``) must cost its row, not the file.
+                encoding_errors="surrogateescape",
             )
     except pd.errors.EmptyDataError:
         raise ManifestError(f"manifest has no header and no rows: {path}") from None
@@ -168,8 +170,26 @@ def _as_label(value: Any) -> tuple[str | None, str | None]:
     return None, f"label must be a string or an integer, got {type(value).__name__} {value!r}"
 
 
+def _printable(value: Any) -> Any:
+    """Strings with undecodable bytes (surrogate escapes) as ``\\xNN`` text, so Arrow can store them."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+def _not_utf8(row: dict[str, Any]) -> str | None:
+    """The first column whose text is not valid UTF-8, or None."""
+    for key, value in row.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return str(key)
+    return None
+
+
 def _row_json(row: dict[str, Any]) -> str:
-    return json.dumps({k: (None if _is_missing(v) else v) for k, v in row.items()}, default=str)
+    return json.dumps({k: (None if _is_missing(v) else _printable(v)) for k, v in row.items()}, default=str)
 
 
 def _validate(
@@ -210,6 +230,12 @@ def _validate(
         if "\x00" in raw:
             reject(i, row, "path contains a NUL byte", path=raw.replace("\x00", "\\0"))
             continue
+        column = _not_utf8(row)
+        if column is not None:
+            # Parquet stores UTF-8 only; an escaped name would not open the file, a guessed decoding
+            # might open another one. The row is recorded, the file must be renamed.
+            reject(i, row, f"{column!r} is not valid UTF-8: {_printable(row[column])}", _printable(raw))
+            continue
         text = raw.strip().replace("\\", "/")
         full = Path(posixpath.normpath(text)) if posixpath.isabs(text) else root / normalise_path(text)
         try:
@@ -237,13 +263,7 @@ def _validate(
         if check_files:
             try:
                 if not full.is_file():
-                    reject(
-                        i,
-                        row,
-                        "file not found" if not full.exists() else "not a regular file",
-                        path,
-                        image_id,
-                    )
+                    reject(i, row, _missing_reason(full), path, image_id)
                     continue
             except OSError as exc:  # e.g. a name too long for the file system
                 reject(i, row, f"cannot check file: {exc.strerror or exc}", path, image_id)
@@ -262,6 +282,12 @@ def _validate(
     images = _images_table(good, frame, meta_columns)
     errors = pa.Table.from_pylist(bad, schema=ERRORS)
     return Manifest(root=root, images=images, errors=errors, n_rows=len(records))
+
+
+def _missing_reason(path: Path) -> str:
+    if path.exists():
+        return "not a regular file"
+    return "broken symlink" if path.is_symlink() else "file not found"
 
 
 def _images_table(rows: list[dict[str, Any]], frame: pd.DataFrame, meta_columns: list[str]) -> pa.Table:

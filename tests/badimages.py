@@ -27,6 +27,20 @@ def _png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def _png_blank(width: int, height: int) -> bytes:
+    """A complete, valid 1-bit PNG of ``width``×``height`` white pixels: a real decompression bomb
+    (20000×20000 decodes to 1.2 GB as RGB) that takes ~50 kB and a fraction of a second to make."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + b"\xff" * ((width + 7) // 8)  # filter byte 0, then the packed pixels
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 def make_bad_images(root: Path) -> dict[str, tuple[Path, bool]]:
     """Write the corpus under ``root``; returns name → (path, readable?)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +77,8 @@ def make_bad_images(root: Path) -> dict[str, tuple[Path, bool]]:
     save("one_pixel.png", Image.new("RGB", (1, 1), "white"))
     (root / "bomb.png").write_bytes(_png_header_only(20000, 20000))
     out["bomb.png"] = (root / "bomb.png", False)
+    (root / "bomb_full.png").write_bytes(_png_blank(20000, 20000))
+    out["bomb_full.png"] = (root / "bomb_full.png", False)
     (root / "dir.jpg").mkdir(exist_ok=True)
     out["dir.jpg"] = (root / "dir.jpg", False)
     link = root / "broken_link.jpg"
