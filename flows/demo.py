@@ -33,15 +33,27 @@ CONCEPT_QUERY = (
 )
 
 
+def audit_manifest(world: World, split: str, out: Path) -> Path:
+    """The split's manifest as an audit manifest: ``label`` holds the class name, the generator's
+    own id and label code are kept as metadata (``image_id`` is computed by the audit)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(world.splits[split].manifest)
+    frame = frame.rename(columns={"image_id": "scene_id", "label": "label_index", "label_name": "label"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False)
+    return out
+
+
 def audit_config(world: World, run_dir: Path, cache_dir: Path | None, workers: int) -> AuditConfig:
     """Audit the world's (unbiased) test split with its classifier, tiny CLIP and CLEVR vocabulary."""
     return AuditConfig(
-        data=str(world.splits["test"].manifest),
+        data=str(audit_manifest(world, "test", run_dir.with_name(f"{run_dir.name}-test.parquet"))),
         model=str(world.classifier_checkpoint),
         layer=world.target_layer,
         clip=world.clip_open_clip_id,
         vocab=("clevr",),
-        probe=str(world.splits["probe"].manifest),
+        probe=str(audit_manifest(world, "probe", run_dir.with_name(f"{run_dir.name}-probe.parquet"))),
         probe_size=world.config.n_probe,
         bank_m=50,
         shard_size=250,
@@ -125,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SPEC",
         help=f"planted correlation CLASS=ATTRIBUTE:VALUE@STRENGTH (default {DEMO_BIAS})",
     )
+    parser.add_argument(
+        "--preset",
+        choices=("demo", "tiny"),
+        default="demo",
+        help="world size: demo (the README's) or tiny (a quick smoke run, looser guarantees)",
+    )
     parser.add_argument("--no-control", action="store_true", help="skip the control (unbiased) audit")
     parser.add_argument(
         "--out", default="runs/demo", help="where the two run directories go (default runs/demo)"
@@ -137,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     bias = BiasSpec.parse(args.bias)
     world_cache = args.cache_dir / "world" if args.cache_dir else None
     out = Path(args.out).resolve()
-    worlds = {"biased": build_world(WorldConfig.demo(bias=[args.bias]), world_cache)}
+    preset = getattr(WorldConfig, args.preset)
+    worlds = {"biased": build_world(preset(bias=[args.bias]), world_cache)}
     print_world(worlds["biased"], f"world with planted bias {bias}")
     if not args.no_control:
-        worlds["control"] = build_world(WorldConfig.demo(bias=[]), world_cache)
+        worlds["control"] = build_world(preset(bias=[]), world_cache)
         print_world(worlds["control"], "control world (no planted bias)")
 
     from flows.audit import audit
