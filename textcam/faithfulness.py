@@ -48,6 +48,7 @@ __all__ = [
     "ablated_scores",
     "auc",
     "blur_baseline",
+    "curves_from_ranks",
     "logit_score",
     "perturbation_curves",
     "pixel_ranks",
@@ -162,6 +163,33 @@ def perturbation_curves(
         batch_size: perturbed images per forward pass.
         generator: random tie-breaking of equal map values (seed it for reproducible curves).
     """
+    if maps.ndim == 3:
+        maps = maps[None]
+    m, b = maps.shape[:2]
+    hw = (images.shape[-2], images.shape[-1])
+    ranks = pixel_ranks(_to_input_size(maps, hw).flatten(0, 1), generator).view(m, b, -1)
+    return curves_from_ranks(
+        score, images, baseline, ranks, targets, steps=steps, mode=mode, batch_size=batch_size
+    )
+
+
+@torch.no_grad()
+def curves_from_ranks(
+    score: ScoreFn,
+    images: Tensor,
+    baseline: Tensor,
+    ranks: Tensor,
+    targets: Tensor,
+    *,
+    steps: int = 16,
+    mode: Mode = "deletion",
+    batch_size: int = 256,
+) -> Tensor:
+    """:func:`perturbation_curves` for precomputed pixel ranks (M, B, H·W) (from :func:`pixel_ranks`).
+
+    Two maps with equal ranks perturb the same pixels at every step, so their curves are equal:
+    callers comparing near-identical maps can evaluate only the images whose ranks differ.
+    """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
@@ -170,15 +198,14 @@ def perturbation_curves(
         raise ValueError(
             f"images and baseline must both be (B, C, H, W); got {images.shape}, {baseline.shape}"
         )
-    if maps.ndim == 3:
-        maps = maps[None]
-    m, b = maps.shape[:2]
-    if b != images.shape[0] or targets.shape != (b,):
-        raise ValueError(f"{b} maps per set and {targets.shape} targets for {images.shape[0]} images")
+    m, b, n_pix = ranks.shape
     hw = (images.shape[-2], images.shape[-1])
-    n_pix = hw[0] * hw[1]
-    ranks = pixel_ranks(_to_input_size(maps, hw).flatten(0, 1), generator).view(m, b, n_pix)
+    if b != images.shape[0] or targets.shape != (b,) or n_pix != hw[0] * hw[1]:
+        raise ValueError(
+            f"ranks {tuple(ranks.shape)} and targets {tuple(targets.shape)} for images {tuple(images.shape)}"
+        )
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * n_pix / steps).long()
+    counts = counts.to(ranks.device)
 
     out = torch.empty(m, b, steps + 1)
     # The endpoints do not depend on the map: score them once for all M maps.
@@ -191,12 +218,11 @@ def perturbation_curves(
     mi, bi, ki = torch.meshgrid(torch.arange(m), torch.arange(b), torch.arange(1, steps), indexing="ij")
     mi, bi, ki = mi.flatten(), bi.flatten(), ki.flatten()
     flat_out = out.view(m * b, steps + 1)
+    src, dst = (baseline, images) if mode == "deletion" else (images, baseline)
     for start in range(0, mi.numel(), batch_size):
         sl = slice(start, start + batch_size)
         sm, sb, sk = mi[sl], bi[sl], ki[sl]
-        perturbed = ranks[sm, sb] < counts[sk].to(ranks.device)[:, None]  # (n, HW) pixels changed
-        perturbed = perturbed.view(-1, 1, *hw)
-        src, dst = (baseline, images) if mode == "deletion" else (images, baseline)
+        perturbed = (ranks[sm, sb] < counts[sk][:, None]).view(-1, 1, *hw)  # pixels changed at this step
         x = torch.where(perturbed, src[sb], dst[sb])
         flat_out[sm * b + sb, sk] = score(x, targets[sb]).float().cpu()
     return out
