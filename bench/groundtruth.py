@@ -646,14 +646,14 @@ def main(argv: list[str] | None = None) -> int:
         "--faith-n", type=int, help="images for deletion/insertion (default 1000; --quick 200)"
     )
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    parser.add_argument("--imagenet-n", type=int, help="ImageNet samples (default 1000; --quick 50; 0 skips)")
+    parser.add_argument("--imagenet-n", type=int, help="ImageNet samples (default 1000; --quick 20; 0 skips)")
     parser.add_argument("--run-dir", help="where the audit runs are written (default: a temporary folder)")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     n_test = args.n_test or (600 if args.quick else 10**9)
     faith_n = args.faith_n or (200 if args.quick else 1000)
-    imagenet_n = args.imagenet_n if args.imagenet_n is not None else (50 if args.quick else 1000)
+    imagenet_n = args.imagenet_n if args.imagenet_n is not None else (20 if args.quick else 1000)
     preset = WorldConfig.demo if args.preset == "demo" else WorldConfig.tiny
     t_start = time.perf_counter()
     times: dict[str, float] = {}

@@ -10,6 +10,7 @@ from textcam.faithfulness import (
     ablated_scores,
     auc,
     blur_baseline,
+    curves_from_ranks,
     perturbation_curves,
     pixel_ranks,
     random_channel_masks,
@@ -51,6 +52,18 @@ def test_curves_read_the_target_and_accept_low_resolution_maps():
     assert c.shape == (1, 3, 3)
     # intact image, half the pixels deleted, all deleted; each times (1 + target)
     torch.testing.assert_close(c[0], torch.tensor([[1.0, 0.5, 0.0], [2.0, 1.0, 0.0], [1.0, 0.5, 0.0]]))
+
+
+def test_precomputed_ranks_give_the_same_curves():
+    x = torch.rand(2, 1, 2, 2)
+    maps = torch.rand(2, 2, 2)
+    t = torch.tensor([0, 0])
+    a = perturbation_curves(
+        weighted_score, x, torch.zeros_like(x), maps, t, steps=4, generator=torch.Generator().manual_seed(3)
+    )
+    ranks = pixel_ranks(maps, torch.Generator().manual_seed(3))[None]
+    b = curves_from_ranks(weighted_score, x, torch.zeros_like(x), ranks, t, steps=4)
+    torch.testing.assert_close(a, b)
 
 
 def test_ties_are_broken_randomly_not_by_position():
