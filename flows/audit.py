@@ -324,10 +324,17 @@ def _quarantine(
 
 @flow(name="explain-shards", validate_parameters=False)
 def explain_shards(
-    spec: RuntimeSpec, shards: list[Shard], run: RunInfo, batch_size: int, loader_workers: int
+    spec: RuntimeSpec, run: RunInfo, shard_size: int, batch_size: int, loader_workers: int
 ) -> list[ShardOutcome]:
-    """Explain and validate every shard on this flow's task runner (threads or Dask)."""
+    """Explain and validate every shard on this flow's task runner (threads or Dask).
+
+    The shards are planned again here from ``RUN_DIR/images.parquet`` (deterministic: the same plan
+    as the parent's) instead of being passed in: the Prefect API stores flow-run parameters and
+    refuses more than 512 kB, which a shard list passes at a few thousand images.
+    """
     logger = get_run_logger()
+    images = pq.read_table(Path(run.run_dir) / "images.parquet", columns=["image_id", "path", "label"])
+    shards = plan_shards(images, shard_size, run_id=run.run_id)
     pairs = []
     for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
         explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
@@ -458,10 +465,10 @@ def explain_all(
     with timer.stage("bank"):
         bank = channel_bank(cfg, probe_paths(cfg, manifest), run)
     with timer.stage("plan"):
-        shards = plan_shards_task(manifest.images, cfg.shard_size, run)
+        plan_shards_task(manifest.images, cfg.shard_size, run)  # sweeps what a killed run left
     with timer.stage("explain"), _runner_environment(cfg):
         outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
-            runtime_spec(cfg, bank), shards, run, cfg.batch_size, cfg.loader_workers
+            runtime_spec(cfg, bank), run, cfg.shard_size, cfg.batch_size, cfg.loader_workers
         )
     return bank, outcomes
 
