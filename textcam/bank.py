@@ -94,6 +94,10 @@ def capture_gap(
         handle.remove()
 
 
+#: Up to this many probe images, the LDA works from the probe set's Gram matrix (≤ 128 MB in float64).
+GRAM_MAX_ROWS = 4096
+
+
 def lda_directions(
     embeddings: torch.Tensor,
     positives: torch.Tensor,
@@ -113,36 +117,72 @@ def lda_directions(
     Returns:
         (C, D) unit-norm directions oriented so positives score higher; rows are zero where the two
         sets have identical means (e.g. a dead channel).
+
+    With X the 2M selected embeddings of a channel, Z = P·X its class-centred rows (P centres
+    each class block) and w_δ = (1/M, …, −1/M, …) so that δ = μ⁺ − μ⁻ = Xᵀw_δ, Woodbury gives
+
+        Σ⁻¹δ ∝ δ − Zᵀ(ZZᵀ/λ + I/c)⁻¹ Zδ/λ = Xᵀ(w_δ − P·y),   y = (PKP/λ + I/c)⁻¹ P·K·w_δ/λ,
+
+    with K = XXᵀ. Only 2M × 2M matrices and one Xᵀw per channel remain. For a probe set of at
+    most :data:`GRAM_MAX_ROWS` images every K is read from the probe set's Gram matrix and Xᵀw is
+    one (C × N) @ (N × D) product, so no (C, 2M, D) stack is ever built; larger probe sets gather
+    each chunk's X instead.
     """
     if not 0.0 < shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
     if positives.shape != negatives.shape or positives.dim() != 2:
         raise ValueError("positives and negatives must both be (C, M) index tensors")
     emb = embeddings.double()
+    n, d = emb.shape
     m = positives.shape[1]
     n2 = 2 * m
+    gram = emb @ emb.T if n <= GRAM_MAX_ROWS else None
+    w_delta = torch.cat([emb.new_full((m,), 1.0 / m), emb.new_full((m,), -1.0 / m)])
     out = []
+    # The (c, 2M, 2M) arrays dominate the cost, so they are updated in place rather than copied.
     for start in range(0, positives.shape[0], chunk_size):
-        pos = emb[positives[start : start + chunk_size]]  # (c, M, D)
-        neg = emb[negatives[start : start + chunk_size]]
-        mu_p, mu_n = pos.mean(1), neg.mean(1)
-        z = torch.cat([pos - mu_p[:, None], neg - mu_n[:, None]], dim=1)  # (c, 2M, D)
-        delta = mu_p - mu_n  # (c, D)
-        # Σ = c·ZᵀZ + λ·I with c = (1−s)/2M and λ = s·tr(ZᵀZ)/(2M·D) (each class weighted ½).
-        lam = (shrinkage * z.square().sum(dim=(1, 2)) / (n2 * z.shape[2])).clamp_min(1e-30)[:, None]
-        u = delta / lam
-        if shrinkage >= 1.0:
-            direction = u
+        idx = torch.cat([positives[start : start + chunk_size], negatives[start : start + chunk_size]], 1)
+        c = idx.shape[0]
+        if gram is not None:
+            k = gram[idx[:, :, None], idx[:, None, :]]  # (c, 2M, 2M)
+
+            def back(w: torch.Tensor, idx: torch.Tensor = idx, c: int = c) -> torch.Tensor:
+                # Xᵀw for (c, r, 2M) weights: spread them over the probe rows, then one product.
+                dense = emb.new_zeros(c, w.shape[1], n).scatter_add_(2, idx[:, None].expand_as(w), w)
+                return (dense.view(-1, n) @ emb).view(c, w.shape[1], d)
+
         else:
-            coef = (1.0 - shrinkage) / n2
-            zl = z / lam[:, :, None]
-            inner = torch.bmm(zl, z.transpose(1, 2))  # Z Λ⁻¹ Zᵀ, (c, 2M, 2M)
-            inner.diagonal(dim1=1, dim2=2).add_(1.0 / coef)
-            v = torch.bmm(z, u[:, :, None])  # Z Λ⁻¹ δ
-            y = torch.linalg.solve(inner, v)
-            direction = u - torch.bmm(zl.transpose(1, 2), y)[:, :, 0]
+            x = emb[idx]  # (c, 2M, D)
+            k = torch.bmm(x, x.transpose(1, 2))
+
+            def back(w: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+                return torch.bmm(w, x)
+
+        w = w_delta.expand(c, 1, n2)
+        if shrinkage < 1.0:
+            v = _centre_blocks(k @ w_delta, m)  # P·K·w_δ = Zδ
+            blocks = k.view(c, 2, m, 2, m)
+            row_mean = blocks.mean(dim=2, keepdim=True)
+            col_mean = blocks.mean(dim=4, keepdim=True)
+            blocks.sub_(row_mean).sub_(col_mean).add_(row_mean.mean(dim=4, keepdim=True))  # k ← PKP = ZZᵀ
+            # λ = s·tr(ZᵀZ)/(2M·D), as each class covariance is shrunk towards (tr C/D)·I (weights ½).
+            lam = (shrinkage * k.diagonal(dim1=1, dim2=2).sum(-1) / (n2 * d)).clamp_min(1e-30)
+            inner = k.div_(lam[:, None, None])
+            inner.diagonal(dim1=1, dim2=2).add_(n2 / (1.0 - shrinkage))
+            y = torch.cholesky_solve((v / lam[:, None])[..., None], torch.linalg.cholesky(inner))
+            w = torch.cat([w, (w - _centre_blocks(y[..., 0], m)[:, None])], dim=1)
+        both = back(w)  # δ and, with shrinkage < 1, Σ⁻¹δ up to the factor 1/λ
+        # Identical class means (e.g. the same images on both sides) give exactly zero δ.
+        dead = (both[:, 0] == 0).all(dim=1, keepdim=True)
+        direction = both[:, -1].masked_fill(dead, 0.0)
         out.append(torch.nn.functional.normalize(direction, dim=1).float())
     return torch.cat(out)
+
+
+def _centre_blocks(v: torch.Tensor, m: int) -> torch.Tensor:
+    """P·v for (c, 2M) vectors: subtract each class block's mean."""
+    blocks = v.view(v.shape[0], 2, m)
+    return (blocks - blocks.mean(dim=2, keepdim=True)).view_as(v)
 
 
 def top_bottom(gap: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

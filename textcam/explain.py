@@ -199,7 +199,9 @@ class Explainer:
         assign = group_channels(contrib.flatten(0, 1), self.directions, emb, valid).view(b, k, -1)
         onehot = torch.nn.functional.one_hot(assign.clamp_min(0), g).float() * (assign >= 0)[..., None]
         if weights.dim() == 3:
-            group_maps = torch.einsum("bkc,bchw,bkcg->bkghw", weights, acts, onehot)
+            # Channel weights: fold them into the one-hot first, so the maps are one batched
+            # (K·G × C) @ (C × h·w) product with no (B, K, C, h, w) intermediate.
+            group_maps = torch.einsum("bkcg,bchw->bkghw", weights[..., None] * onehot, acts)
         else:
             group_maps = torch.einsum("bkchw,bchw,bkcg->bkghw", weights, acts, onehot)
         positive = contrib.clamp_min(0)

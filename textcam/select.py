@@ -7,7 +7,8 @@ to one already chosen:
 
     pick_t = argmax_p  ⟨r_t, e_p⟩ − ρ · max_{q ∈ S_t} ⟨e_q, e_p⟩₊ ,   r_t = y − E_Sᵀ β,   β ≥ 0.
 
-Everything is batched over images: one (N × D) @ (D × P) product per step.
+Everything is batched over images: one (N × D) @ (D × P) product scores the whole vocabulary, and the
+greedy steps run on each row's best-scoring candidates (see :func:`select_phrases`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,19 @@ def select_phrases(
     *,
     redundancy: float = 0.5,
     ridge: float = 1e-4,
+    candidates: int | None = None,
 ) -> Selection:
     """Greedy non-negative sparse coding of each row of ``targets`` (N, D) over ``vocab`` (P, D).
 
     Stops early for a row when no remaining phrase correlates positively with its residual, so a
     row with no evidence gets no phrases. ``redundancy`` (ρ) trades fit against diversity.
+
+    The greedy runs in score space, never on D-dimensional residuals: with unit-norm phrases
+    ⟨r_t, e_p⟩ = ⟨y, e_p⟩ − Σ_q β_q ⟨e_q, e_p⟩, so one (N × D) @ (D × P) product scores the
+    vocabulary and each step adds only the new phrase's similarities to the others (one product)
+    plus a refit on an (N × s × s) Gram matrix. ``candidates`` restricts the steps to each row's
+    best-scoring phrases (faster for very large vocabularies, but a phrase that only becomes
+    relevant for the residual is missed); ``None`` (default) keeps the search over all P phrases.
     """
     if targets.dim() != 2 or vocab.dim() != 2 or targets.shape[1] != vocab.shape[1]:
         raise ValueError(
@@ -57,50 +66,70 @@ def select_phrases(
         )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
     n, p = targets.shape[0], vocab.shape[0]
     k = min(k, p)
+    t = p if candidates is None else min(p, max(candidates, k))
     y = F.normalize(targets.float(), dim=-1)
     e = vocab.float()
+    score = y @ e.T  # (N, P): the only product of the targets with the vocabulary
+    cand: torch.Tensor | None = None
+    ec: torch.Tensor | None = None
+    if t < p:
+        score, cand = score.topk(t, dim=1)
+        ec = e[cand]  # (N, T, D) candidate embeddings per row
     rows = torch.arange(n, device=y.device)
-    chosen = torch.zeros(n, p, dtype=torch.bool, device=y.device)
-    max_sim = torch.zeros(n, p, device=y.device)
-    idx = torch.full((n, k), -1, dtype=torch.long, device=y.device)
-    beta = torch.zeros(n, k, device=y.device)
-    atoms = torch.zeros(n, k, e.shape[1], device=y.device)
-    residual = y
+    sims = score.new_zeros(n, k, t)  # ⟨e_pick_s, e_c⟩ of each step's pick with every column
+    picks = torch.zeros(n, k, dtype=torch.long, device=y.device)  # column of each step's pick
+    # ρ·max_q ⟨e_q, e_c⟩₊ over the chosen q, and +inf on the chosen columns themselves. A row that
+    # has stopped may keep updating it: its later picks are discarded.
+    penalty = score.new_zeros(n, t)
+    beta = score.new_zeros(n, 0)
+    corr = score  # ⟨r_t, e_c⟩; the residual starts as y itself
     alive = y.norm(dim=1) > 0
+    steps = 0
     for step in range(k):
-        corr = residual @ e.T
-        crit = (corr - redundancy * max_sim.clamp_min(0)).masked_fill(chosen, float("-inf"))
-        pick = crit.argmax(dim=1)
+        pick = (corr - penalty).argmax(dim=1)
         alive = alive & (corr[rows, pick] > 1e-6)
         if not alive.any():
             break
-        idx[:, step] = torch.where(alive, pick, -1)
-        chosen[rows[alive], pick[alive]] = True
-        atoms[:, step] = torch.where(alive[:, None], e[pick], 0.0)
-        max_sim = torch.maximum(max_sim, torch.where(alive[:, None], e[pick] @ e.T, max_sim))
-        beta = _nonneg_refit(atoms[:, : step + 1], y, ridge)
-        residual = y - torch.einsum("nk,nkd->nd", beta, atoms[:, : step + 1])
-    beta = torch.cat([beta, beta.new_zeros(n, k - beta.shape[1])], dim=1) if beta.shape[1] < k else beta
-    beta = beta.masked_fill(idx < 0, 0.0)
-    order = beta.argsort(dim=1, descending=True, stable=True)
-    return Selection(idx.gather(1, order), beta.gather(1, order))
+        steps = step + 1
+        picks[:, step] = pick
+        atom = e[pick] if cand is None else e[cand[rows, pick]]  # (N, D)
+        sim = atom @ e.T if ec is None else torch.bmm(ec, atom[:, :, None])[..., 0]  # (N, T)
+        # A stopped row gets a zero row: it drops out of the refit as an unused slot.
+        sims[:, step] = sim * alive[:, None]
+        penalty = torch.maximum(penalty, redundancy * sim.clamp_min(0))
+        penalty[rows, pick] = float("inf")
+        s = sims[:, :steps]  # (N, s, T)
+        gram = s.gather(2, picks[:, None, :steps].expand(-1, steps, -1))  # (N, s, s)
+        beta = _nonneg_refit(gram, score.gather(1, picks[:, :steps]), ridge)
+        corr = score - torch.bmm(beta[:, None, :], s)[:, 0]
+    idx = torch.full((n, k), -1, dtype=torch.long, device=y.device)
+    coef = score.new_zeros(n, k)
+    if steps:
+        used = sims[:, :steps].abs().sum(-1) > 0  # (N, s): slots that hold a phrase
+        column = picks[:, :steps] if cand is None else cand.gather(1, picks[:, :steps])
+        idx[:, :steps] = torch.where(used, column, -1)
+        coef[:, :steps] = beta.masked_fill(~used, 0.0)
+    order = coef.argsort(dim=1, descending=True, stable=True)
+    return Selection(idx.gather(1, order), coef.gather(1, order))
 
 
-def _nonneg_refit(atoms: torch.Tensor, y: torch.Tensor, ridge: float, iters: int = 2) -> torch.Tensor:
-    """Least-squares coefficients of ``y`` on ``atoms`` (N, s, D), with negative ones dropped.
+def _nonneg_refit(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, iters: int = 2) -> torch.Tensor:
+    """Least-squares coefficients from the atoms' Gram matrix (N, s, s) and ⟨atom, y⟩ (N, s), ≥ 0.
 
     An active-set approximation of NNLS: solve, zero the negative coefficients' atoms, solve again.
-    Zero atoms (unused slots) get zero coefficients.
+    Unused slots (zero diagonal) get zero coefficients.
     """
-    active = atoms.abs().sum(-1) > 0  # (N, s)
-    s = atoms.shape[1]
-    eye = torch.eye(s, device=atoms.device)
+    active = gram.diagonal(dim1=1, dim2=2) > 0  # (N, s)
+    eye = torch.eye(gram.shape[1], device=gram.device)
+    beta = rhs.new_zeros(rhs.shape)
     for _ in range(iters):
-        a = atoms * active[..., None]
-        gram = a @ a.transpose(1, 2) + ridge * eye + torch.diag_embed((~active).float())
-        beta = torch.linalg.solve(gram, (a @ y[:, :, None]))[..., 0]
+        mask = (active[:, :, None] & active[:, None, :]).float()
+        g = gram * mask + ridge * eye + torch.diag_embed((~active).float())
+        beta = torch.linalg.solve(g, (rhs * active)[..., None])[..., 0]
         active = active & (beta > 0)
     return (beta * active).clamp_min(0)
 
