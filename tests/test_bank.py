@@ -102,3 +102,14 @@ def test_corrupt_bank_detected(tmp_path) -> None:
         ChannelBank.load(path)
     with pytest.raises(FileNotFoundError):
         ChannelBank.load(tmp_path / "missing.safetensors")
+
+
+def test_gram_and_gathered_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import textcam.bank
+
+    emb, gap = _problem(c=40)
+    pos, neg = top_bottom(gap, 25)
+    via_gram = lda_directions(emb, pos, neg, 0.4, chunk_size=16)
+    monkeypatch.setattr(textcam.bank, "GRAM_MAX_ROWS", 0)  # as for a probe set too large for a Gram matrix
+    gathered = lda_directions(emb, pos, neg, 0.4, chunk_size=16)
+    assert torch.allclose(via_gram, gathered, atol=1e-5)

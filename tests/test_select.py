@@ -76,3 +76,57 @@ def test_selection_never_crashes(n: int, p: int, d: int, k: int, seed: int, redu
     for row in sel.indices.tolist():
         picked = [i for i in row if i >= 0]
         assert len(set(picked)) == len(picked)
+
+
+def _reference_selection(y: torch.Tensor, e: torch.Tensor, k: int, redundancy: float) -> list[list[int]]:
+    """The greedy written directly on D-dimensional residuals, one row at a time (slow, plain)."""
+    out = []
+    for row in torch.nn.functional.normalize(y, dim=-1):
+        picked: list[int] = []
+        residual = row.clone()
+        for _ in range(k):
+            corr = e @ residual
+            penalty = (e[picked] @ e.T).clamp_min(0).amax(0) if picked else torch.zeros(len(e))
+            crit = corr - redundancy * penalty
+            crit[picked] = float("-inf")
+            pick = int(crit.argmax())
+            if corr[pick] <= 1e-6:
+                break
+            picked.append(pick)
+            atoms = e[picked]
+            active = torch.ones(len(picked), dtype=torch.bool)
+            for _ in range(2):  # the same two-pass non-negative refit
+                a = atoms * active[:, None]
+                g = a @ a.T + 1e-4 * torch.eye(len(picked)) + torch.diag((~active).float())
+                beta = torch.linalg.solve(g, a @ row)
+                active &= beta > 0
+            residual = row - (beta * active).clamp_min(0) @ atoms
+        out.append(sorted(picked))
+    return out
+
+
+def test_score_space_greedy_matches_residual_greedy_on_a_large_vocabulary() -> None:
+    g = torch.Generator().manual_seed(3)
+    # Correlated phrases (a shared low-rank part), as CLIP text embeddings are.
+    vocab = center_vocabulary(
+        torch.randn(3000, 48, generator=g)
+        + torch.randn(3000, 4, generator=g) @ torch.randn(4, 48, generator=g)
+    )
+    idx = torch.randint(0, 3000, (6, 3), generator=g)
+    y = (vocab[idx] * torch.rand(6, 3, 1, generator=g)).sum(1) + 0.05 * torch.randn(6, 48, generator=g)
+    sel = select_phrases(y, vocab, 5, redundancy=0.5)
+    ours = [sorted(i for i in row if i >= 0) for row in sel.indices.tolist()]
+    assert ours == _reference_selection(y, vocab, 5, 0.5)
+
+
+def test_candidates_limit_the_search_to_the_best_scoring_phrases() -> None:
+    g = torch.Generator().manual_seed(4)
+    vocab = torch.nn.functional.normalize(torch.randn(500, 32, generator=g), dim=1)
+    y = torch.randn(3, 32, generator=g)
+    top = (torch.nn.functional.normalize(y, dim=1) @ vocab.T).topk(20, dim=1).indices
+    sel = select_phrases(y, vocab, 4, candidates=20)
+    for row, allowed in zip(sel.indices.tolist(), top.tolist(), strict=True):
+        assert {i for i in row if i >= 0} <= set(allowed)
+    # With room for the whole vocabulary the restriction changes nothing.
+    full, wide = select_phrases(y, vocab, 4), select_phrases(y, vocab, 4, candidates=500)
+    assert torch.equal(full.indices, wide.indices)
