@@ -33,27 +33,35 @@ CONCEPT_QUERY = (
 )
 
 
-def audit_manifest(world: World, split: str, out: Path) -> Path:
+def audit_manifest(world: World, split: str) -> Path:
     """The split's manifest as an audit manifest: ``label`` holds the class name, the generator's
-    own id and label code are kept as metadata (``image_id`` is computed by the audit)."""
+    own id and label code are kept as metadata (``image_id`` is computed by the audit).
+
+    It is written next to the split's own manifest, so the split folder is the dataset root and
+    the report may embed its images.
+    """
     import pandas as pd
 
-    frame = pd.read_parquet(world.splits[split].manifest)
-    frame = frame.rename(columns={"image_id": "scene_id", "label": "label_index", "label_name": "label"})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out, index=False)
+    source = world.splits[split].manifest
+    out = source.with_name("audit-manifest.parquet")
+    if not out.is_file():
+        frame = pd.read_parquet(source)
+        frame = frame.rename(columns={"image_id": "scene_id", "label": "label_index", "label_name": "label"})
+        tmp = out.with_name(f".{out.name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(out)
     return out
 
 
 def audit_config(world: World, run_dir: Path, cache_dir: Path | None, workers: int) -> AuditConfig:
     """Audit the world's (unbiased) test split with its classifier, tiny CLIP and CLEVR vocabulary."""
     return AuditConfig(
-        data=str(audit_manifest(world, "test", run_dir.with_name(f"{run_dir.name}-test.parquet"))),
+        data=str(audit_manifest(world, "test")),
         model=str(world.classifier_checkpoint),
         layer=world.target_layer,
         clip=world.clip_open_clip_id,
         vocab=("clevr",),
-        probe=str(audit_manifest(world, "probe", run_dir.with_name(f"{run_dir.name}-probe.parquet"))),
+        probe=str(audit_manifest(world, "probe")),
         probe_size=world.config.n_probe,
         bank_m=50,
         shard_size=250,
