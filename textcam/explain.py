@@ -194,6 +194,11 @@ class Explainer:
 
         target_spec = TopK(self.top_k) if targets is None else ClassTargets(targets)
         out = self.cam(images.to(self.device), target_spec)
+        if out.activations.shape[1] != self.directions.shape[0]:
+            raise BankMismatchError(
+                f"layer {self.bank.layer!r} has {out.activations.shape[1]} channels but the bank has "
+                f"{self.directions.shape[0]} directions: it was calibrated for another model or layer"
+            )
         with _serial_on_cpu(self.device):
             return self._describe(out)
 
@@ -231,9 +236,10 @@ class Explainer:
         else:
             group_maps = torch.einsum("bkchw,bchw,bkcg->bkghw", weights, acts, onehot)
         positive = contrib.clamp_min(0)
-        share = torch.einsum("bkc,bkcg->bkg", positive, onehot) / positive.sum(-1, keepdim=True).clamp_min(
-            1e-12
-        )
+        total = positive.sum(-1, keepdim=True).clamp_min(1e-12)
+        # A share is a fraction: the summation order differs between numerator and total, so a group
+        # holding every positive channel can come out at 1 + 1 ulp; clamp it back into [0, 1].
+        share = (torch.einsum("bkc,bkcg->bkg", positive, onehot) / total).clamp(0.0, 1.0)
 
         peak = out.maps.flatten(2).amax(dim=2).clamp_min(1e-12)[..., None, None]
         return ExplanationBatch(
