@@ -103,7 +103,13 @@ def describe_run(title: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def check(biased: dict[str, Any], control: dict[str, Any] | None, bias: BiasSpec, world: World) -> bool:
-    """The demo's claims, checked: the planted cue is the biased class's first flag; the control has none."""
+    """The demo's claims, checked: the planted cue is the biased class's first flag; the control has none.
+
+    Also prints where the cue ranks among the biased class's phrases by ``z_lift`` (flagged or not),
+    so a miss shows whether the cue was found but fell below the permutation threshold.
+    """
+    from tasks.store import query
+
     phrase = world.phrases[bias.attribute][bias.value]
     tops = first_flags(Path(biased["run_dir"]) / "flags.parquet")
     top = tops.get(bias.label, {}).get("phrase")
@@ -112,6 +118,13 @@ def check(biased: dict[str, Any], control: dict[str, Any] | None, bias: BiasSpec
         f"\n[{'PASS' if ok_bias else 'FAIL'}] planted bias {bias}: first flag for class {bias.label!r} "
         f"is {top!r} (expected {phrase!r})"
     )
+    ranking = query(
+        biased["run_dir"],
+        "SELECT phrase, direction, frequency, frequency_other, z_lift FROM concept_stats "
+        f"WHERE class_name = '{bias.label}' AND z_lift IS NOT NULL ORDER BY z_lift DESC LIMIT 5",
+    )
+    print(f"   top phrases of class {bias.label!r} by z_lift (flagged or not):")
+    print("   " + ranking.round(3).to_string(index=False).replace("\n", "\n   "))
     ok = ok_bias
     if control is not None:
         n = control["counts"]["flags"]
@@ -157,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", type=Path, help="world and bank cache (default ~/.cache/textcam)")
     parser.add_argument("--workers", type=int, default=1, help="concurrent shard tasks (default 1)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 when a check fails (default: only when the pipeline itself fails)",
+    )
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -190,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "demo.json").write_text(
         json.dumps({"ok": ok, "runs": {k: v["run_dir"] for k, v in summaries.items()}}, indent=2)
     )
-    return 0 if ok else 1
+    if not ok:
+        print("\nSOME CHECKS FAILED (see [FAIL] above); the audits themselves completed.")
+    return 0 if ok or not args.strict else 1
 
 
 if __name__ == "__main__":
