@@ -324,26 +324,41 @@ def _quarantine(
 
 @flow(name="explain-shards", validate_parameters=False)
 def explain_shards(
-    spec: RuntimeSpec, run: RunInfo, shard_size: int, batch_size: int, loader_workers: int
+    spec: RuntimeSpec,
+    run: RunInfo,
+    shard_size: int,
+    batch_size: int,
+    loader_workers: int,
+    inline: bool = False,
 ) -> list[ShardOutcome]:
     """Explain and validate every shard on this flow's task runner (threads or Dask).
 
     The shards are planned again here from ``RUN_DIR/images.parquet`` (deterministic: the same plan
     as the parent's) instead of being passed in: the Prefect API stores flow-run parameters and
     refuses more than 512 kB, which a shard list passes at a few thousand images.
+
+    ``inline``: explain the shards one after another in this flow's own thread (validation still
+    runs on the task runner, overlapping the next shard). With one shard at a time there is
+    nothing to gain from a worker thread, and the model passes run measurably faster in the thread
+    that loaded the model (bench/audit.py: flow/loop 1.29 inline vs 1.61-1.77 in a worker thread,
+    512 images).
     """
     logger = get_run_logger()
     images = pq.read_table(Path(run.run_dir) / "images.parquet", columns=["image_id", "path", "label"])
     shards = plan_shards(images, shard_size, run_id=run.run_id)
     pairs = []
     for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
-        explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
+        if inline:  # a failure raises the shard's own error here; earlier shards are committed
+            explained = explain_shard_task(spec, shard, run, batch_size, loader_workers)
+        else:
+            explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
         pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
     outcomes = []
     for i, (explained, checked) in enumerate(pairs, 1):
         # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
         # validation's result would only say that its upstream did not complete.
-        explained.result()
+        if not inline:
+            explained.result()
         outcomes.append(checked.result())
         logger.info("[%d/%d shards]", i, len(shards))
     return outcomes
@@ -468,7 +483,12 @@ def explain_all(
         plan_shards_task(manifest.images, cfg.shard_size, run)  # sweeps what a killed run left
     with timer.stage("explain"), _runner_environment(cfg):
         outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
-            runtime_spec(cfg, bank), run, cfg.shard_size, cfg.batch_size, cfg.loader_workers
+            runtime_spec(cfg, bank),
+            run,
+            cfg.shard_size,
+            cfg.batch_size,
+            cfg.loader_workers,
+            inline=cfg.runner == "default" and cfg.workers == 1,
         )
     return bank, outcomes
 

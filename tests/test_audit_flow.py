@@ -181,12 +181,16 @@ def test_kill_and_resume(
     assert not list(run_dir.glob("**/.*.tmp*"))  # the killed writer's temp file was not left in a table dir
 
 
-def test_dask_runner_gives_identical_tables(
-    reference: dict[str, Any], world: dict[str, Any], tmp_path: Path
+@pytest.mark.parametrize("runner", ["dask", "default"])
+def test_other_runners_give_identical_tables(
+    reference: dict[str, Any], world: dict[str, Any], tmp_path: Path, runner: str
 ) -> None:
-    pytest.importorskip("prefect_dask")
+    """The reference explains shards inline (one worker); Dask processes and two worker threads
+    must produce the same tables and flags."""
+    if runner == "dask":
+        pytest.importorskip("prefect_dask")
     # DataLoader workers inside Dask worker processes (they must not be daemonic).
-    summary = _run(world, tmp_path / "dask", runner="dask", workers=2, loader_workers=2)
+    summary = _run(world, tmp_path / runner, runner=runner, workers=2, loader_workers=2)
     assert summary["run_id"] == reference["run_id"]
     assert summary["counts"] == reference["counts"]
     dask_table, ref_table = explanations(summary["run_dir"]), explanations(reference["run_dir"])
