@@ -18,9 +18,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.config import AuditConfig
 from tasks.explain_shard import load_phrases, save_phrases
+
+if TYPE_CHECKING:
+    from textcam.bank import ChannelBank
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,23 @@ class BankFiles:
     n_phrases: int
     source: str  # "run_dir" | "cache" | "calibrated"
     seconds: float
+
+    @classmethod
+    def describe(
+        cls, bank: ChannelBank, bank_path: Path, phrases_path: Path, n_phrases: int, source: str, t0: float
+    ) -> BankFiles:
+        """The files of ``bank`` and where they came from; ``t0`` is when preparing them began."""
+        return cls(
+            str(bank_path),
+            str(phrases_path),
+            bank.bank_id,
+            bank.model_id,
+            bank.layer,
+            bank.clip_id,
+            n_phrases,
+            source,
+            time.perf_counter() - t0,
+        )
 
 
 def bank_key(model_id: str, layer: str, clip_id: str, probe: str, m: int, shrinkage: float) -> str:
@@ -65,17 +86,7 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     if bank_path.is_file() and phrases_path.is_file():
         bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
         phrases, _ = load_phrases(phrases_path)
-        return BankFiles(
-            str(bank_path),
-            str(phrases_path),
-            bank.bank_id,
-            bank.model_id,
-            bank.layer,
-            bank.clip_id,
-            len(phrases),
-            "run_dir",
-            time.perf_counter() - t0,
-        )
+        return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), "run_dir", t0)
 
     from textcam.clip import load_clip
     from textcam.vocab import load_vocabulary
@@ -118,14 +129,4 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     phrases = load_vocabulary(list(cfg.vocab))
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
-    return BankFiles(
-        str(bank_path),
-        str(phrases_path),
-        bank.bank_id,
-        bank.model_id,
-        bank.layer,
-        bank.clip_id,
-        len(phrases),
-        source,
-        time.perf_counter() - t0,
-    )
+    return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)
