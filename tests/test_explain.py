@@ -87,3 +87,29 @@ def test_bank_of_another_model_is_refused(model) -> None:
     other = ChannelBank(bank.directions, BankMeta(**{**bank.meta.__dict__, "model_id": "resnet50"}))
     with pytest.raises(BankMismatchError, match="calibrated for 'resnet50'"):
         Explainer(model, other, phrases, emb, device="cpu")
+
+
+def test_serial_blocks_on_threads_restore_the_thread_count() -> None:
+    """Serial blocks on several threads at once leave the thread count as it was (the count is
+    per thread with OpenMP, so the blocks do not interfere)."""
+    import threading
+
+    from textcam.explain import _serial_on_cpu
+
+    before = torch.get_num_threads()
+    inside: list[int] = []
+    start = threading.Barrier(4)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(50):
+            with _serial_on_cpu(torch.device("cpu")):
+                inside.append(torch.get_num_threads())
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.get_num_threads() == before
+    assert len(inside) == 200
