@@ -73,6 +73,27 @@ def audit_config(world: World, run_dir: Path, cache_dir: Path | None, workers: i
     )
 
 
+def set_aside_stale_run(cfg: AuditConfig) -> Path | None:
+    """Move a demo run directory made with another configuration (an older world, a new CLIP) aside.
+
+    The audit flow refuses to mix configurations in one run directory; the demo owns its directories,
+    so instead of failing it renames the old one to ``<dir>.old-<n>`` (nothing is deleted) and says so.
+    """
+    from tasks.config import load_config
+
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or load_config(saved).fingerprint() == cfg.fingerprint():
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.old-{n}").exists():
+        n += 1
+    target = run_dir.with_name(f"{run_dir.name}.old-{n}")
+    run_dir.rename(target)
+    print(f"   {run_dir} held a run with another configuration: moved to {target}")
+    return target
+
+
 def first_flags(flags_path: Path) -> dict[str, dict[str, Any]]:
     """The top-ranked flag of each class (flags.parquet is ranked per class by the flagging step)."""
     import pandas as pd
@@ -190,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.audit import audit
 
-    summaries = {
-        name: audit(audit_config(world, out / name, args.cache_dir, args.workers))
-        for name, world in worlds.items()
-    }
+    configs = {name: audit_config(w, out / name, args.cache_dir, args.workers) for name, w in worlds.items()}
+    for cfg in configs.values():
+        set_aside_stale_run(cfg)
+    summaries = {name: audit(cfg) for name, cfg in configs.items()}
     describe_run("audit of the biased classifier", summaries["biased"])
     if "control" in summaries:
         describe_run("audit of the control classifier", summaries["control"])

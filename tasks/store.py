@@ -25,7 +25,10 @@ Statistics (table ``concept_stats``, one row per class c × phrase p × directio
   median removes it. The median/MAD yardstick is not inflated by the class's own phrases ("whiskers" for
   cat), which always have the largest lifts and would shrink every other z under a mean/sd yardstick; the
   se floor keeps a small vocabulary's noisy MAD from blowing z up. Evidence *for* and *against* are kept
-  apart.
+  apart;
+* ``relative_score = mean_{x in c} s(x, p, d) / max_p' mean_{x in c} s(x, p', d)``: the phrase's evidence
+  relative to the class's main phrase (1 = the main phrase). A large z_lift alone also picks out the small
+  filler phrases that the sparse coding adds to every explanation of a class; this tells those from a cue.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ CONCEPT_STATS = pa.schema(
         pa.field("mean_score", pa.float64(), nullable=False),  # mean s(x, p) over the class, 0 if unselected
         pa.field("mean_score_selected", pa.float64(), nullable=True),  # mean over images that selected it
         pa.field("mean_score_other", pa.float64(), nullable=True),
+        # mean_score / the class's largest mean_score in this direction (1 = the class's main phrase)
+        pa.field("relative_score", pa.float64(), nullable=True),
         pa.field("lift", pa.float64(), nullable=True),  # standard units of the phrase's score
         pa.field("z_lift", pa.float64(), nullable=True),  # lift standardised within class × direction
         pa.field("n_misclassified", pa.int64(), nullable=False),  # labelled, predicted c, label != c
@@ -65,7 +70,7 @@ CONCEPT_STATS = pa.schema(
         pa.field("frequency_misclassified", pa.float64(), nullable=True),
         pa.field("frequency_correct", pa.float64(), nullable=True),
     ],
-    metadata={"table": "concept_stats", "version": "1"},
+    metadata={"table": "concept_stats", "version": "2"},
 )
 
 # Arrow -> DuckDB for the types our schemas use; float16 has no DuckDB type and Parquet reads it as FLOAT.
@@ -235,6 +240,7 @@ SELECT class_name, class_index::INTEGER AS class_index, phrase, direction,
        mean_c AS mean_score,
        s1c / nullif(n_images, 0) AS mean_score_selected,
        mean_o AS mean_score_other,
+       mean_c / nullif(max(mean_c) OVER (PARTITION BY class_name, direction), 0) AS relative_score,
        lift,
        CASE WHEN m >= 3 AND scale > 1e-12 THEN (lift - med) / scale END AS z_lift,
        n_misclassified, n_correct,

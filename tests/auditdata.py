@@ -44,11 +44,16 @@ def make_run(
     phrase_text: dict[str, str] | None = None,
     name_suffix: str = "",
     write_images: bool = True,
+    filler: tuple[str, str] | None = None,
+    confusion: tuple[str, str] | None = None,
 ) -> Path:
     """Write ``root/run`` (the run directory) and ``root/data`` (the dataset root); return the run dir.
 
     ``label_text`` renames classes in labels/predictions, ``phrase_text`` renames phrases and ``name_suffix``
     is appended to image file names (to plant hostile strings in the report).
+    ``filler=(class, phrase)`` adds a small phrase (0.15-0.25, a fifth of the class's own) to 99 % of the
+    class's images, as sparse coding does; ``confusion=(class, other)`` adds the other class's name as
+    strong evidence against the class in 70 % of its images.
     """
     rng = np.random.default_rng(seed)
     run_dir, data_dir = root / "run", root / "data"
@@ -72,6 +77,10 @@ def make_run(
             phrases.append(_phrase("snow", 0.8 + 0.4 * rng.random(), "for"))
         if cname == "cat" and rng.random() < 0.7:
             phrases.append(_phrase("stripes", -(0.8 + 0.4 * rng.random()), "against"))
+        if filler is not None and cname == filler[0] and rng.random() < 0.99:
+            phrases.append(_phrase(filler[1], 0.15 + 0.1 * rng.random(), "for"))
+        if confusion is not None and cname == confusion[0] and rng.random() < 0.7:
+            phrases.append(_phrase(confusion[1], -(0.8 + 0.4 * rng.random()), "against"))
         if cname == "bird":
             phrases = [{**p, "score": p["score"] * 3} for p in phrases]
         # Dog images with snow are more often cats in truth: snow is what fooled the classifier.
@@ -165,11 +174,20 @@ def make_run(
     return run_dir
 
 
-def class_text_embeddings(dim: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
-    """Toy "CLIP" embeddings: random directions, with each class's own phrase close to its class name."""
+def class_text_embeddings(dim: int = 256, seed: int = 1) -> dict[str, np.ndarray]:
+    """Toy "CLIP" embeddings: class names about 0.3 alike (the similarity threshold), each class's own
+    phrase close to its name (about 0.95), every other phrase a random direction (|similarity| < 0.25 at
+    this dimension, so it describes no class)."""
     rng = np.random.default_rng(seed)
-    texts = CLASSES + list(OWN.values()) + POOL + AGAINST_POOL + ["snow", "stripes"]
-    emb = {t: rng.normal(size=dim) for t in texts}
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
+    texts = list(OWN.values()) + POOL + AGAINST_POOL + ["snow", "stripes"]
+    emb = {t: unit(rng.normal(size=dim)) for t in texts}
+    shared = unit(rng.normal(size=dim))
+    for c in CLASSES:
+        emb[c] = unit(0.55 * shared + 0.835 * unit(rng.normal(size=dim)))
     for c, p in OWN.items():
-        emb[p] = emb[c] + 0.3 * rng.normal(size=dim)
+        emb[p] = unit(emb[c] + 0.3 * unit(rng.normal(size=dim)))
     return emb

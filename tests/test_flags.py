@@ -72,6 +72,47 @@ def test_phrases_describing_the_class_are_excluded(planted: Path, class_text: Cl
     assert (kept["class_similarity"] < kept["similarity_threshold"]).all()
 
 
+def test_small_filler_phrases_are_not_flagged(tmp_path: Path, class_text: ClassText) -> None:
+    # "rope" in 99 % of cat explanations at a fifth of "whiskers": far above its permutation threshold,
+    # yet a by-product of fitting the class's direction, not a cue the class is explained by.
+    run_dir = make_run(tmp_path, write_images=False, filler=("cat", "rope"))
+    build_duckdb(run_dir)
+    stats = query(
+        run_dir,
+        "SELECT z_lift, relative_score FROM concept_stats "
+        "WHERE class_name = 'cat' AND phrase = 'rope' AND direction = 'for'",
+    ).iloc[0]
+    assert 0.1 < stats["relative_score"] < 0.25
+    everything = flag_spurious(run_dir, class_text, min_relative_score=0.0)
+    rope = everything[everything["phrase"] == "rope"]
+    assert len(rope) == 1 and rope.iloc[0]["z_lift"] > rope.iloc[0]["threshold"]
+    got = flag_spurious(run_dir, class_text)
+    assert "rope" not in set(got["phrase"])
+    assert {("dog", "snow"), ("cat", "stripes")} <= set(zip(got["class_name"], got["phrase"], strict=True))
+
+
+def test_phrases_naming_another_class_are_not_flagged(tmp_path: Path, class_text: ClassText) -> None:
+    # "sparrow" as strong evidence against "dog": the classes competing (sparrow is CLIP-close to the
+    # class "bird"), not a cue outside the label space.
+    run_dir = make_run(tmp_path, write_images=False, confusion=("dog", "sparrow"))
+    raw = flag_spurious(run_dir, None)
+    assert ("dog", "sparrow", "against") in set(
+        zip(raw["class_name"], raw["phrase"], raw["direction"], strict=True)
+    )
+    bird = class_text.embeddings["bird"]
+    noise = np.random.default_rng(0).normal(size=bird.shape)
+    sparrow = bird / np.linalg.norm(bird) + 0.3 * noise / np.linalg.norm(noise)
+    ct = ClassText({**class_text.embeddings, "sparrow": sparrow})
+    got = flag_spurious(run_dir, ct)
+    assert "sparrow" not in set(got["phrase"])
+    assert ("dog", "snow") in set(zip(got["class_name"], got["phrase"], strict=True))
+
+
+def test_min_relative_score_is_checked(planted: Path) -> None:
+    with pytest.raises(ValueError, match="min_relative_score"):
+        flag_spurious(planted, None, min_relative_score=1.5)
+
+
 def test_own_vocabulary_is_excluded_by_text(planted: Path) -> None:
     # Embeddings that know nothing about "snow" still exclude it once it is dog's own vocabulary.
     ct = ClassText({"bird": np.eye(3)[0], "cat": np.eye(3)[1], "dog": np.eye(3)[2]}, {"dog": ["Snow"]})

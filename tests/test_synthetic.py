@@ -274,21 +274,14 @@ def worlds(tmp_path_factory):
     return cache, biased, control
 
 
-# Shape and texture are not yet learned by the tiny CLIP within the CPU budget (see the issue #3
-# report); the xfail keeps that gap visible without hiding the attributes that do work.
-_NOT_YET = pytest.mark.xfail(
-    reason="tiny CLIP does not learn this attribute within the CPU budget yet", strict=False
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "attribute",
     [
-        pytest.param("shape", marks=_NOT_YET),
+        "shape",
         "color",
         "size",
-        pytest.param("texture", marks=_NOT_YET),
+        "texture",
         "background",
         "watermark",
         "border",

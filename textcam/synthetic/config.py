@@ -85,7 +85,7 @@ class WorldConfig:
             n_train=2000,
             n_probe=300,
             n_test=800,
-            clip=ClipTrainConfig(epochs=4, steps_per_epoch=100, eval_images=512),
+            clip=ClipTrainConfig(epochs=8, steps_per_epoch=100, eval_images=512),  # shape 0.86
             classifier=ClassifierTrainConfig(width=16, epochs=8, batch_size=64),
         )
         return cls(biases=_as_specs(bias), **(base | overrides))
