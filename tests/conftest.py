@@ -35,3 +35,21 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def tiny_world_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A world cache holding the ``tiny`` preset's CLIP and its biased and control classifiers.
+
+    Built once per session (the tiny CLIP is the suite's longest training, a few minutes on 2 cores);
+    the synthetic-world tests and the fast ground-truth bench share it. Returns ``(cache, biased, control)``.
+    """
+    from textcam.synthetic import WorldConfig, build_world
+    from textcam.synthetic.config import DEMO_BIAS
+
+    cache = tmp_path_factory.mktemp("world-cache")
+    biased = build_world(WorldConfig.tiny(), cache_dir=cache, progress=False)
+    control = build_world(
+        WorldConfig.tiny(bias=[], eval_biases=(DEMO_BIAS,)), cache_dir=cache, progress=False
+    )
+    return cache, biased, control

@@ -15,7 +15,7 @@ from textcam.synthetic import scenes
 from textcam.synthetic.bias import BiasSpec, BiasSpecError, parse_biases
 from textcam.synthetic.classifier import ARCH, load_classifier, train_classifier
 from textcam.synthetic.cli import add_world_parser, config_from_args
-from textcam.synthetic.config import DEMO_BIAS, WorldConfig
+from textcam.synthetic.config import WorldConfig
 from textcam.synthetic.scenes import COLOR_RGB, SceneConfig, generate
 from textcam.synthetic.tiny_clip import ClipTrainConfig, load_tiny_clip, train_tiny_clip
 
@@ -260,18 +260,8 @@ def test_tiny_clip_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory):
-    from textcam.synthetic.world import build_world
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("world-cache")
-    biased = build_world(WorldConfig.tiny(), cache_dir=cache, progress=False)
-    control = build_world(
-        WorldConfig.tiny(bias=[], eval_biases=(DEMO_BIAS,)), cache_dir=cache, progress=False
-    )
-    torch.set_num_threads(n)
-    return cache, biased, control
+def worlds(tiny_world_cache):
+    return tiny_world_cache
 
 
 @pytest.mark.slow
