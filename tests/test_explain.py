@@ -74,6 +74,31 @@ def test_batch_invariants_and_determinism(model) -> None:
     assert all(len([p for p in e.phrases if p.direction == "for"]) <= 3 for e in explanations)
 
 
+def test_weak_phrases_do_not_become_groups(model) -> None:
+    """Channels point at phrase 0 (3 in 4) or phrase 1 (1 in 4): both are selected, phrase 1 with a
+    smaller coefficient. A group needs a coefficient of at least ``group_min_ratio`` × the first."""
+    phrases, emb = _phrases()
+    n_channels = 512
+    dirs = torch.where((torch.arange(n_channels) % 4 == 0)[:, None], emb[1], emb[0])
+    bank = _bank(model, dirs)
+    every = Explainer(model, bank, phrases, emb, group_min_ratio=0.0, device="cpu")
+    eb = every.explain_tensors(_images(8))
+    scores = eb.phrases_for.scores
+    ratio = scores[:, 1] / scores[:, 0]
+    assert ((ratio > 0.05) & (ratio < 0.9)).all(), ratio
+    cut = float(ratio.median())  # some images keep the second group, some lose it
+    strict = Explainer(model, bank, phrases, emb, group_min_ratio=cut, device="cpu")
+    eb_strict = strict.explain_tensors(_images(8))
+    torch.testing.assert_close(eb_strict.phrases_for.scores, scores)  # phrases are unchanged
+    n_groups = torch.tensor([len(e.groups) for e in strict.to_explanations(eb_strict)])
+    weak = ratio < cut
+    assert (n_groups[weak] == 1).all() and (n_groups[~weak] >= 2).all()
+    # a lone group takes every positive channel and the whole share
+    torch.testing.assert_close(eb_strict.group_share[weak, 0, 0], torch.ones(int(weak.sum())))
+    with pytest.raises(ValueError, match="group_min_ratio"):
+        Explainer(model, bank, phrases, emb, group_min_ratio=1.5, device="cpu")
+
+
 def test_bank_with_other_channel_count_is_a_clear_error(model) -> None:
     phrases, emb = _phrases()
     explainer = Explainer(model, _bank(model, emb[:1].repeat(100, 1)), phrases, emb, device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -168,6 +169,31 @@ def test_config_roundtrip_and_cache_keys(tmp_path):
     loaded = WorldConfig.from_file(p)
     assert loaded.classifier.epochs == 2 and loaded.classifier.width == WorldConfig.tiny().classifier.width
     assert [str(b) for b in loaded.biases] == ["triangle=watermark:yes@1"]
+    # attribute weights survive JSON (lists) and enter the CLIP key
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert WorldConfig.from_dict(d) == cfg
+    heavier = WorldConfig.from_dict(d | {"clip": d["clip"] | {"attribute_weights": [1, 1, 1, 1, 1, 1, 1]}})
+    assert heavier.clip_key() != cfg.clip_key()
+
+
+@pytest.mark.parametrize("weights", [(1.0, 2.0), (1, 1, 1, 1, 1, 1, -1), (0,) * 7])
+def test_bad_attribute_weights_are_a_clear_error(weights):
+    with pytest.raises(ValueError, match="attribute_weights"):
+        ClipTrainConfig(attribute_weights=weights)
+
+
+def test_minimal_pairs_follow_the_attribute_weights():
+    from textcam.synthetic.tiny_clip import ZERO_SHOT_ATTRIBUTES, minimal_pair_codes
+
+    probs = ClipTrainConfig().attribute_probs()
+    codes = minimal_pair_codes(SceneConfig(), 8000, np.random.default_rng(0), probs)
+    freq = np.bincount(codes["changed"][:4000], minlength=len(ZERO_SHOT_ATTRIBUTES)) / 4000
+    np.testing.assert_allclose(freq, probs, atol=0.03)
+    changed = {a: codes[a][:4000] != codes[a][4000:] for a in ZERO_SHOT_ATTRIBUTES}
+    for i, a in enumerate(ZERO_SHOT_ATTRIBUTES):  # each pair differs in exactly its changed attribute
+        sel = codes["changed"][:4000] == i
+        assert changed[a][sel].all()
+        assert not any(changed[b][sel].any() for b in ZERO_SHOT_ATTRIBUTES if b != a)
 
 
 def test_cli_parser_builds_configs(tmp_path):
@@ -363,7 +389,7 @@ def test_cache_hit_skips_training(worlds, monkeypatch):
     # a new bias config reuses the CLIP but needs a classifier
     with pytest.raises(AssertionError, match="cache hit"):
         w.build_world(
-            replace(biased.config, biases=(BiasSpec.parse("square=color:red@0.99"),)),
+            replace(biased.config, biases=(BiasSpec.parse("star=color:blue@0.99"),)),
             cache_dir=cache,
             progress=False,
         )
