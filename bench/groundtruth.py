@@ -22,7 +22,8 @@ section below reuses those explanations.
      on its bias-aligned test images (worst configuration: ``bias_top3_min``).
    * audit rank: the test split's explanations are written as an audit run (``EXPLANATIONS`` Parquet)
      and ranked by ``tasks.store`` (``concept_stats.z_lift``) and ``tasks.flags.flag_spurious``
-     (permutation-null threshold, phrases describing the class excluded). The bias must be the
+     (permutation-null threshold, phrases under half the class's main phrase or naming a class of the
+     task excluded). The bias must be the
      biased class's first flag; the control model must have no flag at all.
    * each classifier's accuracy on aligned vs conflicting images (a cue not used cannot be found).
 3. Faithfulness (control model): deletion/insertion AUC (16 steps, softmax probability of the
