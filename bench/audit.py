@@ -6,11 +6,16 @@ Images: the first N of ``../shared/imagenet-samples`` (read in place, never copi
 the TSV. Models: ResNet-50 and a ViT-B-32 open_clip CLIP, both with random weights. The channel
 bank and phrase embeddings are made once before timing (both contestants use the same files).
 
-Timed in this one process, after a warm-up batch:
-* ``plain_loop_s``: DataLoader → Explainer.explain_batch → records, nothing written;
+Timed in this one process, after a warm-up batch, alternating loop, flow, loop, ..., flow, loop
+(``--repeats`` flows, default 3; the shared machine's speed drifts by tens of percent over minutes):
+* ``plain_loop_s``: DataLoader → Explainer.explain_batch → records, nothing written (each run loads
+  the model, like the flow);
 * ``flow_s``: the ``audit`` flow (Prefect tasks, Parquet, Great Expectations, DuckDB, flags, report)
-  against a Prefect server started before timing (a user with a configured server pays no start-up);
-  ``prefect_server_start_s`` is that start-up, and ``flow_vs_plain_loop_with_server_start`` adds it.
+  into a fresh run directory, against a Prefect server started before timing (a user with a
+  configured server pays no start-up); ``prefect_server_start_s`` is that start-up, and
+  ``flow_vs_plain_loop_with_server_start`` adds it;
+* ``flow_vs_plain_loop``: the median over the repeats of flow time ÷ the mean of the two loops
+  around it (each repeat's ratio in ``flow_vs_plain_loop_runs``).
 Each contestant's CPU seconds (this process + reaped children, i.e. the DataLoader workers) are
 reported too: ``flow_vs_plain_loop_cpu`` is less sensitive than wall time to other load on a shared
 machine (the Prefect server's own CPU is not in it).
@@ -32,6 +37,7 @@ import argparse
 import csv
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -257,11 +263,26 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     prepare(cfg_map, run_dir)
     prepare_s = time.perf_counter() - t0
     plain_loop(cfg_map, run_dir, warmup=True)
-    loop_s, loop_cpu, loop_rows = plain_loop(cfg_map, run_dir)
+    loops: list[tuple[float, float]] = []
+    flows: list[tuple[float, float, dict[str, Any]]] = []
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=120):
         server_s = time.perf_counter() - t0
-        flow_s, flow_cpu, summary = run_flow(cfg_map)
+        # loop, flow, loop, flow, ..., loop: the shared machine's speed drifts by tens of percent
+        # over minutes, so each flow is compared with the mean of the loops just before and after it,
+        # and the figure is the median over the repeats.
+        *loop, loop_rows = plain_loop(cfg_map, run_dir)
+        loops.append((loop[0], loop[1]))
+        for r in range(args.repeats):
+            flows.append(run_flow({**cfg_map, "run_dir": str(fresh_run_dir(run_dir, r))}))
+            *loop, _ = plain_loop(cfg_map, run_dir)
+            loops.append((loop[0], loop[1]))
+    ratios = [f[0] / ((a[0] + b[0]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)]
+    cpu_ratios = [f[1] / ((a[1] + b[1]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)]
+    loop_s = statistics.mean(x[0] for x in loops)
+    loop_cpu = statistics.mean(x[1] for x in loops)
+    flow_s = statistics.mean(x[0] for x in flows)
+    summary = flows[-1][2]
     return {
         "images": args.limit,
         "device": str(
@@ -273,21 +294,32 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "shard_size": args.shard_size,
         "loader_workers": args.loader_workers,
+        "repeats": args.repeats,
         "bank_and_phrases_s": round(prepare_s, 2),
         "plain_loop_s": round(loop_s, 2),
+        "plain_loop_runs_s": [round(x[0], 2) for x in loops],
         "plain_loop_cpu_s": round(loop_cpu, 2),
         "plain_loop_rows": loop_rows,
         "flow_s": round(flow_s, 2),
-        "flow_cpu_s": round(flow_cpu, 2),
+        "flow_runs_s": [round(x[0], 2) for x in flows],
+        "flow_cpu_s": round(statistics.mean(x[1] for x in flows), 2),
         "flow_rows": summary["counts"]["explanation_rows"],
         "flow_stages_s": summary["timings_s"],
         "prefect_server_start_s": round(server_s, 2),
-        "flow_vs_plain_loop": round(flow_s / loop_s, 3),
+        "flow_vs_plain_loop": round(statistics.median(ratios), 3),
+        "flow_vs_plain_loop_runs": [round(x, 3) for x in ratios],
         "flow_vs_plain_loop_with_server_start": round((flow_s + server_s) / loop_s, 3),
-        "flow_vs_plain_loop_cpu": round(flow_cpu / loop_cpu, 3),
+        "flow_vs_plain_loop_cpu": round(statistics.median(cpu_ratios), 3),
         "plain_loop_images_per_s": round(args.limit / loop_s, 2),
         "flow_images_per_s": round(args.limit / flow_s, 2),
     }
+
+
+def fresh_run_dir(run_dir: Path, repeat: int) -> Path:
+    """An empty run directory holding a copy of the prepared bank (each flow repeat computes anew)."""
+    target = run_dir.with_name(f"{run_dir.name}-{repeat}")
+    shutil.copytree(run_dir / "bank", target / "bank")
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--probe-size", type=int, default=200)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="flow runs, each between two plain loops (default 3)"
+    )
     p.add_argument(
         "--vocab-size",
         type=int,

@@ -48,7 +48,7 @@ from tasks.explain_shard import (
     is_finished,
 )
 from tasks.manifest import Manifest, read_manifest
-from tasks.quality import ValidationResult, validate_shard, write_quality_report
+from tasks.quality import ValidationResult, prepare_validation, validate_shard, write_quality_report
 from tasks.shards import Shard, plan_shards
 from textcam.schema import ERRORS
 
@@ -285,6 +285,18 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
     return outcome
 
 
+@task(name="prepare-validation", cache_policy=NO_CACHE)
+def prepare_validation_task() -> None:
+    """Build the Great Expectations context and suite (~4 s, mostly the import) while the first
+    shard's model loads, instead of after it, when it would compete with the second shard."""
+    _prepare_validation()
+
+
+def _prepare_validation() -> None:
+    with _GX_LOCK:  # module-level functions: pickled by reference for Dask, unlike task bodies
+        prepare_validation("explanations")
+
+
 def _validate(path: str) -> ValidationResult:
     # A module-level function (pickled by reference for Dask, unlike the task's own body).
     with _GX_LOCK:
@@ -346,6 +358,7 @@ def explain_shards(
     logger = get_run_logger()
     images = pq.read_table(Path(run.run_dir) / "images.parquet", columns=["image_id", "path", "label"])
     shards = plan_shards(images, shard_size, run_id=run.run_id)
+    warm_up = prepare_validation_task.submit()
     pairs = []
     for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
         if inline:  # a failure raises the shard's own error here; earlier shards are committed
@@ -361,6 +374,7 @@ def explain_shards(
             explained.result()
         outcomes.append(checked.result())
         logger.info("[%d/%d shards]", i, len(shards))
+    warm_up.wait()
     return outcomes
 
 

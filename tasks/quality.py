@@ -231,6 +231,13 @@ def validate_table(
     return ValidationResult(ok=not failures, failures=failures, report=report)
 
 
+def prepare_validation(table: str = "explanations", *, max_phrases: int = DEFAULT_MAX_PHRASES) -> None:
+    """Import Great Expectations and build the suite for ``table`` now (seconds), e.g. while a model loads."""
+    if table not in _SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; one of {sorted(_SCHEMAS)}")
+    _validation(table, max_phrases)
+
+
 def validate_shard(path: str | Path, *, max_phrases: int = DEFAULT_MAX_PHRASES) -> ValidationResult:
     """Validate an explanations shard (see module docstring); never raises for bad data, only reports it."""
     return validate_table(path, "explanations", max_phrases=max_phrases)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import make_run
 
-from tasks.quality import validate_errors, validate_shard, write_quality_report
+from tasks.quality import prepare_validation, validate_errors, validate_shard, write_quality_report
 from textcam.schema import EXPLANATIONS
 
 
@@ -135,3 +135,10 @@ def test_errors_table_and_quality_report(shard: Path, tmp_path: Path) -> None:
     assert out == tmp_path / "quality" / "shard-00000.json"
     data = json.loads(out.read_text())
     assert data["ok"] is True and data["report"]["rows"] == 36
+
+
+def test_prepare_validation_builds_the_suite_and_rejects_unknown_tables(shard: Path) -> None:
+    prepare_validation("explanations")  # the suite the next validation uses, built ahead
+    assert validate_shard(shard).ok
+    with pytest.raises(ValueError, match="unknown table 'images'"):
+        prepare_validation("images")
