@@ -861,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         "bias_ranked_first_configs": ranked_first,
         "bias_configs": len(found),
         "bias_flag_rank": {k: f["audit"]["flag_rank"] for k, f in found.items()},
+        "bias_z_rank": {k: f["audit"]["z_rank"] for k, f in found.items()},
         "bias_gap": {k: f["gap_model"]["gap"] for k, f in found.items()},
         "bias_gap_control": {k: f["gap_control"]["gap"] for k, f in found.items()},
         "control_false_flags": n_false,

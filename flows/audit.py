@@ -138,10 +138,15 @@ def _class_list(cfg: AuditConfig) -> list[str] | None:
 
 
 def run_identity(cfg: AuditConfig, images: pa.Table) -> str:
-    """``run-<hash>`` of the result-relevant config and the images (ids, paths, labels)."""
+    """``run-<hash>`` of the result-relevant config, the vocabulary's phrases and the images (ids,
+    paths, labels). The phrases, not only their source names: an edited vocabulary file or built-in
+    list must not reuse explanations made with the old one."""
     import hashlib
 
+    from textcam.vocab import load_vocabulary
+
     h = hashlib.sha256(cfg.fingerprint().encode())
+    h.update(json.dumps(load_vocabulary(list(cfg.vocab))).encode())
     table = images.select(["image_id", "path", "label"]).sort_by("image_id")
     for row in table.to_pylist():
         h.update(json.dumps([row["image_id"], row["path"], row["label"]]).encode())

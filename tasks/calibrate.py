@@ -81,15 +81,21 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     bank_path, phrases_path = folder / "bank.safetensors", folder / "phrases.safetensors"
     device = cfg.device
 
+    from textcam.vocab import load_vocabulary
+
     model = load_model(cfg.model, weights=cfg.weights, device=device)
     layer = cfg.layer or model.target_layer
+    phrases = load_vocabulary(list(cfg.vocab))
     if bank_path.is_file() and phrases_path.is_file():
-        bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
-        phrases, _ = load_phrases(phrases_path)
-        return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), "run_dir", t0)
+        saved, _ = load_phrases(phrases_path)
+        if saved == phrases:
+            bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
+            return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), "run_dir", t0)
+        # A vocabulary file (or a built-in list) changed under the same config: embed the phrases
+        # again, with the same CLIP as the bank (from the cache, or calibrated anew).
+        log.warning("the vocabulary differs from %s: phrases are embedded again", phrases_path)
 
     from textcam.clip import load_clip
-    from textcam.vocab import load_vocabulary
 
     clip = load_clip(cfg.clip, cfg.clip_pretrained, device=device)
     cache = cfg.resolved_cache_dir()
@@ -126,7 +132,6 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
         else:
             bank.save(bank_path)
         source = "calibrated"
-    phrases = load_vocabulary(list(cfg.vocab))
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
     return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)

@@ -18,6 +18,7 @@ import pytest
 from audit_world import make_world
 
 from tasks.config import from_mapping
+from tasks.explain_shard import load_phrases
 from textcam.schema import EXPLANATIONS
 
 N_SHARDS = 4
@@ -121,6 +122,29 @@ def test_rerun_reuses_every_shard(reference: dict[str, Any], world: dict[str, An
     assert len(again["shards"]["reused"]) == N_SHARDS and not again["shards"]["computed"]
     assert _file_ids(run_dir / "explanations") == before
     assert again["counts"] == reference["counts"]
+
+
+def test_an_edited_vocabulary_file_is_not_served_stale(
+    prefect_api: str, world: dict[str, Any], tmp_path: Path
+) -> None:
+    # Same config (the vocabulary is named by its path), new phrases: a new run id, every shard
+    # computed again, and the phrases embedded again (the old explanations moved out of the tables).
+    run_dir = tmp_path / "run"
+    vocab = tmp_path / "phrases.txt"
+    phrases = Path(world["vocab"][0]).read_text().splitlines()
+    vocab.write_text("\n".join(phrases) + "\n")
+    cfg = {**world, "vocab": [str(vocab)]}
+    first = _run(cfg, run_dir)
+    same = _run(cfg, run_dir)
+    assert same["run_id"] == first["run_id"]
+    assert len(same["shards"]["reused"]) == N_SHARDS  # same phrases: nothing to redo
+    vocab.write_text("\n".join([*phrases, "a freshly added phrase"]) + "\n")
+    edited = _run(cfg, run_dir)
+    assert edited["run_id"] != same["run_id"]
+    assert len(edited["shards"]["computed"]) == N_SHARDS and not edited["shards"]["reused"]
+    assert set(explanations(run_dir).column("run_id").to_pylist()) == {edited["run_id"]}
+    saved, _ = load_phrases(run_dir / "bank" / "phrases.safetensors")
+    assert saved[-1] == "a freshly added phrase"
 
 
 _KILLABLE = """

@@ -60,9 +60,12 @@ PHRASES: dict[str, dict[str, str]] = {
     "size": {"small": "small object", "large": "large object"},
     "texture": {"matte": "matte", "checkered": "checkered", "metallic": "metallic"},
     "background": {v: f"{v} background" for v in ("plain", "grass", "water", "sand")},
-    # worded "logo": open_clip's BPE splits "watermark" into "water"+"mark", colliding with "water background"
-    "watermark": {"yes": "logo", "no": "no logo"},
-    "border": {"yes": "border", "no": "no border"},
+    # Artefacts are worded as the captions word them: a tiny CLIP knows only its captions' grammar, and
+    # the image difference "logo vs none" reads as "with a logo" (cosine 0.91) but not as a bare "logo"
+    # (< 0.1, below "hexagon"). "logo", not "watermark": open_clip's BPE splits "watermark" into
+    # "water"+"mark", colliding with "water background".
+    "watermark": {"yes": "with a logo", "no": "without a logo"},
+    "border": {"yes": "with a border", "no": "without a border"},
 }
 
 _SPLIT_CODES = {"train": 1, "probe": 2, "test": 3, "clip": 4, "clip-eval": 5}
