@@ -16,7 +16,8 @@ section below reuses those explanations.
      masks and the artefact geometry, later-drawn regions win) with the highest *mean* group-map
      value after bilinear upsampling to image resolution. A mean, not a sum, so the large
      background does not win by area alone. The group matches when its phrase names an attribute
-     of that region (object: shape, colour, size, texture; background: its type; "logo"; "border").
+     of that region (object: shape, colour, size, texture; background: its type; "with a logo";
+     "with a border").
 2. Finds the bias (one classifier per planted bias + the control)
    * ``bias_top3``: the bias phrase is among the top-3 phrases when the biased class is explained
      on its bias-aligned test images (worst configuration: ``bias_top3_min``).
