@@ -8,11 +8,11 @@ demo: setup
 	.venv/bin/python -m flows.demo
 
 test: setup
-	.venv/bin/ruff check textcam tasks flows reports tests bench
+	.venv/bin/ruff check textcam tasks flows reports tests bench data
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	.venv/bin/ruff check textcam tasks flows reports tests bench
+	.venv/bin/ruff check textcam tasks flows reports tests bench data
 
 bench: setup
 	.venv/bin/python bench/explain.py

@@ -8,42 +8,63 @@ compositional phrases (colour + texture, colour + material, scene backgrounds). 
 
 from itertools import product
 
-COLOURS = """red orange yellow green blue purple pink brown black white grey gold silver beige
-turquoise navy maroon olive teal cyan magenta tan cream dark light""".split()
-TEXTURES = """banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline
+
+def _words(text: str) -> list[str]:
+    """Whitespace-separated words of a block of text."""
+    return text.split()
+
+
+def _lines(text: str) -> list[str]:
+    return text.split("\n")
+
+
+COLOURS = _words("""red orange yellow green blue purple pink brown black white grey gold silver beige
+turquoise navy maroon olive teal cyan magenta tan cream dark light""")
+TEXTURES = _words("""banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline
 dotted fibrous flecked frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined
 marbled matted meshed paisley perforated pitted pleated polka-dotted porous potholed scaly smeared
 spiralled sprinkled stained stratified striped studded swirly veined waffled woven wrinkled
-zigzagged""".split()
-MATERIALS = """wood metal plastic glass stone brick concrete fabric leather fur feathers paper
+zigzagged""")
+MATERIALS = _words("""wood metal plastic glass stone brick concrete fabric leather fur feathers paper
 cardboard rubber ceramic porcelain marble sand water ice snow grass foliage soil mud rust chrome
-denim wool silk hair skin""".split()
-SHAPES = """circle square triangle star rectangle oval hexagon diamond cross heart spiral ring
-cylinder sphere cube cone pyramid arch curve line""".split()
-SCENES = """beach ocean lake river waterfall forest jungle meadow field farm desert mountain hill
+denim wool silk hair skin""")
+SHAPES = _words("""circle square triangle star rectangle oval hexagon diamond cross heart spiral ring
+cylinder sphere cube cone pyramid arch curve line""")
+SCENES = _lines("""beach ocean lake river waterfall forest jungle meadow field farm desert mountain hill
 valley canyon cave glacier snowfield sky clouds sunset night street road highway bridge city
 skyscraper building house kitchen bathroom bedroom living room office classroom library shop
 supermarket restaurant bar stadium playground park garden lawn swimming pool aquarium zoo
 laboratory hospital church temple castle harbor dock airport runway train station parking lot
 garage factory warehouse construction site market stage studio underwater coral reef swamp
 marsh tundra savanna prairie orchard vineyard greenhouse barn stable tunnel alley sidewalk
-courtyard rooftop balcony porch attic basement corridor staircase elevator""".split("\n")
+courtyard rooftop balcony porch attic basement corridor staircase elevator""")
 SCENES = [s for line in SCENES for s in line.split()]  # single words; multiword scenes below
-SCENES += ["living room", "swimming pool", "train station", "parking lot", "construction site",
-           "coral reef", "snowy mountain", "sandy beach", "green field", "blue sky", "night sky"]
-PARTS = """head face eye eyes ear ears nose mouth beak teeth tongue neck body leg legs paw paws
+SCENES += [
+    "living room",
+    "swimming pool",
+    "train station",
+    "parking lot",
+    "construction site",
+    "coral reef",
+    "snowy mountain",
+    "sandy beach",
+    "green field",
+    "blue sky",
+    "night sky",
+]
+PARTS = _words("""head face eye eyes ear ears nose mouth beak teeth tongue neck body leg legs paw paws
 claw claws tail wing wings fin fins feather horn horns antlers mane whiskers shell scales stripes
 spots fur coat hand fingers arm foot wheel wheels tire door window roof handle screen keyboard
 button lid label logo text letters numbers sign flag rope chain strap blade handle lens
-headlight grille petals leaves stem branch trunk roots bark seed fruit flower""".split()
-ARTEFACTS = """watermark text overlay caption border frame timestamp logo stamp copyright notice
+headlight grille petals leaves stem branch trunk roots bark seed fruit flower""")
+ARTEFACTS = _lines("""watermark text overlay caption border frame timestamp logo stamp copyright notice
 blurry image noise compression artifacts overexposed underexposed dark image bright image
 low contrast motion blur vignette black border white border photo frame screenshot drawing
 sketch painting cartoon illustration diagram rendering close-up macro shot aerial view
-top-down view side view crowd person people child hand holding it""".split("\n")
+top-down view side view crowd person people child hand holding it""")
 ARTEFACTS = [a.strip() for line in ARTEFACTS for a in line.split("  ") if a.strip()]
-LIGHTING = """sunlight shadow shade reflection glare backlight silhouette fog mist rain snowfall
-smoke fire flames lightning rainbow haze dusk dawn twilight moonlight lamplight neon lights""".split()
+LIGHTING = _words("""sunlight shadow shade reflection glare backlight silhouette fog mist rain snowfall
+smoke fire flames lightning rainbow haze dusk dawn twilight moonlight lamplight neon lights""")
 
 
 def imagenet_names() -> list[str]:
