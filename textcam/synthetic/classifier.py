@@ -83,6 +83,8 @@ def build_classifier(num_classes: int, width: int = 32, **config: Any) -> nn.Mod
 
 def to_classifier_tensor(images: np.ndarray) -> Tensor:
     """uint8 N×H×W×3 → float N×3×H×W normalised with the world's mean/std."""
+    if not images.flags.writeable:  # e.g. a memory-mapped split; torch refuses to share read-only memory
+        images = images.copy()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
