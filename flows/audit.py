@@ -297,13 +297,14 @@ def prepare_validation_task() -> None:
     _prepare_validation()
 
 
+# The two helpers below are module-level functions: pickled by reference for Dask, unlike a task's
+# own body (which would carry the lock by value).
 def _prepare_validation() -> None:
-    with _GX_LOCK:  # module-level functions: pickled by reference for Dask, unlike task bodies
+    with _GX_LOCK:
         prepare_validation("explanations")
 
 
 def _validate(path: str) -> ValidationResult:
-    # A module-level function (pickled by reference for Dask, unlike the task's own body).
     with _GX_LOCK:
         return validate_shard(path)
 

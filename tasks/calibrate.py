@@ -75,13 +75,12 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     """Make sure ``RUN_DIR/bank/`` holds the channel bank and the phrase embeddings for ``cfg``."""
     from textcam.bank import ChannelBank, probe_hash
     from textcam.models import load_model
+    from textcam.vocab import load_vocabulary
 
     t0 = time.perf_counter()
     folder = Path(run_dir) / "bank"
     bank_path, phrases_path = folder / "bank.safetensors", folder / "phrases.safetensors"
     device = cfg.device
-
-    from textcam.vocab import load_vocabulary
 
     model = load_model(cfg.model, weights=cfg.weights, device=device)
     layer = cfg.layer or model.target_layer
