@@ -18,7 +18,7 @@ Timed in this one process, after a warm-up batch, alternating loop, flow, loop, 
   around it (each repeat's ratio in ``flow_vs_plain_loop_runs``).
 Each contestant's CPU seconds (this process + reaped children, i.e. the DataLoader workers) are
 reported too: ``flow_vs_plain_loop_cpu`` is less sensitive than wall time to other load on a shared
-machine (the Prefect server's own CPU is not in it).
+machine (the Prefect server's own CPU is not in it; ``prefect_server_cpu_s`` is, per flow run).
 
 ``--memory`` runs the flow in fresh subprocesses on 1000 and 10000 images (the shared images
 repeated through symlinks in a temp folder, so every path, hence image id, is distinct) and reports
@@ -264,6 +264,7 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     prepare_s = time.perf_counter() - t0
     plain_loop(cfg_map, run_dir, warmup=True)
     loops: list[tuple[float, float]] = []
+    server_cpu: list[float] = []
     flows: list[tuple[float, float, dict[str, Any]]] = []
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=120):
@@ -274,7 +275,9 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         *loop, loop_rows = plain_loop(cfg_map, run_dir)
         loops.append((loop[0], loop[1]))
         for r in range(args.repeats):
+            server_cpu0 = live_children_cpu()
             flows.append(run_flow({**cfg_map, "run_dir": str(fresh_run_dir(run_dir, r))}))
+            server_cpu.append(live_children_cpu() - server_cpu0)
             *loop, _ = plain_loop(cfg_map, run_dir)
             loops.append((loop[0], loop[1]))
     ratios = [f[0] / ((a[0] + b[0]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)]
@@ -310,9 +313,24 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "flow_vs_plain_loop_runs": [round(x, 3) for x in ratios],
         "flow_vs_plain_loop_with_server_start": round((flow_s + server_s) / loop_s, 3),
         "flow_vs_plain_loop_cpu": round(statistics.median(cpu_ratios), 3),
+        "prefect_server_cpu_s": round(statistics.mean(server_cpu), 2),
         "plain_loop_images_per_s": round(args.limit / loop_s, 2),
         "flow_images_per_s": round(args.limit / flow_s, 2),
     }
+
+
+def live_children_cpu() -> float:
+    """User + system CPU of this process' live descendants: between loop runs, the Prefect server."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def fresh_run_dir(run_dir: Path, repeat: int) -> Path:
