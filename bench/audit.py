@@ -272,16 +272,18 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         # loop, flow, loop, flow, ..., loop: the shared machine's speed drifts by tens of percent
         # over minutes, so each flow is compared with the mean of the loops just before and after it,
         # and the figure is the median over the repeats.
-        *loop, loop_rows = plain_loop(cfg_map, run_dir)
-        loops.append((loop[0], loop[1]))
+        wall, cpu, loop_rows = plain_loop(cfg_map, run_dir)
+        loops.append((wall, cpu))
         for r in range(args.repeats):
             server_cpu0 = live_children_cpu()
             flows.append(run_flow({**cfg_map, "run_dir": str(fresh_run_dir(run_dir, r))}))
             server_cpu.append(live_children_cpu() - server_cpu0)
-            *loop, _ = plain_loop(cfg_map, run_dir)
-            loops.append((loop[0], loop[1]))
-    ratios = [f[0] / ((a[0] + b[0]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)]
-    cpu_ratios = [f[1] / ((a[1] + b[1]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)]
+            wall, cpu, _ = plain_loop(cfg_map, run_dir)
+            loops.append((wall, cpu))
+    # flow i against the mean of loops i and i + 1, wall time (0) and CPU (1)
+    ratios, cpu_ratios = (
+        [f[m] / ((a[m] + b[m]) / 2) for f, a, b in zip(flows, loops, loops[1:], strict=False)] for m in (0, 1)
+    )
     loop_s = statistics.mean(x[0] for x in loops)
     loop_cpu = statistics.mean(x[1] for x in loops)
     flow_s = statistics.mean(x[0] for x in flows)
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.rss_child:
         _rss_child(args.rss_child)
         return 0
