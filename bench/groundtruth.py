@@ -65,6 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tasks.cooccurrence import cooccurrence  # noqa: E402
 from tasks.flags import ClassText, flag_spurious  # noqa: E402
 from tasks.store import build_duckdb, query  # noqa: E402
 from textcam.bank import ChannelBank  # noqa: E402
@@ -122,6 +123,7 @@ class Explained:
     world: World
     model: LoadedModel
     clip: ClipEncoder
+    bank: ChannelBank  # its probe set feeds the audit's co-occurrence check
     explainer: Explainer
     records: pd.DataFrame  # attributes per test image (+ image_id, path)
     masks: np.ndarray  # (N, K, S, S) bool
@@ -214,6 +216,7 @@ def build_explained(
         world=world,
         model=model,
         clip=clip,
+        bank=bank,
         explainer=explainer,
         records=records,
         masks=batch.masks[:n],
@@ -347,9 +350,11 @@ def audit(c: Explained, run_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFra
     write_run(run_dir, rows)
     texts = sorted({*c.explainer.phrases, *c.world.class_names})
     emb = c.clip.encode_texts(texts).cpu().numpy()
+    assert c.bank.probe is not None  # calibrate() sets it
+    seen = cooccurrence(c.bank.probe, c.explainer.phrases, c.clip.encode_texts(c.explainer.phrases).cpu())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return flag_spurious(run_dir, ClassText(embeddings=dict(zip(texts, emb, strict=True))))
+        return flag_spurious(run_dir, ClassText(embeddings=dict(zip(texts, emb, strict=True))), seen)
 
 
 def audit_rank(flags: pd.DataFrame, run_dir: Path, cls: str, phrase: str) -> dict[str, Any]:

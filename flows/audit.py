@@ -395,9 +395,27 @@ def build_duckdb_task(run: RunInfo) -> str:
 def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> list[dict[str, Any]]:
     from tasks.flags import flag_spurious
 
-    frame = flag_spurious(run.run_dir, _class_text(cfg, run, bank), **cfg.extra.get("flags", {}))
+    frame = flag_spurious(
+        run.run_dir, _class_text(cfg, run, bank), _cooccurrence(bank), **cfg.extra.get("flags", {})
+    )
     get_run_logger().info("%d spurious-correlation candidates flagged", len(frame))
     return frame.to_dict(orient="records")
+
+
+def _cooccurrence(bank: BankFiles | None) -> Any:
+    """How visible each phrase is in the probe images of each predicted class (None: no probe set kept)."""
+    from tasks.cooccurrence import cooccurrence
+    from tasks.explain_shard import load_phrases
+    from textcam.bank import ProbeSet
+
+    if bank is None or bank.probe_path is None:
+        return None
+    probe = ProbeSet.load(bank.probe_path)
+    if probe.clip_id != bank.clip_id:  # not the CLIP the phrases were embedded with
+        get_run_logger().warning("probe set %s is from another CLIP: no data check", bank.probe_path)
+        return None
+    phrases, embeddings = load_phrases(bank.phrases_path)
+    return cooccurrence(probe, phrases, embeddings)
 
 
 def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> Any:

@@ -4,7 +4,10 @@ The run directory always holds the pair it used, ``RUN_DIR/bank/bank.safetensors
 ``RUN_DIR/bank/phrases.safetensors``; a resumed run loads them from there, so reused and recomputed
 shards share one bank even when the CLIP weights are random. Across runs, banks are cached under
 ``CACHE_DIR/banks/<key>.safetensors`` with ``key`` = hash(model_id, layer, clip_id, probe hash, m,
-shrinkage), but only when every part of that key names reproducible weights.
+shrinkage), but only when every part of that key names reproducible weights. The probe set's CLIP
+embeddings and predictions (:class:`textcam.bank.ProbeSet`, for :mod:`tasks.cooccurrence`) travel with
+the bank as ``probe.safetensors`` (cache: ``<key>.probe.safetensors``); a cached bank without one is
+calibrated again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROBE_NAME = "probe.safetensors"  # next to bank.safetensors in RUN_DIR/bank/
+
 
 @dataclass(frozen=True)
 class BankFiles:
@@ -40,12 +45,14 @@ class BankFiles:
     n_phrases: int
     source: str  # "run_dir" | "cache" | "calibrated"
     seconds: float
+    probe_path: str | None = None  # None: a run dir from before probe sets were kept
 
     @classmethod
     def describe(
         cls, bank: ChannelBank, bank_path: Path, phrases_path: Path, n_phrases: int, source: str, t0: float
     ) -> BankFiles:
         """The files of ``bank`` and where they came from; ``t0`` is when preparing them began."""
+        probe_path = bank_path.with_name(PROBE_NAME)
         return cls(
             str(bank_path),
             str(phrases_path),
@@ -56,6 +63,7 @@ class BankFiles:
             n_phrases,
             source,
             time.perf_counter() - t0,
+            str(probe_path) if probe_path.is_file() else None,
         )
 
 
@@ -100,10 +108,12 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     cache = cfg.resolved_cache_dir()
     key = bank_key(model.model_id, layer, clip.clip_id, probe_hash(probe_paths), cfg.bank_m, cfg.shrinkage)
     cached = cache / "banks" / f"{key}.safetensors"
+    cached_probe = cached.with_name(f"{key}.{PROBE_NAME}")
     cacheable = clip.cacheable and getattr(model, "cacheable", True)
-    if cacheable and cached.is_file():
+    if cacheable and cached.is_file() and cached_probe.is_file():
         bank = ChannelBank.load(cached, model_id=model.model_id, layer=layer, clip_id=clip.clip_id)
         _copy_atomic(cached, bank_path)
+        _copy_atomic(cached_probe, bank_path.with_name(PROBE_NAME))
         source = "cache"
     else:
         log.info(
@@ -125,11 +135,15 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
             device=device,
             progress=False,
         )
+        assert bank.probe is not None  # calibrate() always sets it
         if cacheable:
             bank.save(cached)
+            bank.probe.save(cached_probe)
             _copy_atomic(cached, bank_path)
+            _copy_atomic(cached_probe, bank_path.with_name(PROBE_NAME))
         else:
             bank.save(bank_path)
+            bank.probe.save(bank_path.with_name(PROBE_NAME))
         source = "calibrated"
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)

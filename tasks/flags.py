@@ -15,9 +15,13 @@ decide which z_lifts are surprising:
   phrase, its mean score is at least ``min_relative_score`` (0.5) of the class's main phrase in its
   direction (``concept_stats.relative_score``), and the phrase does not describe a class of the task: its
   CLIP text similarity to every class name and class vocabulary stays below the similarity between the two
-  most alike *different* class names. Its own class, because "whiskers" for cat is the model working as
-  intended; the other classes, because "triangle" as evidence against "square" is the classes competing, a
-  confusion the concept tables show, not a cue outside the label space.
+  most alike *different* class names (texts compared centred, see :class:`ClassText`). Its own class,
+  because "whiskers" for cat is the model working as intended; the other classes, because "triangle" as
+  evidence against "square" is the classes competing, a confusion the concept tables show, not a cue
+  outside the label space. Finally the phrase must be *visible*: among the probe images, those predicted
+  as the class show it more ("for"; less, "against") than the others do, beyond the vocabulary-wide
+  threshold of :mod:`tasks.cooccurrence` — a spurious correlation lives in the data as well as in the
+  model; classes with too few probe images skip this check.
 
   Why a relative score: with a well-behaved model every class's explanations still hold a few small
   phrases that the sparse coding adds to fit the class's direction in CLIP space (measured on the demo's
@@ -31,6 +35,7 @@ decide which z_lifts are surprising:
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +73,11 @@ FLAGS = pa.schema(
         # CLIP text similarity to the nearest class of the task (name or vocabulary); null: unknown
         pa.field("class_similarity", pa.float64(), nullable=True),
         pa.field("similarity_threshold", pa.float64(), nullable=True),
+        # the phrase in the probe images predicted as the class (tasks.cooccurrence); null: unknown
+        pa.field("n_probe_class", pa.int64(), nullable=True),
+        pa.field("data_lift", pa.float64(), nullable=True),
+        pa.field("data_z", pa.float64(), nullable=True),
+        pa.field("data_threshold", pa.float64(), nullable=True),
         pa.field("n_misclassified", pa.int64(), nullable=False),
         pa.field("frequency_misclassified", pa.float64(), nullable=True),
         pa.field("frequency_correct", pa.float64(), nullable=True),
@@ -75,7 +85,7 @@ FLAGS = pa.schema(
         pa.field("misclassified_enrichment", pa.float64(), nullable=True),
         pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
     ],
-    metadata={"table": "flags", "version": "1"},
+    metadata={"table": "flags", "version": "2"},
 )
 
 
@@ -87,10 +97,23 @@ class ClassText:
     every phrase of ``own_vocabulary``; phrases seen in the run but missing from it cannot be excluded by
     similarity (a warning is logged; exact text matches are still excluded).
     ``own_vocabulary`` maps class name -> phrases describing the class itself (e.g. "stripes" for "zebra").
+
+    ``centre``: compare texts after subtracting the mean embedding of all of them. CLIP text embeddings
+    share a large component, whatever they say (the demo's tiny CLIP: cosine 0.60 between "circle" and
+    "square", 0.61 between "with a logo" and "triangle"), so raw cosines tell "as alike as two class
+    names" from "unrelated" by a hair (0.609 against 0.601); centred, 0.15 against 0.03.
     """
 
     embeddings: Mapping[str, np.ndarray]
     own_vocabulary: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    centre: bool = True
+
+    @functools.cached_property
+    def _mean(self) -> np.ndarray:
+        if not self.centre or len(self.embeddings) < 2:
+            return np.zeros(1)
+        m = np.stack([np.asarray(v, dtype=np.float64) for v in self.embeddings.values()])
+        return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).mean(0)
 
     @classmethod
     def from_encoder(
@@ -110,6 +133,7 @@ class ClassText:
 
     def _unit(self, texts: Sequence[str]) -> np.ndarray:
         m = np.stack([np.asarray(self.embeddings[t], dtype=np.float64) for t in texts])
+        m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12) - self._mean
         return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
     def similarity_threshold(self, class_names: Sequence[str]) -> float:
@@ -238,6 +262,7 @@ def permutation_null(
 def flag_spurious(
     run_dir: str | Path,
     class_text: ClassText | None = None,
+    cooccurrence: pd.DataFrame | None = None,
     *,
     n_permutations: int = 200,
     quantile: float = 0.99,
@@ -251,6 +276,8 @@ def flag_spurious(
     Needs ``RUN_DIR/run.duckdb`` (built by :func:`tasks.store.build_duckdb` if absent). Returns the flags as a
     DataFrame with the :data:`FLAGS` columns, ordered by class then rank. See the module docstring for the
     statistic. ``class_text=None`` disables the describe-the-class exclusion (a warning is logged).
+    ``cooccurrence`` (:func:`tasks.cooccurrence.cooccurrence` of the run's probe set) adds the data check;
+    ``None`` leaves it out (a warning is logged).
 
     >>> text = ClassText.from_encoder(clip.encode_text, names, phrases, vocab)  # doctest: +SKIP
     >>> flag_spurious("runs/r1", text)  # doctest: +SKIP
@@ -268,7 +295,15 @@ def flag_spurious(
     try:
         con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
         flags = _compute_flags(
-            con, class_text, n_permutations, quantile, min_images, min_relative_score, n_examples, seed
+            con,
+            class_text,
+            cooccurrence,
+            n_permutations,
+            quantile,
+            min_images,
+            min_relative_score,
+            n_examples,
+            seed,
         )
         table = pa.Table.from_pandas(flags, schema=FLAGS, preserve_index=False)
         tmp = run_dir / ".flags.parquet.tmp"
@@ -287,6 +322,7 @@ def flag_spurious(
 def _compute_flags(
     con: duckdb.DuckDBPyConnection,
     class_text: ClassText | None,
+    cooccurrence: pd.DataFrame | None,
     n_permutations: int,
     quantile: float,
     min_images: int,
@@ -332,6 +368,11 @@ def _compute_flags(
     describes = stats["phrase"].str.casefold().isin(own) | (
         stats["class_similarity"] >= stats["similarity_threshold"]
     )
+    stats = _with_cooccurrence(stats, cooccurrence)
+    # Visible in the images: the probe images predicted as the class show the phrase more (for) or
+    # less (against) than the others do; unknown (too few probe images) does not veto a flag.
+    signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
+    visible = stats["data_z"].isna() | (signed > stats["data_threshold"])
     keep = (
         stats["z_lift"].notna()
         & (stats["z_lift"] > stats["threshold"])
@@ -339,6 +380,7 @@ def _compute_flags(
         & (stats["n_images"] >= min_images)
         & (stats["relative_score"] >= min_relative_score)
         & ~describes
+        & visible
     )
     flags = stats[keep].copy()
     if flags.empty:
@@ -358,6 +400,22 @@ def _compute_flags(
     )
     flags["example_image_ids"] = flags["example_image_ids"].apply(lambda v: list(v) if v is not None else [])
     return flags[FLAGS.names].reset_index(drop=True)
+
+
+def _with_cooccurrence(stats: pd.DataFrame, cooccurrence: pd.DataFrame | None) -> pd.DataFrame:
+    """``stats`` with the data figures of its class × phrase (NaN where unknown)."""
+    from tasks.cooccurrence import COLUMNS
+
+    if cooccurrence is None:
+        log.warning("no probe co-occurrence given: flags are not checked against the images")
+        cooccurrence = pd.DataFrame({c: pd.Series(dtype="float64") for c in COLUMNS})
+    missing = set(COLUMNS) - set(cooccurrence.columns)
+    if missing:
+        raise ValueError(f"cooccurrence lacks columns {sorted(missing)}")
+    data = cooccurrence[COLUMNS].astype({"class_index": "int32", "phrase": "object"})
+    out = stats.merge(data, on=["class_index", "phrase"], how="left", validate="many_to_one")
+    out["n_probe_class"] = out["n_probe_class"].astype("Int64")
+    return out
 
 
 def _similarities(

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from audit_world import make_world
 
 from tasks.config import from_mapping
@@ -96,6 +97,22 @@ def test_end_to_end_tables_and_summary(reference: dict[str, Any], world: dict[st
 
     assert query(run_dir, "SELECT count(*) AS n FROM explanations")["n"][0] == 42
     assert json.loads((run_dir / "summary.json").read_text())["run_id"] == reference["run_id"]
+
+
+def test_probe_set_is_kept_for_the_data_check(reference: dict[str, Any]) -> None:
+    from tasks.store import query
+    from textcam.bank import ProbeSet
+
+    run_dir = Path(reference["run_dir"])
+    probe = ProbeSet.load(run_dir / "bank" / "probe.safetensors")
+    # The probe is every readable image in image_id order (probe_size 500 > 42): calibration's
+    # predictions must be the explanations' predictions of the same images.
+    preds = query(run_dir, "SELECT pred FROM explanations WHERE rank_of_target = 0 ORDER BY image_id")
+    assert probe.predictions.tolist() == preds["pred"].tolist()
+    assert probe.embeddings.shape[0] == 42 and torch.isfinite(probe.embeddings).all()
+    # ... and its figures reach the flags table (13 or 14 probe images per class >= 10: all checked).
+    flags = query(run_dir, "SELECT * FROM flags")
+    assert flags["data_z"].notna().all() and (flags["n_probe_class"] >= 10).all()
 
 
 def test_artifacts_published(reference: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from auditdata import OWN, class_text_embeddings, make_run
@@ -59,12 +60,19 @@ def test_phrases_describing_the_class_are_excluded(planted: Path, class_text: Cl
     raw = flag_spurious(planted, None)
     own = {(c, p) for c, p in OWN.items()}
     assert own <= set(zip(raw["class_name"], raw["phrase"], strict=True))
-    # ... the learned threshold (max similarity between two class names) removes exactly those.
+    # ... the learned threshold (max similarity between two class names, compared after removing the
+    # mean of every unit text embedding) removes exactly those.
     names = ["bird", "cat", "dog"]
     emb = class_text.embeddings
-    unit = {n: emb[n] / np.linalg.norm(emb[n]) for n in names}
+    mean = np.mean([v / np.linalg.norm(v) for v in emb.values()], axis=0)
+    centred = {n: emb[n] / np.linalg.norm(emb[n]) - mean for n in names}
+    unit = {n: v / np.linalg.norm(v) for n, v in centred.items()}
     expected = max(float(unit[a] @ unit[b]) for a in names for b in names if a != b)
     assert class_text.similarity_threshold(names) == pytest.approx(expected)
+    raw = {n: emb[n] / np.linalg.norm(emb[n]) for n in names}
+    assert ClassText(emb, centre=False).similarity_threshold(names) == pytest.approx(
+        max(float(raw[a] @ raw[b]) for a in names for b in names if a != b)
+    )
     sims = class_text.class_similarity("cat", ["whiskers", "snow"])
     assert sims[0] > expected > sims[1]
     kept = flag_spurious(planted, class_text)
@@ -195,3 +203,38 @@ def test_bad_arguments_are_rejected(planted: Path) -> None:
         flag_spurious(planted, None, quantile=1.0)
     with pytest.raises(ValueError, match="n_permutations"):
         flag_spurious(planted, None, n_permutations=0)
+
+
+def _seen(planted: Path, z: dict[tuple[str, str], float | None]) -> pd.DataFrame:
+    """A co-occurrence table giving ``data_z`` to (class, phrase); every other pair 0 (not visible)."""
+    stats = query(planted, "SELECT DISTINCT class_name, class_index, phrase FROM concept_stats")
+    data_z = [z.get((c, p), 0.0) for c, p in zip(stats["class_name"], stats["phrase"], strict=True)]
+    return stats.drop(columns="class_name").assign(
+        n_probe_class=50, data_lift=np.array(data_z, dtype=float) / 5, data_z=data_z, data_threshold=3.0
+    )
+
+
+def test_flags_need_the_phrase_in_the_images(planted: Path, class_text: ClassText, flags) -> None:
+    def got(seen: pd.DataFrame) -> set[tuple[str, str, str]]:
+        out = flag_spurious(planted, class_text, seen)
+        return set(zip(out["class_name"], out["phrase"], out["direction"], strict=True))
+
+    both = {("dog", "snow", "for"), ("cat", "stripes", "against")}
+    # visible in the class's probe images, in the flag's direction: flagged as without the check
+    visible = got(_seen(planted, {("dog", "snow"): 9.0, ("cat", "stripes"): -9.0}))
+    assert visible == both
+    # snow no more frequent among dog images than elsewhere; stripes *more* frequent among cats
+    # although it counts against cat: neither is a correlation in the data
+    assert got(_seen(planted, {("dog", "snow"): 2.9, ("cat", "stripes"): 9.0})) == set()
+    # unknown (too few probe images of the class): the explanations decide alone
+    unknown = got(_seen(planted, {("dog", "snow"): None, ("cat", "stripes"): -9.0}))
+    assert unknown == both
+    out = flag_spurious(planted, class_text, _seen(planted, {("dog", "snow"): 9.0, ("cat", "stripes"): -9.0}))
+    snow = out[out["phrase"] == "snow"].iloc[0]
+    assert (snow["data_z"], snow["data_threshold"], snow["n_probe_class"]) == (9.0, 3.0, 50)
+    assert flags["data_z"].isna().all()  # no co-occurrence given
+
+
+def test_cooccurrence_needs_its_columns(planted: Path, class_text: ClassText) -> None:
+    with pytest.raises(ValueError, match="lacks columns"):
+        flag_spurious(planted, class_text, pd.DataFrame({"class_index": [0], "phrase": ["snow"]}))

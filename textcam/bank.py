@@ -194,12 +194,63 @@ def top_bottom(gap: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, bottom
 
 
+@dataclass(frozen=True)
+class ProbeSet:
+    """What calibration saw of each probe image, beyond the GAP scores it fits directions with: the
+    CLIP image embedding and the classifier's prediction. Kept because it is free (both are computed
+    anyway) and lets an audit ask whether a phrase is *visible* in the images a class is predicted for
+    (:mod:`tasks.cooccurrence`), not only whether the class's explanations use it.
+    """
+
+    embeddings: torch.Tensor  # (N, D) CLIP image embeddings, as the encoder returned them
+    predictions: torch.Tensor  # (N,) int64 predicted class index
+    probe_hash: str
+    clip_id: str
+
+    def __post_init__(self) -> None:
+        if self.embeddings.ndim != 2 or self.predictions.shape != (self.embeddings.shape[0],):
+            raise ValueError(
+                f"probe embeddings {tuple(self.embeddings.shape)} and predictions "
+                f"{tuple(self.predictions.shape)} do not describe the same images"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (safetensors), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "embeddings": self.embeddings.detach().cpu().float().contiguous(),
+            "predictions": self.predictions.detach().cpu().long().contiguous(),
+        }
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata={"probe_hash": self.probe_hash, "clip_id": self.clip_id})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ProbeSet:
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(path)
+            return cls(tensors["embeddings"], tensors["predictions"], header["probe_hash"], header["clip_id"])
+        except (SafetensorError, KeyError, OSError) as exc:
+            raise BankCorruptError(f"probe file {path} is unreadable: {exc}") from None
+
+
 @dataclass
 class ChannelBank:
-    """(C, D) channel directions in CLIP space plus the identity of what produced them."""
+    """(C, D) channel directions in CLIP space plus the identity of what produced them.
+
+    ``probe`` is set by :meth:`calibrate` (not stored in the bank file; :meth:`ProbeSet.save`).
+    """
 
     directions: torch.Tensor
     meta: BankMeta
+    probe: ProbeSet | None = field(default=None, repr=False, compare=False)
 
     @property
     def bank_id(self) -> str:
@@ -235,7 +286,10 @@ class ChannelBank:
         device: str | torch.device = "auto",
         progress: bool = True,
     ) -> ChannelBank:
-        """Stream ``probe_paths`` once through classifier and CLIP and fit every channel's direction."""
+        """Stream ``probe_paths`` once through classifier and CLIP and fit every channel's direction.
+
+        The returned bank's ``probe`` holds the probe images' CLIP embeddings and predicted classes.
+        """
         from tqdm.auto import tqdm
 
         if m < 2:
@@ -244,6 +298,7 @@ class ChannelBank:
         layer = layer or model.target_layer
         gaps: list[torch.Tensor] = []
         embs: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
         failures: list[tuple[int, str]] = []
         batches = iter_batches(
             probe_paths, [model.preprocess, clip.preprocess], batch_size=batch_size, num_workers=num_workers
@@ -254,7 +309,7 @@ class ChannelBank:
                 failures.extend(batch.failed)
                 if batch.indices.numel():
                     x_cls, x_clip = batch.tensors
-                    model.module(x_cls.to(dev))
+                    preds.append(model.module(x_cls.to(dev)).argmax(dim=1).cpu())
                     gaps.append(captured.pop().cpu())
                     embs.append(clip.encode_images(x_clip).cpu())
                 bar.update(batch.indices.numel() + len(batch.failed))
@@ -277,7 +332,8 @@ class ChannelBank:
             embed_dim=int(directions.shape[1]),
             versions=_versions(),
         )
-        return cls(directions, meta)
+        probe = ProbeSet(emb, torch.cat(preds), meta.probe_hash, clip.clip_id)
+        return cls(directions, meta, probe)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors; metadata and a checksum in its header), atomically."""
