@@ -310,6 +310,10 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "flow_cpu_s": round(statistics.mean(x[1] for x in flows), 2),
         "flow_rows": summary["counts"]["explanation_rows"],
         "flow_stages_s": summary["timings_s"],
+        # per flow run: the explain stage and each shard's seconds (the first run in a process pays
+        # imports and first-call costs that later runs do not)
+        "flow_explain_stage_runs_s": [round(f[2]["timings_s"]["explain"], 2) for f in flows],
+        "flow_shard_runs_s": [[round(x, 1) for x in f[2]["shards"]["seconds"].values()] for f in flows],
         "prefect_server_start_s": round(server_s, 2),
         "flow_vs_plain_loop": round(statistics.median(ratios), 3),
         "flow_vs_plain_loop_runs": [round(x, 3) for x in ratios],

@@ -355,29 +355,32 @@ def explain_shards(
     as the parent's) instead of being passed in: the Prefect API stores flow-run parameters and
     refuses more than 512 kB, which a shard list passes at a few thousand images.
 
-    ``inline``: explain the shards one after another in this flow's own thread (validation still
-    runs on the task runner, overlapping the next shard). With one shard at a time there is
-    nothing to gain from a worker thread, and the model passes run measurably faster in the thread
-    that loaded the model (bench/audit.py: flow/loop 1.29 inline vs 1.61-1.77 in a worker thread,
-    512 images).
+    ``inline``: explain and validate the shards one after another in this flow's own thread. With
+    one shard at a time there is nothing to gain from a worker thread, and the model passes run
+    measurably faster in the thread that loaded the model (bench/audit.py: flow/loop 1.29 inline vs
+    1.61-1.77 in a worker thread, 512 images). Validation is serial too: it is GIL-bound Python
+    (pandas, Great Expectations), so beside the model passes it stalls them for more than its own
+    0.3 s per shard (/tmp experiment, 1,000 images: flow/loop 1.152 with validation on a second
+    thread, 1.085 with none).
     """
     logger = get_run_logger()
     images = pq.read_table(Path(run.run_dir) / "images.parquet", columns=["image_id", "path", "label"])
     shards = plan_shards(images, shard_size, run_id=run.run_id)
     warm_up = prepare_validation_task.submit()
+    outcomes: list[ShardOutcome] = []
     pairs = []
-    for shard in shards:  # interleaved, so a shard is committed as soon as it is explained
+    for i, shard in enumerate(shards, 1):  # a shard is committed as soon as it is explained
         if inline:  # a failure raises the shard's own error here; earlier shards are committed
             explained = explain_shard_task(spec, shard, run, batch_size, loader_workers)
+            outcomes.append(validate_shard_task(explained, shard, run))
+            logger.info("[%d/%d shards]", i, len(shards))
         else:
             explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
-        pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
-    outcomes = []
+            pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
     for i, (explained, checked) in enumerate(pairs, 1):
         # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
         # validation's result would only say that its upstream did not complete.
-        if not inline:
-            explained.result()
+        explained.result()
         outcomes.append(checked.result())
         logger.info("[%d/%d shards]", i, len(shards))
     warm_up.wait()

@@ -100,8 +100,11 @@ def test_end_to_end_tables_and_summary(reference: dict[str, Any], world: dict[st
 
 
 def test_probe_set_is_kept_for_the_data_check(reference: dict[str, Any]) -> None:
+    from flows.audit import _cooccurrence
+    from tasks.calibrate import BankFiles
+    from tasks.cooccurrence import cooccurrence
     from tasks.store import query
-    from textcam.bank import ProbeSet
+    from textcam.bank import ChannelBank, ProbeSet
 
     run_dir = Path(reference["run_dir"])
     probe = ProbeSet.load(run_dir / "bank" / "probe.safetensors")
@@ -110,9 +113,17 @@ def test_probe_set_is_kept_for_the_data_check(reference: dict[str, Any]) -> None
     preds = query(run_dir, "SELECT pred FROM explanations WHERE rank_of_target = 0 ORDER BY image_id")
     assert probe.predictions.tolist() == preds["pred"].tolist()
     assert probe.embeddings.shape[0] == 42 and torch.isfinite(probe.embeddings).all()
-    # ... and its figures reach the flags table (13 or 14 probe images per class >= 10: all checked).
-    flags = query(run_dir, "SELECT * FROM flags")
-    assert flags["data_z"].notna().all() and (flags["n_probe_class"] >= 10).all()
+    # ... and the flag task finds it through the run's bank files: every class (13 or 14 probe images
+    # each, >= 10) × phrase has a data z-score.
+    bank_dir = run_dir / "bank"
+    bank = ChannelBank.load(bank_dir / "bank.safetensors")
+    paths = (bank_dir / "bank.safetensors", bank_dir / "phrases.safetensors")
+    files = BankFiles.describe(bank, *paths, n_phrases=24, source="run_dir", t0=0.0)
+    table = _cooccurrence(files)
+    phrases, embeddings = load_phrases(files.phrases_path)
+    assert table.equals(cooccurrence(probe, phrases, embeddings))
+    assert len(table) == 3 * 24 and table["data_z"].notna().all() and (table["n_probe_class"] >= 13).all()
+    assert "data_z" in query(run_dir, "SELECT * FROM flags").columns
 
 
 def test_artifacts_published(reference: dict[str, Any]) -> None:
