@@ -43,8 +43,10 @@ from tasks.config import AuditConfig, ConfigError, from_mapping
 from tasks.explain_shard import (
     AtomicParquetWriter,
     RuntimeSpec,
+    ShardFeed,
     ShardResult,
     explain_shard,
+    finished_file,
     is_finished,
 )
 from tasks.manifest import Manifest, read_manifest
@@ -252,11 +254,16 @@ def _sweep_stale(run_dir: Path, shards: Sequence[Shard]) -> None:
     task_run_name="explain-{shard.shard_id}",
 )
 def explain_shard_task(
-    spec: RuntimeSpec, shard: Shard, run: RunInfo, batch_size: int, loader_workers: int
+    spec: RuntimeSpec,
+    shard: Shard,
+    run: RunInfo,
+    batch_size: int,
+    loader_workers: int,
+    feed: ShardFeed | None = None,
 ) -> ShardResult:
     # NO_CACHE: the shard files are the cache (checked inside), a Prefect result cache could outlive them.
     return explain_shard(
-        spec, shard, run.run_dir, run.run_id, batch_size=batch_size, loader_workers=loader_workers
+        spec, shard, run.run_dir, run.run_id, batch_size=batch_size, loader_workers=loader_workers, feed=feed
     )
 
 
@@ -369,14 +376,26 @@ def explain_shards(
     warm_up = prepare_validation_task.submit()
     outcomes: list[ShardOutcome] = []
     pairs = []
-    for i, shard in enumerate(shards, 1):  # a shard is committed as soon as it is explained
-        if inline:  # a failure raises the shard's own error here; earlier shards are committed
-            explained = explain_shard_task(spec, shard, run, batch_size, loader_workers)
-            outcomes.append(validate_shard_task(explained, shard, run))
-            logger.info("[%d/%d shards]", i, len(shards))
-        else:
-            explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
-            pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
+    # Inline, the shards still to compute share one image loader (workers started once).
+    feed = (
+        ShardFeed(
+            spec, [s for s in shards if finished_file(s, run.run_dir) is None], batch_size, loader_workers
+        )
+        if inline
+        else None
+    )
+    try:
+        for i, shard in enumerate(shards, 1):  # a shard is committed as soon as it is explained
+            if inline:  # a failure raises the shard's own error here; earlier shards are committed
+                explained = explain_shard_task(spec, shard, run, batch_size, loader_workers, feed)
+                outcomes.append(validate_shard_task(explained, shard, run))
+                logger.info("[%d/%d shards]", i, len(shards))
+            else:
+                explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
+                pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
+    finally:
+        if feed is not None:
+            feed.close()
     for i, (explained, checked) in enumerate(pairs, 1):
         # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
         # validation's result would only say that its upstream did not complete.

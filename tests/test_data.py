@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.badimages import make_bad_images
-from textcam.data import ImageReadError, iter_batches, read_image
+from textcam.data import ImageReadError, iter_batch_groups, iter_batches, read_image
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,28 @@ def test_batches_account_for_every_path(corpus) -> None:
     assert sorted(seen_ok + seen_bad) == list(range(len(paths)))
     expected_ok = [i for i, (_, ok) in enumerate(corpus.values()) if ok]
     assert sorted(seen_ok) == expected_ok
+
+
+def _small(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_groups_read_each_group_as_if_alone(corpus, workers: int) -> None:
+    paths = [p for p, _ in corpus.values()]
+    groups = [paths[:5], paths[5:6], paths[6:]]  # uneven, one of a single image
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    for group, batch in iter_batch_groups(groups, [_small], batch_size=4, num_workers=workers):
+        got[group].append(batch)
+    assert [len(v) for v in got.values()] == [2, 1, -(-len(groups[2]) // 4)]  # no batch mixes groups
+    for g, paths_g in enumerate(groups):
+        alone = list(iter_batches(paths_g, [_small], batch_size=4))
+        assert len(alone) == len(got[g])
+        for a, b in zip(alone, got[g], strict=True):
+            assert a.indices.tolist() == b.indices.tolist() and a.failed == b.failed
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
+
+
+def test_batch_groups_reject_a_bad_batch_size(corpus) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter_batch_groups([[p for p, _ in corpus.values()]], [_small], batch_size=0))

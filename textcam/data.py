@@ -6,6 +6,7 @@ one-line reason, never a crash of the whole batch, so callers can account for ev
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -160,19 +161,56 @@ def iter_batches(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Batch]:
     """Stream ``paths`` in order as :class:`Batch` objects; decoding overlaps compute with workers."""
+    for _, batch in iter_batch_groups(
+        [paths],
+        transforms,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        max_pixels=max_pixels,
+    ):
+        yield batch
+
+
+def iter_batch_groups(
+    groups: Sequence[Sequence[str | os.PathLike[str]]],
+    transforms: Sequence[Transform],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[int, Batch]]:
+    """Stream several path lists, in order, through one set of loader workers: ``(group, batch)``.
+
+    A batch never mixes groups and its ``indices`` (and ``failed``) count from the start of its group,
+    so each group reads as if streamed alone by :func:`iter_batches`, without starting (forking) and
+    refilling the workers once per group.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = np.cumsum([0, *(len(g) for g in groups)]).tolist()
+    plan = [  # (group, dataset indices) per batch, in order
+        (k, list(range(a + i, min(a + i + batch_size, b))))
+        for k, (a, b) in enumerate(itertools.pairwise(starts))
+        for i in range(0, b - a, batch_size)
+    ]
+    sampler = [indices for _, indices in plan]
     loader = DataLoader(
-        ImageDataset(paths, transforms, max_pixels=max_pixels),
-        batch_size=batch_size,
-        shuffle=False,
+        ImageDataset([p for g in groups for p in g], transforms, max_pixels=max_pixels),
+        batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_images,
         pin_memory=pin_memory,
         persistent_workers=False,
         worker_init_fn=_forget_parent_atexit if num_workers else None,
     )
-    yield from loader
+    for (group, _), batch in zip(plan, loader, strict=True):
+        offset = starts[group]
+        yield (
+            group,
+            Batch(batch.indices - offset, batch.tensors, [(i - offset, why) for i, why in batch.failed]),
+        )
 
 
 def _forget_parent_atexit(_worker_id: int) -> None:
