@@ -28,6 +28,7 @@ from tasks.explain_shard import load_phrases, save_phrases
 
 if TYPE_CHECKING:
     from textcam.bank import ChannelBank
+    from textcam.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
         saved, _ = load_phrases(phrases_path)
         if saved == phrases:
             bank = ChannelBank.load(bank_path, model_id=model.model_id, layer=layer)
+            if not bank_path.with_name(PROBE_NAME).is_file():
+                _add_probe(cfg, model, bank, probe_paths, bank_path.with_name(PROBE_NAME))
             return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), "run_dir", t0)
         # A vocabulary file (or a built-in list) changed under the same config: embed the phrases
         # again, with the same CLIP as the bank (from the cache, or calibrated anew).
@@ -148,3 +151,38 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
     return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)
+
+
+def _add_probe(
+    cfg: AuditConfig, model: LoadedModel, bank: ChannelBank, probe_paths: Sequence[str], out: Path
+) -> None:
+    """Give a run dir from before probe sets were kept its ``probe.safetensors``, keeping its bank.
+
+    The probe pass is run again (the bank's directions, which its explanations used, stay as they
+    are); only with the same CLIP weights and probe images as the bank, else the data check is
+    left out of this run's flags (a warning says so).
+    """
+    from textcam.bank import ChannelBank, probe_hash
+    from textcam.clip import load_clip
+
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+    if not clip.cacheable or clip.clip_id != bank.clip_id or probe_hash(probe_paths) != bank.meta.probe_hash:
+        log.warning(
+            "cannot rebuild the probe set of %s (other CLIP or probe images): no data check", out.parent
+        )
+        return
+    log.info("adding the probe set to %s (%d probe images)", out.parent, len(probe_paths))
+    fresh = ChannelBank.calibrate(
+        model,
+        clip,
+        probe_paths,
+        layer=bank.layer,
+        m=bank.meta.m,
+        shrinkage=bank.meta.shrinkage,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.loader_workers,
+        device=cfg.device,
+        progress=False,
+    )
+    assert fresh.probe is not None  # calibrate() always sets it
+    fresh.probe.save(out)

@@ -178,6 +178,25 @@ def test_an_edited_vocabulary_file_is_not_served_stale(
     assert saved[-1] == "a freshly added phrase"
 
 
+def test_a_run_dir_without_a_probe_set_gets_one(prefect_api: str, world: dict, tmp_path: Path) -> None:
+    # A run dir from before probe sets were kept: the re-run adds one (same CLIP, same probe images),
+    # keeps its bank (the reused explanations were made with it) and recomputes no shard.
+    from textcam.bank import ProbeSet
+
+    run_dir = tmp_path / "run"
+    first = _run(world, run_dir)
+    probe_file = run_dir / "bank" / "probe.safetensors"
+    before, bank_bytes = ProbeSet.load(probe_file), (run_dir / "bank" / "bank.safetensors").read_bytes()
+    probe_file.unlink()
+    again = _run(world, run_dir)
+    assert again["run_id"] == first["run_id"] and len(again["shards"]["reused"]) == N_SHARDS
+    assert (run_dir / "bank" / "bank.safetensors").read_bytes() == bank_bytes
+    after = ProbeSet.load(probe_file)
+    assert torch.equal(after.predictions, before.predictions)
+    assert torch.allclose(after.embeddings, before.embeddings, atol=1e-5)
+    assert again["bank"]["probe_path"] == str(probe_file)
+
+
 _KILLABLE = """
 import json, sys, time
 import flows.audit as audit_module
