@@ -8,6 +8,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -57,6 +58,14 @@ def audited(root: Path, *, quality: bool = False, **kwargs) -> Path:
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     run_dir = audited(root, quality=True)
+    # the data check known for dog's flag (visible in its probe images), unknown for cat's
+    stats = query(run_dir, "SELECT DISTINCT class_name, class_index, phrase FROM concept_stats")
+    dog_snow = (stats["class_name"] == "dog") & (stats["phrase"] == "snow")
+    seen = stats.drop(columns="class_name").assign(
+        n_probe_class=50, data_lift=1.5, data_z=np.where(dog_snow, 9.0, np.nan), data_threshold=3.0
+    )
+    seen.loc[stats["class_name"] == "cat", "n_probe_class"] = 4
+    flag_spurious(run_dir, ClassText(class_text_embeddings()), seen)
     # the flow's layout for a failed shard: quality/<shard>.json and quarantine/<shard>.validation.json
     failed = json.dumps(
         {"ok": False, "failures": ["prob: expect_column_values_to_be_between failed"], "report": {}}
@@ -83,6 +92,10 @@ def test_report_has_every_section_and_the_flags(report: Path) -> None:
     assert quality.count("shard-00007") == 1 and quality.count(">quarantined<") == 1
     assert quality.count(">passed<") == 2
     assert "cannot identify image file" in html  # errors table
+    cards_html = html[html.index('id="flags"') : html.index('id="plots"')]
+    assert "in the probe images: data z 9.00" in " ".join(cards_html.split())
+    assert "(threshold 3.00, 50 images predicted as the class)" in " ".join(cards_html.split())
+    assert "in the probe images: not checked" in " ".join(cards_html.split())  # cat: 4 probe images
 
 
 def test_report_is_self_contained(report: Path) -> None:
