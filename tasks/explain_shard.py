@@ -294,10 +294,9 @@ class ShardFeed:
 
     def take(self, shard: Shard) -> Iterator[Any] | None:
         """The batches of ``shard`` if it is next in the feed, else ``None``."""
-        if self._left or self._next >= len(self._shards):  # the previous shard stopped half-way
-            self.close()
-            return None
-        if self._shards[self._next].shard_id != shard.shard_id:
+        # not next: out of turn, a retry, or the previous shard stopped half-way (batches left)
+        ids = [s.shard_id for s in self._shards[self._next : self._next + 1]]
+        if self._left or ids != [shard.shard_id]:
             self.close()
             return None
         if self._stream is None:

@@ -357,6 +357,7 @@ def _compute_flags(
     stats["p_value"] = (1 + exceed) / (1 + n_permutations)
 
     stats["class_similarity"], stats["similarity_threshold"] = _similarities(stats, class_text, class_order)
+    stats = _with_cooccurrence(stats, cooccurrence)
     # A phrase describes the label space when it is a class name or in a class's own vocabulary (by text), or
     # is at least as close to one of them in CLIP space as two different class names are to each other.
     own = {c.casefold() for c in class_order} | {
@@ -368,7 +369,6 @@ def _compute_flags(
     describes = stats["phrase"].str.casefold().isin(own) | (
         stats["class_similarity"] >= stats["similarity_threshold"]
     )
-    stats = _with_cooccurrence(stats, cooccurrence)
     # Visible in the images: the probe images predicted as the class show the phrase more (for) or
     # less (against) than the others do; unknown (too few probe images) does not veto a flag.
     signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
