@@ -299,8 +299,8 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
 
 @task(name="prepare-validation", cache_policy=NO_CACHE)
 def prepare_validation_task() -> None:
-    """Build the Great Expectations context and suite (~4 s, mostly the import) while the first
-    shard's model loads, instead of after it, when it would compete with the second shard."""
+    """Build the Great Expectations context and suite (~3 s, mostly the import) while the first
+    shard's model loads, instead of serially before the first shard's validation."""
     _prepare_validation()
 
 
