@@ -65,6 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tasks.behaviour import probe_behaviour  # noqa: E402
 from tasks.cooccurrence import cooccurrence  # noqa: E402
 from tasks.flags import ClassText, flag_spurious  # noqa: E402
 from tasks.store import build_duckdb, query  # noqa: E402
@@ -350,11 +351,17 @@ def audit(c: Explained, run_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFra
     write_run(run_dir, rows)
     texts = sorted({*c.explainer.phrases, *c.world.class_names})
     emb = c.clip.encode_texts(texts).cpu().numpy()
-    assert c.bank.probe is not None  # calibrate() sets it
-    seen = cooccurrence(c.bank.probe, c.explainer.phrases, c.clip.encode_texts(c.explainer.phrases).cpu())
+    probe = c.bank.probe
+    assert probe is not None  # calibrate() sets it
+    text = c.clip.encode_texts(c.explainer.phrases).cpu()
+    seen = cooccurrence(probe, c.explainer.phrases, text)
+    labels = c.world.manifest("probe")["label"].to_numpy()[probe.indices.numpy()]
+    behaviour = probe_behaviour(probe.embeddings, probe.predictions, c.explainer.phrases, text, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return flag_spurious(run_dir, ClassText(embeddings=dict(zip(texts, emb, strict=True))), seen)
+        return flag_spurious(
+            run_dir, ClassText(embeddings=dict(zip(texts, emb, strict=True))), seen, behaviour=behaviour
+        )
 
 
 def audit_rank(flags: pd.DataFrame, run_dir: Path, cls: str, phrase: str) -> dict[str, Any]:

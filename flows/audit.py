@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -192,11 +193,15 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     writer.commit()
 
 
-def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
+def probe_images(cfg: AuditConfig, manifest: Manifest) -> pa.Table:
     """The calibration probe set: ``cfg.probe`` or the first ``probe_size`` audit images by image_id."""
     images = manifest.images if cfg.probe is None else read_manifest(cfg.probe).images
-    ordered = images.sort_by("image_id").column("path").to_pylist()
-    return ordered[: cfg.probe_size]
+    return images.sort_by("image_id").slice(0, cfg.probe_size)
+
+
+def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
+    """The probe images' paths, in calibration order."""
+    return probe_images(cfg, manifest).column("path").to_pylist()
 
 
 @task(
@@ -414,11 +419,17 @@ def build_duckdb_task(run: RunInfo) -> str:
 
 
 @task(name="flag-spurious", cache_policy=NO_CACHE)
-def flag_task(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> list[dict[str, Any]]:
+def flag_task(
+    cfg: AuditConfig, run: RunInfo, manifest: Manifest, bank: BankFiles | None
+) -> list[dict[str, Any]]:
     from tasks.flags import flag_spurious
 
     frame = flag_spurious(
-        run.run_dir, _class_text(cfg, run, bank), _cooccurrence(bank), **cfg.extra.get("flags", {})
+        run.run_dir,
+        _class_text(cfg, run, bank),
+        _cooccurrence(bank),
+        behaviour=_behaviour(cfg, manifest, bank),
+        **cfg.extra.get("flags", {}),
     )
     get_run_logger().info("%d spurious-correlation candidates flagged", len(frame))
     return frame.to_dict(orient="records")
@@ -438,6 +449,33 @@ def _cooccurrence(bank: BankFiles | None) -> Any:
         return None
     phrases, embeddings = load_phrases(bank.phrases_path)
     return cooccurrence(probe, phrases, embeddings)
+
+
+def _behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> Any:
+    """What CLIP sees in each probe image, with the classifier's prediction and the true label where the
+    manifest has one (:mod:`tasks.behaviour`); None without a probe set or with random CLIP weights."""
+    from tasks.behaviour import probe_behaviour
+    from tasks.explain_shard import load_phrases
+    from textcam.bank import ProbeSet
+    from textcam.models import load_model
+
+    if bank is None or bank.probe_path is None:
+        return None
+    if cfg.clip_pretrained is None and not cfg.clip.startswith("local-dir:"):
+        return None  # random CLIP weights see nothing: no behaviour evidence
+    probe = ProbeSet.load(bank.probe_path)
+    if probe.clip_id != bank.clip_id:
+        get_run_logger().warning("probe set %s is from another CLIP: no behaviour evidence", bank.probe_path)
+        return None
+    phrases, embeddings = load_phrases(bank.phrases_path)
+    names = load_model(cfg.model, weights=cfg.weights, device="cpu").class_names
+    index = {n: i for i, n in enumerate(names)}
+    column = probe_images(cfg, manifest).column("label").to_pylist()
+    labels = [index.get(str(v), -1) if v is not None else -1 for v in column]
+    known = np.asarray(labels, dtype=np.int64)[probe.indices.numpy()]
+    return probe_behaviour(
+        probe.embeddings, probe.predictions, phrases, embeddings, known if (known >= 0).any() else None
+    )
 
 
 def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> Any:
@@ -488,6 +526,9 @@ def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
         n_groups=cfg.n_groups,
         device=cfg.device,
         torch_threads=cfg.torch_threads,
+        visibility_path=bank.visibility_path if cfg.check_phrases else None,
+        clip=cfg.clip if cfg.check_phrases else None,
+        clip_pretrained=cfg.clip_pretrained if cfg.check_phrases else None,
     )
 
 
@@ -569,7 +610,7 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
     with timer.stage("duckdb"):
         build_duckdb_task(run)
     with timer.stage("flags"):
-        flags = flag_task(cfg, run, bank)
+        flags = flag_task(cfg, run, manifest, bank)
     report = str(Path(run.run_dir) / "report.html")
     summarise(cfg, run, manifest, bank, outcomes, timer, report, len(flags))  # the report reads it
     with timer.stage("report"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import duckdb
 import jinja2
 import numpy as np
 import pandas as pd
@@ -165,6 +166,23 @@ def _overlay(base: Image.Image, grid: np.ndarray, alpha: float = 0.55) -> Image.
 def _grid(values: Any, h: int, w: int) -> np.ndarray | None:
     arr = np.asarray(values if values is not None else [], dtype=np.float32)
     return arr.reshape(h, w) if h > 0 and w > 0 and arr.size == h * w else None
+
+
+def _near_misses(con: duckdb.DuckDBPyConnection, per_class: int = 4) -> list[dict[str, Any]]:
+    """Each class's strongest "for" candidates from ``flag_candidates`` (flagged ones included), for the
+    report's table; an old run database without the table gives none."""
+    try:
+        frame = con.sql(
+            f"""
+            SELECT * FROM flag_candidates WHERE direction = 'for'
+            QUALIFY row_number() OVER (PARTITION BY class_name ORDER BY flagged DESC, z_lift DESC NULLS LAST)
+                    <= {int(per_class)}
+            ORDER BY class_name, flagged DESC, z_lift DESC NULLS LAST
+            """
+        ).df()
+    except duckdb.CatalogException:
+        return []
+    return frame.to_dict(orient="records")
 
 
 def _evidence(row: pd.Series, phrase: str, root: Path | None) -> dict[str, Any]:
@@ -359,6 +377,7 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         "counts": counts,
         "dataset_root": str(root) if root else None,
         "flags": cards,
+        "near_misses": _near_misses(con),
         "n_flags": len(flags),
         "plots": _plots(stats, flags, classes),
         "concept_tables": concept_tables,

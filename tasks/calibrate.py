@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_NAME = "probe.safetensors"  # next to bank.safetensors in RUN_DIR/bank/
+VISIBILITY_NAME = (
+    "visibility.safetensors"  # per-phrase presence models fitted on the probe (textcam.visibility)
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class BankFiles:
     source: str  # "run_dir" | "cache" | "calibrated"
     seconds: float
     probe_path: str | None = None  # None: a run dir from before probe sets were kept
+    visibility_path: str | None = None  # None: no probe set to fit it on
 
     @classmethod
     def describe(
@@ -54,6 +58,9 @@ class BankFiles:
     ) -> BankFiles:
         """The files of ``bank`` and where they came from; ``t0`` is when preparing them began."""
         probe_path = bank_path.with_name(PROBE_NAME)
+        visibility = bank_path.with_name(VISIBILITY_NAME)
+        if probe_path.is_file() and not visibility.is_file():
+            _fit_visibility(probe_path, phrases_path, visibility)
         return cls(
             str(bank_path),
             str(phrases_path),
@@ -65,7 +72,17 @@ class BankFiles:
             source,
             time.perf_counter() - t0,
             str(probe_path) if probe_path.is_file() else None,
+            str(visibility) if visibility.is_file() else None,
         )
+
+
+def _fit_visibility(probe_path: Path, phrases_path: Path, out: Path) -> None:
+    """Fit the phrases' presence models on the probe images' CLIP embeddings (same CLIP as the phrases)."""
+    from textcam.bank import ProbeSet
+    from textcam.visibility import PhraseVisibility
+
+    _, embeddings = load_phrases(phrases_path)
+    PhraseVisibility.fit(ProbeSet.load(probe_path).embeddings, embeddings).save(out)
 
 
 def bank_key(model_id: str, layer: str, clip_id: str, probe: str, m: int, shrinkage: float) -> str:
@@ -150,6 +167,7 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
         source = "calibrated"
     embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
     save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
+    bank_path.with_name(VISIBILITY_NAME).unlink(missing_ok=True)  # fitted for the old phrases or probe
     return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)
 
 

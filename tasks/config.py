@@ -52,6 +52,8 @@ class AuditConfig:
     top_k: int = 1
     n_phrases: int = 5
     n_groups: int = 3
+    check_phrases: bool = True
+    """Mark each explanation's phrases that CLIP sees in the image (a CLIP pass per image)."""
     classes: str | tuple[str, ...] | None = None
     """Label check: ``None`` (off), ``"model"`` (the classifier's class names), or a list of names."""
     probe: str | None = None

@@ -37,8 +37,10 @@ from textcam.device import resolve_device
 from textcam.schema import ERRORS, EXPLANATIONS
 
 if TYPE_CHECKING:
+    from textcam.clip import ClipEncoder
     from textcam.explain import Explainer
     from textcam.models import LoadedModel
+    from textcam.visibility import PhraseVisibility
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class RuntimeSpec:
     n_groups: int = 3
     device: str = "auto"
     torch_threads: int | None = None
+    # Check each image's phrases with CLIP (textcam.visibility): the fitted mixtures and the CLIP to load.
+    visibility_path: str | None = None
+    clip: str | None = None
+    clip_pretrained: str | None = None
 
 
 @dataclass
@@ -71,6 +77,8 @@ class Runtime:
     layer: str
     device: torch.device
     lock: threading.Lock
+    clip: ClipEncoder | None = None
+    visibility: PhraseVisibility | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,13 @@ def _build_runtime(spec: RuntimeSpec) -> Runtime:
         n_groups=spec.n_groups,
         device=device,
     )
+    clip = visibility = None
+    if spec.visibility_path is not None and spec.clip is not None:
+        from textcam.clip import load_clip
+        from textcam.visibility import PhraseVisibility
+
+        clip = load_clip(spec.clip, spec.clip_pretrained, device=device)
+        visibility = PhraseVisibility.load(spec.visibility_path)
     log.info(
         "loaded %s + bank %s in %.1f s (pid %d)",
         model.model_id,
@@ -186,7 +201,9 @@ def _build_runtime(spec: RuntimeSpec) -> Runtime:
         time.perf_counter() - t0,
         os.getpid(),
     )
-    return Runtime(model, explainer, bank.bank_id, bank.clip_id, bank.layer, device, threading.Lock())
+    return Runtime(
+        model, explainer, bank.bank_id, bank.clip_id, bank.layer, device, threading.Lock(), clip, visibility
+    )
 
 
 # -- Parquet files --------------------------------------------------------------------------------
@@ -261,10 +278,15 @@ class AtomicParquetWriter:
 # -- the shard ------------------------------------------------------------------------------------
 
 
+def transforms_for(runtime: Runtime) -> list[Any]:
+    """The classifier's preprocessing, and CLIP's when the runtime checks phrases against the image."""
+    return [runtime.model.preprocess] + ([runtime.clip.preprocess] if runtime.clip is not None else [])
+
+
 def _batches(shard: Shard, runtime: Runtime, batch_size: int, loader_workers: int) -> Iterator[Any]:
     yield from iter_batches(
         [ref.path for ref in shard.images],
-        [runtime.model.preprocess],
+        transforms_for(runtime),
         batch_size=batch_size,
         num_workers=min(loader_workers, max(1, len(shard) // batch_size)) if loader_workers else 0,
         pin_memory=runtime.device.type == "cuda",
@@ -303,7 +325,7 @@ class ShardFeed:
             runtime = get_runtime(self._spec)
             self._stream = iter_batch_groups(
                 [[ref.path for ref in s.images] for s in self._shards],
-                [runtime.model.preprocess],
+                transforms_for(runtime),
                 batch_size=self._batch_size,
                 num_workers=self._loader_workers,
                 pin_memory=runtime.device.type == "cuda",
@@ -328,6 +350,19 @@ class ShardFeed:
         if self._stream is not None:
             self._stream.close()  # ends the DataLoader iteration: its workers shut down
             self._stream = None
+
+
+def _explain(runtime: Runtime, pixels: torch.Tensor, clip_pixels: Sequence[torch.Tensor]) -> list[Any]:
+    """Explanations of a batch; with a CLIP in the runtime, each "for" phrase marked shown or not."""
+    eb = runtime.explainer.explain_tensors(pixels)
+    shown = None
+    if runtime.clip is not None and runtime.visibility is not None and clip_pixels:
+        with torch.no_grad():
+            emb = runtime.clip.encode_images(clip_pixels[0]).cpu()
+        k = eb.targets.shape[1]
+        sel = eb.phrases_for
+        shown = runtime.visibility.visible(emb.repeat_interleave(k, 0), sel.indices, sel.scores)
+    return runtime.explainer.to_explanations(eb, shown)
 
 
 def finished_file(shard: Shard, run_dir: str | os.PathLike[str]) -> Path | None:
@@ -418,7 +453,7 @@ def explain_shard(
                 continue
             pixels = batch.tensors[0].to(runtime.device, non_blocking=True)
             with runtime.lock:
-                explanations = runtime.explainer.explain_batch(pixels)
+                explanations = _explain(runtime, pixels, batch.tensors[1:])
             per_image = len(explanations) // batch.indices.numel()
             rows = []
             for k, expl in enumerate(explanations):

@@ -48,6 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.behaviour import ProbeBehaviour, model_evidence
 from tasks.store import DB_NAME, build_duckdb, create_table_sql
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,40 @@ FLAGS = pa.schema(
         # (k_mis + .5)/(n_mis + 1) ÷ (k_cor + .5)/(n_cor + 1); null without misclassified images
         pa.field("misclassified_enrichment", pa.float64(), nullable=True),
         pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
+        # what the model does (tasks.behaviour); null when the run has no probe behaviour
+        pa.field("z_model", pa.float64(), nullable=True),
+        pa.field("effect", pa.float64(), nullable=True),
+        pa.field("model_threshold", pa.float64(), nullable=True),
+        pa.field("step", pa.int32(), nullable=True),
+        pa.field("given", pa.string(), nullable=True),
     ],
-    metadata={"table": "flags", "version": "2"},
+    metadata={"table": "flags", "version": "3"},
 )
+
+#: Every class's strongest candidates, flagged or not, and the rule that decided (``flag_candidates``).
+FLAG_CANDIDATES = pa.schema(
+    [
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("flagged", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("frequency", pa.float64(), nullable=True),
+        pa.field("frequency_other", pa.float64(), nullable=True),
+        pa.field("lift", pa.float64(), nullable=True),
+        pa.field("z_lift", pa.float64(), nullable=True),
+        pa.field("z_first", pa.float64(), nullable=True),
+        pa.field("effect_first", pa.float64(), nullable=True),
+        pa.field("z_model", pa.float64(), nullable=True),
+        pa.field("effect", pa.float64(), nullable=True),
+        pa.field("model_threshold", pa.float64(), nullable=True),
+        pa.field("min_effect", pa.float64(), nullable=True),
+        pa.field("given", pa.string(), nullable=True),
+    ],
+    metadata={"table": "flag_candidates", "version": "1"},
+)
+N_CANDIDATES = 5  # near misses kept per class and direction
 
 
 @dataclass(frozen=True)
@@ -270,8 +302,16 @@ def flag_spurious(
     min_relative_score: float = 0.5,
     n_examples: int = 6,
     seed: int = 0,
+    behaviour: ProbeBehaviour | None = None,
+    alpha: float = 0.01,
+    min_effect: float = 0.2,
 ) -> pd.DataFrame:
     """Flag spurious-correlation candidates of a run; write ``flags.parquet`` and the DuckDB table ``flags``.
+
+    With ``behaviour`` (:func:`tasks.behaviour.probe_behaviour` of the run's probe set) a flag needs what
+    the model does (:func:`tasks.behaviour.model_evidence`, ``alpha`` and ``min_effect``) instead of the
+    explanation-only z_lift threshold; ``flag_candidates.parquet`` and the table ``flag_candidates``
+    say, for every class's strongest candidates, which rule decided and the value it saw.
 
     Needs ``RUN_DIR/run.duckdb`` (built by :func:`tasks.store.build_duckdb` if absent). Returns the flags as a
     DataFrame with the :data:`FLAGS` columns, ordered by class then rank. See the module docstring for the
@@ -294,46 +334,52 @@ def flag_spurious(
     con = duckdb.connect(str(run_dir / DB_NAME))
     try:
         con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
-        flags = _compute_flags(
-            con,
-            class_text,
-            cooccurrence,
-            n_permutations,
-            quantile,
-            min_images,
-            min_relative_score,
-            n_examples,
-            seed,
-        )
-        table = pa.Table.from_pandas(flags, schema=FLAGS, preserve_index=False)
-        tmp = run_dir / ".flags.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(run_dir / "flags.parquet")
-        con.execute(create_table_sql("flags", FLAGS))
-        con.register("_flags", table)
-        con.execute("INSERT INTO flags BY NAME SELECT * FROM _flags")
-        con.unregister("_flags")
+        rule = FlagRule(n_permutations, quantile, min_images, min_relative_score, seed, alpha, min_effect)
+        flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule, n_examples)
+        for name, frame, schema in (
+            ("flags", flags, FLAGS),
+            ("flag_candidates", candidates, FLAG_CANDIDATES),
+        ):
+            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+            tmp = run_dir / f".{name}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.replace(run_dir / f"{name}.parquet")
+            con.execute(create_table_sql(name, schema))
+            con.register("_rows", table)
+            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _rows")
+            con.unregister("_rows")
         con.execute("CHECKPOINT")
     finally:
         con.close()
     return flags
 
 
+@dataclass(frozen=True)
+class FlagRule:
+    """The flag rule's settings (see :func:`flag_spurious`)."""
+
+    n_permutations: int = 200
+    quantile: float = 0.99
+    min_images: int = 3
+    min_relative_score: float = 0.5
+    seed: int = 0
+    alpha: float = 0.01
+    min_effect: float = 0.2
+
+
 def _compute_flags(
     con: duckdb.DuckDBPyConnection,
     class_text: ClassText | None,
     cooccurrence: pd.DataFrame | None,
-    n_permutations: int,
-    quantile: float,
-    min_images: int,
-    min_relative_score: float,
+    behaviour: ProbeBehaviour | None,
+    rule: FlagRule,
     n_examples: int,
-    seed: int,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     stats = con.sql("SELECT * FROM concept_stats").df()
     empty = pa.Table.from_pylist([], schema=FLAGS).to_pandas()
+    no_candidates = pa.Table.from_pylist([], schema=FLAG_CANDIDATES).to_pandas()
     if stats.empty:
-        return empty
+        return empty, no_candidates
     images, cols, trip = _load_scores(con)
     groups = (cols["direction"] == "against").to_numpy().astype(np.int64)
     null_max = permutation_null(
@@ -343,21 +389,21 @@ def _compute_flags(
         trip["score"].to_numpy(np.float64),
         len(cols),
         groups,
-        n_permutations=n_permutations,
-        seed=seed,
+        n_permutations=rule.n_permutations,
+        seed=rule.seed,
     )
     class_order = images.drop_duplicates("class_name").sort_values("k")["class_name"].tolist()
     with np.errstate(invalid="ignore"):
-        thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), quantile, axis=0)
+        thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), rule.quantile, axis=0)
     stats["threshold"] = stats["class_name"].map(dict(zip(class_order, thresholds, strict=True)))
     # p-value against the class's null maxima, vectorised by class.
     k_of = stats["class_name"].map({c: i for i, c in enumerate(class_order)}).to_numpy()
     z = stats["z_lift"].to_numpy(np.float64)
     exceed = (null_max[:, k_of] >= z[None, :]).sum(0)
-    stats["p_value"] = (1 + exceed) / (1 + n_permutations)
+    stats["p_value"] = (1 + exceed) / (1 + rule.n_permutations)
 
     stats["class_similarity"], stats["similarity_threshold"] = _similarities(stats, class_text, class_order)
-    stats = _with_cooccurrence(stats, cooccurrence)
+    stats = _with_cooccurrence(stats, cooccurrence, warn=behaviour is None)
     # A phrase describes the label space when it is a class name or in a class's own vocabulary (by text), or
     # is at least as close to one of them in CLIP space as two different class names are to each other.
     own = {c.casefold() for c in class_order} | {
@@ -366,26 +412,26 @@ def _compute_flags(
         if c in class_order
         for p in v
     }
-    describes = stats["phrase"].str.casefold().isin(own) | (
+    stats["describes"] = stats["phrase"].str.casefold().isin(own) | (
         stats["class_similarity"] >= stats["similarity_threshold"]
     )
-    # Visible in the images: the probe images predicted as the class show the phrase more (for) or
-    # less (against) than the others do; unknown (too few probe images) does not veto a flag.
-    signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
-    visible = stats["data_z"].isna() | (signed > stats["data_threshold"])
-    keep = (
-        stats["z_lift"].notna()
-        & (stats["z_lift"] > stats["threshold"])
-        & (stats["lift"] > 0)
-        & (stats["n_images"] >= min_images)
-        & (stats["relative_score"] >= min_relative_score)
-        & ~describes
-        & visible
-    )
+    stats["in_explanations"] = (stats["lift"] > 0) & (stats["n_images"] >= rule.min_images)
+    if behaviour is None:
+        keep = _explanation_rule(stats, rule)
+        for col in ("z_model", "effect", "model_threshold", "z_first", "effect_first", "given"):
+            stats[col] = np.nan if col != "given" else None
+        stats["step"] = pd.array([pd.NA] * len(stats), dtype="Int32")
+        stats["reason"] = _explanation_reasons(stats, keep)
+    else:
+        stats, keep = _model_rule(stats, behaviour, rule)
+    candidates = _candidates(stats, keep, rule)
     flags = stats[keep].copy()
     if flags.empty:
-        return empty
-    flags = flags.sort_values(["class_name", "z_lift"], ascending=[True, False])
+        return empty, candidates
+    order = ["class_name", "step", "z_model", "z_lift"] if behaviour is not None else ["class_name", "z_lift"]
+    flags = flags.sort_values(order, ascending=[True] + [False] * (len(order) - 1))
+    if behaviour is not None:
+        flags = flags.sort_values(["class_name", "step"], kind="stable")
     flags["rank"] = flags.groupby("class_name").cumcount() + 1
     n_mis, n_cor = flags["n_misclassified"], flags["n_correct"]
     k_mis = flags["frequency_misclassified"] * n_mis
@@ -393,21 +439,138 @@ def _compute_flags(
     flags["misclassified_enrichment"] = ((k_mis + 0.5) / (n_mis + 1) / ((k_cor + 0.5) / (n_cor + 1))).where(
         n_mis > 0
     )
-    flags["n_permutations"] = n_permutations
+    flags["n_permutations"] = rule.n_permutations
     flags["run_id"] = con.execute("SELECT coalesce(min(run_id), '') FROM explanations").fetchall()[0][0]
     flags = flags.merge(
         _examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left"
     )
     flags["example_image_ids"] = flags["example_image_ids"].apply(lambda v: list(v) if v is not None else [])
-    return flags[FLAGS.names].reset_index(drop=True)
+    flags["step"] = flags["step"].astype("Int32")
+    return flags[FLAGS.names].reset_index(drop=True), candidates
 
 
-def _with_cooccurrence(stats: pd.DataFrame, cooccurrence: pd.DataFrame | None) -> pd.DataFrame:
+def _explanation_rule(stats: pd.DataFrame, rule: FlagRule) -> pd.Series:
+    """Without probe behaviour: the explanations' z_lift over its permutation threshold, the class's
+    main evidence, and visible in the probe images (when the co-occurrence is known)."""
+    # Visible in the images: the probe images predicted as the class show the phrase more (for) or
+    # less (against) than the others do; unknown (too few probe images) does not veto a flag.
+    signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
+    visible = stats["data_z"].isna() | (signed > stats["data_threshold"])
+    return (
+        stats["z_lift"].notna()
+        & (stats["z_lift"] > stats["threshold"])
+        & stats["in_explanations"]
+        & (stats["relative_score"] >= rule.min_relative_score)
+        & ~stats["describes"]
+        & visible
+    )
+
+
+def _explanation_reasons(stats: pd.DataFrame, keep: pd.Series) -> np.ndarray:
+    signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
+    return np.select(
+        [
+            keep.to_numpy(),
+            stats["describes"].to_numpy(),
+            ~stats["in_explanations"].to_numpy(),
+            ~(stats["z_lift"] > stats["threshold"]).to_numpy(),
+            stats["data_z"].notna().to_numpy() & ~(signed > stats["data_threshold"]),
+        ],
+        [
+            "flagged",
+            "names a class of the task",
+            "not in the class's explanations",
+            "z_lift under its permutation threshold",
+            "not visible in the probe images",
+        ],
+        "under half the class's main phrase",
+    )
+
+
+def _model_rule(
+    stats: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
+) -> tuple[pd.DataFrame, pd.Series]:
+    """Flags from what the model does on the probe set (:func:`tasks.behaviour.model_evidence`)."""
+    index = {p: i for i, p in enumerate(behaviour.phrases)}
+    n_classes = (
+        int(
+            max(
+                stats["class_index"].max(),
+                behaviour.predictions.max(initial=0),
+                -1 if behaviour.labels is None else behaviour.labels.max(initial=0),
+            )
+        )
+        + 1
+    )
+    eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
+    ok = stats[stats["in_explanations"] & ~stats["describes"] & stats["phrase"].isin(index)]
+    eligible[
+        ok["class_index"].to_numpy(np.int64),
+        ok["phrase"].map(index).to_numpy(np.int64),
+        (ok["direction"] == "against").to_numpy(np.int64),
+    ] = True
+    evidence = model_evidence(
+        behaviour,
+        n_classes,
+        eligible,
+        alpha=rule.alpha,
+        min_effect=rule.min_effect,
+        n_permutations=rule.n_permutations,
+        seed=rule.seed,
+    ).rename(columns={"threshold": "model_threshold"})
+    out = stats.merge(
+        evidence.drop(columns=["eligible"]), on=["class_index", "phrase", "direction"], how="left"
+    )
+    out["accepted"] = out["accepted"].fillna(False).astype(bool)
+    out["step"] = out["step"].astype("Int32")
+    passes_first = (out["z_first"] > out["model_threshold"]) & (out["effect_first"] >= rule.min_effect)
+    out["reason"] = np.select(
+        [
+            out["accepted"].to_numpy(),
+            out["describes"].to_numpy(),
+            ~out["phrase"].isin(index).to_numpy(),
+            ~out["in_explanations"].to_numpy(),
+            (passes_first & out["given"].fillna("").ne("")).to_numpy(),
+            out["z_model"].isna().to_numpy(),
+            ~(out["z_model"] > out["model_threshold"]).to_numpy(),
+        ],
+        [
+            "flagged",
+            "names a class of the task",
+            "not in the probe's vocabulary",
+            "not in the class's explanations",
+            "explained by an earlier flag (" + out["given"].fillna("") + ")",
+            "no contrast in the probe (presence or predictions constant within labels)",
+            "model evidence under the permutation null",
+        ],
+        f"effect under {rule.min_effect:g}",
+    )
+    return out, out["accepted"]
+
+
+def _candidates(stats: pd.DataFrame, keep: pd.Series, rule: FlagRule) -> pd.DataFrame:
+    """Each class × direction's strongest candidates: its flags, its top phrases in the explanations
+    (z_lift: what the report's heatmap shows) and its top phrases by the model's z, with the reason."""
+    frame = stats.assign(flagged=keep.to_numpy(), min_effect=rule.min_effect)
+    keys = ["class_name", "direction"]
+    picked = [frame[frame["flagged"]]]
+    for col in ("z_lift", "z_first"):
+        ranked = frame.sort_values([*keys, col], ascending=[True, True, False], na_position="last")
+        picked.append(ranked[ranked[col].notna()].groupby(keys, sort=False).head(N_CANDIDATES))
+    top = pd.concat(picked).drop_duplicates(["class_name", "phrase", "direction"])
+    top = top.sort_values([*keys, "flagged", "z_lift"], ascending=[True, True, False, False])
+    return top[FLAG_CANDIDATES.names].reset_index(drop=True)
+
+
+def _with_cooccurrence(
+    stats: pd.DataFrame, cooccurrence: pd.DataFrame | None, warn: bool = True
+) -> pd.DataFrame:
     """``stats`` with the data figures of its class × phrase (NaN where unknown)."""
     from tasks.cooccurrence import COLUMNS
 
-    if cooccurrence is None:
+    if cooccurrence is None and warn:
         log.warning("no probe co-occurrence given: flags are not checked against the images")
+    if cooccurrence is None:
         cooccurrence = pd.DataFrame({c: pd.Series(dtype="float64") for c in COLUMNS})
     missing = set(COLUMNS) - set(cooccurrence.columns)
     if missing:

@@ -262,7 +262,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
     >>> build_duckdb("runs/2024-01-01")  # doctest: +SKIP
     PosixPath('runs/2024-01-01/run.duckdb')
     """
-    from tasks.flags import FLAGS  # local: flags imports this module
+    from tasks.flags import FLAG_CANDIDATES, FLAGS  # local: flags imports this module
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
@@ -276,9 +276,10 @@ def build_duckdb(run_dir: str | Path) -> Path:
         _create_views(con, run_dir, temporary=False)
         con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
-        con.execute(create_table_sql("flags", FLAGS))
-        if (run_dir / "flags.parquet").is_file():
-            con.execute("INSERT INTO flags BY NAME SELECT * FROM read_parquet('flags.parquet')")
+        for name, schema in (("flags", FLAGS), ("flag_candidates", FLAG_CANDIDATES)):
+            con.execute(create_table_sql(name, schema))
+            if (run_dir / f"{name}.parquet").is_file():
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet('{name}.parquet')")
         con.execute("CHECKPOINT")
     finally:
         con.close()

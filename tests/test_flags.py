@@ -238,3 +238,43 @@ def test_flags_need_the_phrase_in_the_images(planted: Path, class_text: ClassTex
 def test_cooccurrence_needs_its_columns(planted: Path, class_text: ClassText) -> None:
     with pytest.raises(ValueError, match="lacks columns"):
         flag_spurious(planted, class_text, pd.DataFrame({"class_index": [0], "phrase": ["snow"]}))
+
+
+def _probe(phrases: list[str], used: bool, n: int = 900, seed: int = 0):
+    """A probe where CLIP sees each phrase in a random half of the images and the model is right 90 % of
+    the time; when ``used``, it predicts dog (index 2) whenever it sees "snow", whatever the true class."""
+    from tasks.behaviour import ProbeBehaviour
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    presence = rng.random((n, len(phrases))) < 0.5
+    pred = np.where(rng.random(n) < 0.9, labels, rng.integers(0, 3, n))  # a model that errs now and then
+    if used:
+        pred[presence[:, phrases.index("snow")]] = 2
+    return ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+
+
+def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassText) -> None:
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    used = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=True))
+    assert next((r.class_name, r.phrase, r.direction, r.rank) for r in used.itertuples()) == (
+        "dog",
+        "snow",
+        "for",
+        1,
+    )
+    top = used.iloc[0]
+    assert top["effect"] > 0.9 and top["z_model"] > top["model_threshold"] and top["step"] == 1
+    # The same explanations, but the model does not act on snow: the explanations' lift alone flags nothing.
+    unused = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=False))
+    assert unused.empty
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
+    snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
+    assert not snow["flagged"] and snow["reason"] in (
+        "model evidence under the permutation null",
+        "effect under 0.2",
+    )
+    assert abs(snow["z_model"]) < snow["model_threshold"]
+    own = why[why["phrase"] == "whiskers"]
+    assert (own["reason"] == "names a class of the task").all()
+    assert query(planted, "SELECT count(*) AS n FROM flag_candidates")["n"][0] == len(why)

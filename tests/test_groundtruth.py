@@ -44,9 +44,9 @@ def figures(tiny_world_cache, tmp_path_factory) -> dict[str, Any]:
 
 
 # Measured on the tiny preset (600 test images; README has the demo preset's figures): CLIP shape 0.84,
-# true shape in top-3 0.83, background and colour cues in top-3 1.00 and flagged first, deletion 0.31 vs
-# random 0.43, insertion 0.67 vs 0.47, ablation win rate 1.00. The tiny control classifier reaches only
-# 0.85 accuracy (it never learns circles in its budget) and raises flags; the demo preset's raises none.
+# true shape in top-3 0.83, background and colour cues in top-3 1.00, deletion 0.31 vs random 0.43,
+# insertion 0.67 vs 0.47, ablation win rate 1.00. The flags follow what the model does on the probe set
+# (tasks.behaviour), so the weak tiny control (0.85 accuracy, it never learns circles) raises none.
 
 
 @pytest.mark.slow
@@ -65,14 +65,14 @@ def test_planted_cues_are_found_and_ranked_first(figures: dict[str, Any]) -> Non
     for kind in ("background", "colour", "watermark"):
         assert figures["bias_gap"][kind] > 0.5  # the classifier uses the cue ...
         assert figures["bias_top3"][kind] >= 0.7  # ... its explanations name it ...
-        assert figures["bias_z_rank"][kind] == 1  # ... and the audit ranks it first for the class
+        assert figures["bias_flag_rank"][kind] == 1  # ... and the audit flags it first for its class
     for kind in ("background", "colour"):
         assert figures["bias_top3_control"][kind] <= 0.1  # the control's explanations do not name it
-    # Above the permutation threshold too, on at least two cues: with the tiny preset's weak CLIP
-    # (shape 0.84) and control (circle never named), the significance of one cue varies with details
-    # such as the vocabulary (background: z 2.76 under a threshold of 3.46 after the artefact phrases
-    # were reworded, flagged first before).
-    assert sum(figures["bias_flag_rank"][k] == 1 for k in ("background", "colour", "watermark")) >= 2
+
+
+@pytest.mark.slow
+def test_the_control_raises_no_flag(figures: dict[str, Any]) -> None:
+    assert figures["control_false_flags"] == 0
 
 
 @pytest.mark.slow

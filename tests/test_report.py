@@ -211,3 +211,24 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / "report.png")
     assert problems == []
+
+
+def test_model_evidence_and_near_misses_are_shown(tmp_path: Path) -> None:
+    from tasks.behaviour import ProbeBehaviour
+
+    run_dir = make_run(tmp_path, write_images=False)
+    build_duckdb(run_dir)
+    phrases = query(run_dir, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 900)
+    presence = rng.random((900, len(phrases))) < 0.5
+    pred = np.where(rng.random(900) < 0.9, labels, rng.integers(0, 3, 900))
+    pred[presence[:, phrases.index("snow")]] = 2  # the model takes anything with snow for a dog
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    flags = flag_spurious(run_dir, ClassText(class_text_embeddings()), behaviour=behaviour)
+    assert flags.iloc[0]["phrase"] == "snow"
+    text = " ".join(render_report(run_dir).read_text().split())
+    assert "model z <b>" in text and "effect <b>" in text
+    near = text[text.index('id="near-misses"') :]
+    assert "names a class of the task" in near  # "floppy ears" for dog: its own vocabulary
+    assert ">flagged<" in near and "model evidence under the permutation null" in near

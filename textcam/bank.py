@@ -206,6 +206,8 @@ class ProbeSet:
     predictions: torch.Tensor  # (N,) int64 predicted class index
     probe_hash: str
     clip_id: str
+    # (N,) int64 position of each image in the probe paths (unreadable ones are skipped); None: 0..N-1
+    indices: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.predictions.shape != (self.embeddings.shape[0],):
@@ -213,6 +215,10 @@ class ProbeSet:
                 f"probe embeddings {tuple(self.embeddings.shape)} and predictions "
                 f"{tuple(self.predictions.shape)} do not describe the same images"
             )
+        if self.indices is None:
+            object.__setattr__(self, "indices", torch.arange(self.predictions.shape[0]))
+        elif self.indices.shape != self.predictions.shape:
+            raise ValueError("probe indices and predictions do not describe the same images")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors), atomically."""
@@ -221,6 +227,7 @@ class ProbeSet:
         tensors = {
             "embeddings": self.embeddings.detach().cpu().float().contiguous(),
             "predictions": self.predictions.detach().cpu().long().contiguous(),
+            "indices": self.indices.detach().cpu().long().contiguous(),  # type: ignore[union-attr]
         }
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file(tensors, tmp, metadata={"probe_hash": self.probe_hash, "clip_id": self.clip_id})
@@ -236,7 +243,13 @@ class ProbeSet:
             with safe_open(path, framework="pt") as f:
                 header = f.metadata() or {}
             tensors = load_file(path)
-            return cls(tensors["embeddings"], tensors["predictions"], header["probe_hash"], header["clip_id"])
+            return cls(
+                tensors["embeddings"],
+                tensors["predictions"],
+                header["probe_hash"],
+                header["clip_id"],
+                tensors.get("indices"),
+            )
         except (SafetensorError, KeyError, OSError) as exc:
             raise BankCorruptError(f"probe file {path} is unreadable: {exc}") from None
 
@@ -299,6 +312,7 @@ class ChannelBank:
         gaps: list[torch.Tensor] = []
         embs: list[torch.Tensor] = []
         preds: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
         failures: list[tuple[int, str]] = []
         batches = iter_batches(
             probe_paths, [model.preprocess, clip.preprocess], batch_size=batch_size, num_workers=num_workers
@@ -310,6 +324,7 @@ class ChannelBank:
                 if batch.indices.numel():
                     x_cls, x_clip = batch.tensors
                     preds.append(model.module(x_cls.to(dev)).argmax(dim=1).cpu())
+                    kept.append(batch.indices.cpu())
                     gaps.append(captured.pop().cpu())
                     embs.append(clip.encode_images(x_clip).cpu())
                 bar.update(batch.indices.numel() + len(batch.failed))
@@ -332,7 +347,7 @@ class ChannelBank:
             embed_dim=int(directions.shape[1]),
             versions=_versions(),
         )
-        probe = ProbeSet(emb, torch.cat(preds), meta.probe_hash, clip.clip_id)
+        probe = ProbeSet(emb, torch.cat(preds), meta.probe_hash, clip.clip_id, torch.cat(kept))
         return cls(directions, meta, probe)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

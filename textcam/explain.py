@@ -37,6 +37,7 @@ class Phrase:
     text: str
     score: float
     direction: str  # "for" | "against"
+    shown: bool | None = None  # seen in the image by CLIP and strong enough to show; None: not checked
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,9 @@ class Explainer:
         eb = self.explain_tensors(images, targets)
         return self.to_explanations(eb)
 
-    def to_explanations(self, eb: ExplanationBatch) -> list[Explanation]:
+    def to_explanations(self, eb: ExplanationBatch, shown: torch.Tensor | None = None) -> list[Explanation]:
+        """One :class:`Explanation` per image × target; ``shown`` (B·K, n_phrases) bool marks the "for"
+        phrases to show (:meth:`textcam.visibility.PhraseVisibility.visible`)."""
         names = self.model.class_names
         b, k = eb.targets.shape
         top_p, top_i = eb.probs.topk(min(5, eb.probs.shape[1]), dim=1)
@@ -284,6 +287,7 @@ class Explainer:
             [(eb.group_of_channel == gi).sum(-1) for gi in range(self.n_groups)], dim=-1
         ).tolist()
         fi, fs = eb.phrases_for.indices.view(b, k, -1).tolist(), eb.phrases_for.scores.view(b, k, -1).tolist()
+        seen = shown.view(b, k, -1).tolist() if shown is not None else None
         ai = eb.phrases_against.indices.view(b, k, -1)[..., : self.n_against].tolist()
         as_ = eb.phrases_against.scores.view(b, k, -1)[..., : self.n_against].tolist()
         targets, logits_t = eb.targets.tolist(), target_logit.tolist()
@@ -296,8 +300,8 @@ class Explainer:
             ]
             for j in range(k):
                 phrases = [
-                    Phrase(self.phrases[p], s, "for")
-                    for p, s in zip(fi[i][j], fs[i][j], strict=False)
+                    Phrase(self.phrases[p], s, "for", None if seen is None else bool(seen[i][j][n]))
+                    for n, (p, s) in enumerate(zip(fi[i][j], fs[i][j], strict=False))
                     if p >= 0
                 ]
                 phrases += [

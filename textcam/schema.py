@@ -14,6 +14,9 @@ PHRASE = pa.struct(
         pa.field("score", pa.float32(), nullable=False),
         # "for": evidence for the target class (positive contributions); "against": negative ones.
         pa.field("direction", pa.string(), nullable=False),
+        # shown: CLIP sees it in the image and it weighs >= half the first phrase (textcam.visibility);
+        # null: not checked
+        pa.field("shown", pa.bool_(), nullable=True),
     ]
 )
 
@@ -59,7 +62,7 @@ EXPLANATIONS = pa.schema(
         pa.field("clip_id", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
     ],
-    metadata={"table": "explanations", "version": "1"},
+    metadata={"table": "explanations", "version": "2"},
 )
 
 #: Every input row that could not be explained, with the stage and a one-line reason.

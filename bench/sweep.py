@@ -1,0 +1,514 @@
+"""Randomised truth sweep (issue 11): do the flags and the shown phrases hold on worlds nobody tuned on?
+
+    .venv/bin/python bench/sweep.py [--seed S] [--quick] [--cache-dir DIR] [--out DIR]
+
+Worlds are drawn at random from ``--seed``: ``--biased`` worlds (default 21) with one or two planted cues
+(class; attribute in background, colour, size, texture, watermark, border; value; strength in
+[0.9, 1.0]; two cues never share a class or an attribute) and ``--controls`` worlds (default 6) with
+none, over three tiny CLIPs trained with seeds 3S, 3S+1, 3S+2 (demo preset, 1,500 steps) and a world
+seed drawn per world. On top come the demo's own two worlds (its planted background cue and its
+control) for each of the three CLIPs: ``demo_clip_seeds_pass`` counts the CLIPs on which both of the
+demo's checks pass. Everything is cached by config hash (``textcam.synthetic``).
+
+Two audits per world, each through the library functions the audit flow calls:
+
+* ``test``: explanations of the unbiased test split, bank and probe behaviour from the probe split;
+* ``self``: explanations of the biased training split, bank and probe behaviour from the same split
+  ("my training set, my model").
+
+A cue is *used* when the classifier's accuracy gap (aligned − conflicting, test split) is ≥ 0.3 and
+*unused* below 0.1 (in between: reported, not scored). Control worlds measure three random cues each
+(as ``eval_biases``), all unused by construction. Figures (last line, one JSON object):
+
+* ``sweep_first_rate`` (+ Wilson 95 % lower bound): used cues that are the first flag of their class
+  (direction "for"), test audits; ``sweep_first_rate_selfprobe``: the same, self audits;
+* ``sweep_unused_flag_rate``: unused cues flagged for their class; ``sweep_control_false_flags_mean``:
+  flags per control world; ``sweep_extra_flags_mean``: flags per biased world naming no planted cue;
+  ``sweep_mirror_flags_mean``: flags naming a planted cue for another class or against its own;
+* ``phrase_image_precision``: shown phrases that are not class names and are true of the image (by the
+  generator's records), test audits, predicted-class explanations; per attribute, and the same for
+  every selected phrase (``selected_image_precision``);
+* ``aligned_cue_named_rate``: test images of a used cue's class that show the cue, explained for that
+  class, whose shown phrases name the cue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.groundtruth import explain, write_run  # noqa: E402
+from tasks.behaviour import probe_behaviour  # noqa: E402
+from tasks.flags import ClassText, flag_spurious  # noqa: E402
+from textcam.bank import ChannelBank  # noqa: E402
+from textcam.clip import load_clip  # noqa: E402
+from textcam.explain import Explainer  # noqa: E402
+from textcam.models import load_model  # noqa: E402
+from textcam.schema import EXPLANATIONS  # noqa: E402, F401  (rows follow it, see write_run)
+from textcam.synthetic.bias import BiasSpec  # noqa: E402
+from textcam.synthetic.classifier import bias_metrics, to_classifier_tensor  # noqa: E402
+from textcam.synthetic.config import DEMO_BIAS, WorldConfig  # noqa: E402
+from textcam.synthetic.scenes import ATTRIBUTE_VALUES  # noqa: E402
+from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
+from textcam.synthetic.world import World, build_world, clip_dir_for, split_batch  # noqa: E402
+from textcam.visibility import PhraseVisibility, image_specific  # noqa: E402
+from textcam.vocab import load_vocabulary  # noqa: E402
+
+CUE_ATTRIBUTES = ("background", "color", "size", "texture", "watermark", "border")
+USED, UNUSED = 0.3, 0.1
+TARGETS = {
+    "sweep_first_rate": (">=", 0.95),
+    "sweep_first_rate_selfprobe": (">=", 0.9),
+    "sweep_unused_flag_rate": ("<=", 0.05),
+    "sweep_control_false_flags_mean": ("<=", 0.1),
+    "sweep_extra_flags_mean": ("<=", 0.2),
+    "phrase_image_precision": (">=", 0.9),
+    "aligned_cue_named_rate": (">=", 0.9),
+    "demo_clip_seeds_pass": (">=", 3),
+}
+
+
+@dataclass(frozen=True)
+class WorldDraw:
+    name: str
+    kind: str  # "biased" | "control" | "demo" | "demo-control"
+    clip_seed: int
+    world_seed: int
+    biases: tuple[str, ...]
+    eval_biases: tuple[str, ...] = ()
+
+    def config(self) -> WorldConfig:
+        base = WorldConfig.demo(bias=list(self.biases), seed=self.world_seed, eval_biases=self.eval_biases)
+        return dataclasses.replace(base, clip=dataclasses.replace(base.clip, seed=self.clip_seed))
+
+
+def _cue(rng: np.random.Generator, cls: str, attribute: str, strength: float | None = None) -> str:
+    values = ATTRIBUTE_VALUES[attribute]
+    value = "yes" if attribute in ("watermark", "border") else str(rng.choice(values))
+    s = strength if strength is not None else round(float(rng.uniform(0.9, 1.0)), 3)
+    return f"{cls}={attribute}:{value}@{s:g}"
+
+
+def draw_worlds(seed: int, n_biased: int, n_controls: int) -> list[WorldDraw]:
+    """The sweep's worlds, a pure function of ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes = ATTRIBUTE_VALUES["shape"]
+    clip_seeds = [3 * seed + i for i in range(3)]
+    worlds = []
+    for i in range(n_biased):
+        k = int(rng.integers(1, 3))
+        cls = rng.choice(classes, size=k, replace=False)
+        attrs = rng.choice(CUE_ATTRIBUTES, size=k, replace=False)
+        biases = tuple(_cue(rng, str(c), str(a)) for c, a in zip(cls, attrs, strict=True))
+        worlds.append(
+            WorldDraw(f"b{i:02d}", "biased", clip_seeds[i % 3], int(rng.integers(1, 10**6)), biases)
+        )
+    for i in range(n_controls):
+        attrs = rng.choice(CUE_ATTRIBUTES, size=3, replace=False)
+        cls = rng.choice(classes, size=3, replace=False)
+        evals = tuple(_cue(rng, str(c), str(a), 1.0) for c, a in zip(cls, attrs, strict=True))
+        worlds.append(
+            WorldDraw(f"c{i:02d}", "control", clip_seeds[i % 3], int(rng.integers(1, 10**6)), (), evals)
+        )
+    for s in clip_seeds:
+        worlds.append(WorldDraw(f"demo-clip{s}", "demo", s, 0, (DEMO_BIAS,)))
+        worlds.append(WorldDraw(f"demo-control-clip{s}", "demo-control", s, 0, (), (DEMO_BIAS,)))
+    return worlds
+
+
+def wilson_lower(k: int, n: int, z: float = 1.96) -> float:
+    if n == 0:
+        return float("nan")
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# one world
+
+
+@dataclass
+class Models:
+    world: World
+    model: Any
+    clip: Any
+    phrases: list[str]
+    text: torch.Tensor
+    class_text: ClassText
+
+
+def load_models(world: World) -> Models:
+    model = load_model(world.classifier_checkpoint)
+    clip = load_clip(world.clip_open_clip_id)
+    phrases = load_vocabulary(["clevr"])
+    text = clip.encode_texts(phrases).cpu()
+    names = list(world.class_names)
+    emb = clip.encode_texts(sorted({*phrases, *names})).cpu().numpy()
+    class_text = ClassText(embeddings=dict(zip(sorted({*phrases, *names}), emb, strict=True)))
+    return Models(world, model, clip, phrases, text, class_text)
+
+
+def phrase_truth(records: pd.DataFrame, world: World, phrases: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(N, P) bool: phrase p is true of image n (generator records); and each phrase's attribute."""
+    truth = np.zeros((len(records), len(phrases)), dtype=bool)
+    kind = ["not in world"] * len(phrases)
+    for attr, values in world.phrases.items():
+        for value, text in values.items():
+            if text in phrases:
+                j = phrases.index(text)
+                truth[:, j] = (records[attr] == value).to_numpy()
+                kind[j] = attr
+    return truth, kind
+
+
+def audit_split(
+    m: Models, audited: str, probe: str, run_dir: Path, labelled_probe: bool = True
+) -> dict[str, Any]:
+    """Calibrate on ``probe``, explain ``audited``, flag with the probe's behaviour; the raw material."""
+    cfg = m.world.config
+    probe_manifest = m.world.manifest(probe)
+    bank = ChannelBank.calibrate(
+        m.model, m.clip, probe_manifest["path"].tolist(), m=50, batch_size=200, progress=False
+    )
+    explainer = Explainer(m.model, bank, m.phrases, m.text, n_phrases=5, n_groups=3)
+    batch = split_batch(cfg, audited)
+    x = to_classifier_tensor(batch.images)
+    eb, expl = explain(explainer, x, None)
+    manifest = m.world.manifest(audited)
+    rows = [
+        e.to_record()
+        | {
+            "run_id": run_dir.name,
+            "image_id": manifest.loc[i, "image_id"],
+            "path": manifest.loc[i, "path"],
+            "label": manifest.loc[i, "label_name"],
+            "model_id": m.model.model_id,
+            "layer": bank.layer,
+            "bank_id": bank.bank_id,
+            "clip_id": bank.clip_id,
+        }
+        for i, e in enumerate(expl)
+    ]
+    write_run(run_dir, rows)
+    assert bank.probe is not None
+    labels = probe_manifest["label"].to_numpy() if labelled_probe else None
+    behaviour = probe_behaviour(bank.probe.embeddings, bank.probe.predictions, m.phrases, m.text, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flags = flag_spurious(run_dir, m.class_text, None, behaviour=behaviour)
+    candidates = pd.read_parquet(run_dir / "flag_candidates.parquet")
+    return {
+        "bank": bank,
+        "explainer": explainer,
+        "batch": batch,
+        "eb": eb,
+        "flags": flags,
+        "candidates": candidates,
+    }
+
+
+def cue_rows(
+    m: Models, a: dict[str, Any], specs: list[BiasSpec], gaps: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per cue: its gap, whether it is its class's first flag, flagged at all, and the deciding rule."""
+    out = []
+    flags, cand = a["flags"], a["candidates"]
+    for spec in specs:
+        phrase = m.world.phrases[spec.attribute][spec.value]
+        mine = flags[flags["class_name"] == spec.label].sort_values("rank")
+        first = mine.iloc[0] if len(mine) else None
+        flagged = bool(((mine["phrase"] == phrase) & (mine["direction"] == "for")).any())
+        why = cand[
+            (cand["class_name"] == spec.label) & (cand["phrase"] == phrase) & (cand["direction"] == "for")
+        ]
+        out.append(
+            {
+                "spec": str(spec),
+                "phrase": phrase,
+                "gap": gaps[str(spec)]["gap"],
+                "first": bool(
+                    first is not None and first["phrase"] == phrase and first["direction"] == "for"
+                ),
+                "first_flag": None if first is None else f"{first['phrase']} ({first['direction']})",
+                "flagged": flagged,
+                "reason": why["reason"].iloc[0] if len(why) else "not among the class's candidates",
+                "z_model": float(why["z_first"].iloc[0]) if len(why) else None,
+                "effect": float(why["effect_first"].iloc[0]) if len(why) else None,
+            }
+        )
+    return out
+
+
+def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
+    """Shown (CLIP-visible, ≥ half the first phrase) and all selected non-class phrases vs the records."""
+    batch, eb = a["batch"], a["eb"]
+    x_clip = to_clip_tensor(batch.images)
+    emb = torch.cat([m.clip.encode_images(x_clip[i : i + 500]).cpu() for i in range(0, len(x_clip), 500)])
+    vis = PhraseVisibility.fit(a["bank"].probe.embeddings, m.text)
+    idx, sc = eb.phrases_for.indices, eb.phrases_for.scores
+    pred = eb.logits.argmax(1).numpy()
+    dense = np.zeros((len(idx), len(m.phrases)))
+    np.put_along_axis(dense, idx.clamp_min(0).numpy(), np.where(idx.numpy() >= 0, sc.numpy(), 0.0), 1)
+    specific = image_specific(vis.presence(emb), dense, pred)
+    shown = vis.visible(emb, idx, sc).numpy() & specific[pred[:, None], idx.clamp_min(0).numpy()]
+    truth, kind = phrase_truth(batch.records, m.world, m.phrases)
+    selected = (idx >= 0).numpy()
+    class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
+    true_of = np.take_along_axis(truth, idx.clamp_min(0).numpy(), 1)
+    kinds = np.asarray(kind)[idx.clamp_min(0).numpy()]
+    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "specific": specific}
+    for name, mask in (("shown", shown & selected & ~class_phrase), ("selected", selected & ~class_phrase)):
+        res[name] = {
+            "n": int(mask.sum()),
+            "true": int(true_of[mask].sum()),
+            "per_attribute": {
+                k: (int((mask & (kinds == k)).sum()), int((true_of & mask & (kinds == k)).sum()))
+                for k in sorted(set(kinds[mask].tolist()))
+            },
+            "per_image": float(mask.sum(1).mean()),
+        }
+    return res
+
+
+def aligned_named(m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, Any]) -> tuple[int, int]:
+    """Aligned test images of ``spec``'s class, explained for that class: shown phrases name the cue."""
+    recs = a["batch"].records
+    cls = list(m.world.class_names).index(spec.label)
+    aligned = np.flatnonzero(((recs["label"] == cls) & (recs[spec.attribute] == spec.value)).to_numpy())
+    if not len(aligned):
+        return 0, 0
+    x = to_classifier_tensor(a["batch"].images[aligned])
+    eb, _ = explain(a["explainer"], x, torch.full((len(aligned),), cls, dtype=torch.long))
+    shown = res["visibility"].visible(
+        res["embeddings"][aligned], eb.phrases_for.indices, eb.phrases_for.scores
+    )
+    phrase = m.phrases.index(m.world.phrases[spec.attribute][spec.value])
+    named = ((eb.phrases_for.indices == phrase) & shown).any(1)
+    return int(named.sum()), len(aligned)
+
+
+def wait_for_clip(cfg: WorldConfig, cache_dir: str | None, poll_s: float = 15.0) -> None:
+    """Another process training this CLIP (its directory has a training state, no metrics yet): wait."""
+    d = clip_dir_for(cfg, cache_dir)
+    while (d / "train_state.pt").is_file() and not (d / "metrics.json").is_file():
+        if time.time() - (d / "train_state.pt").stat().st_mtime > 600:
+            return  # an abandoned run: build_world resumes it
+        time.sleep(poll_s)
+
+
+def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[str, Any]:
+    cfg = draw.config()
+    cache_file = out / "worlds" / f"{draw.name}-{cfg.world_key()}-{cfg.clip_key()}.json"
+    if cache_file.is_file():
+        return json.loads(cache_file.read_text())
+    t0 = time.perf_counter()
+    wait_for_clip(cfg, cache_dir)
+    world = build_world(cfg, cache_dir, progress=False)
+    m = load_models(world)
+    specs = list(cfg.biases) + list(cfg.eval_biases)
+    gaps: dict[str, Any] = {}
+    result: dict[str, Any] = {
+        "name": draw.name,
+        "kind": draw.kind,
+        "clip_seed": draw.clip_seed,
+        "world_seed": draw.world_seed,
+        "biases": [str(b) for b in cfg.biases],
+        "eval_biases": [str(b) for b in cfg.eval_biases],
+        "clip_zero_shot": world.metrics["clip"]["zero_shot"],
+        "test_accuracy": world.metrics["classifier"]["test_accuracy"],
+    }
+    planted = {world.phrases[b.attribute][b.value]: b for b in cfg.biases}
+    for audit, (audited, probe) in {"test": ("test", "probe"), "self": ("train", "train")}.items():
+        a = audit_split(m, audited, probe, out / "runs" / f"{draw.name}-{audit}")
+        if (
+            audit == "test"
+        ):  # the cues' gaps on the unbiased test split (the cached metrics may lack eval cues)
+            pred = a["eb"].logits.argmax(1).numpy()
+            gaps = bias_metrics(pred, a["batch"].records, list(world.class_names), specs)
+            result["gaps"] = {k: v["gap"] for k, v in gaps.items()}
+        flags = a["flags"]
+        kinds = []
+        for _, f in flags.iterrows():
+            b = planted.get(f["phrase"])
+            if b is None:
+                kinds.append("extra")
+            elif b.label == f["class_name"] and f["direction"] == "for":
+                kinds.append("cue")
+            else:
+                kinds.append("mirror")
+        result[audit] = {
+            "cues": cue_rows(m, a, specs, gaps),
+            "flags": [
+                f"{f['class_name']}: {f['phrase']} ({f['direction']}, "
+                f"z {f['z_model']:.1f}, effect {f['effect']:.2f}, step {f['step']})"
+                for _, f in flags.iterrows()
+            ],
+            "n_flags": len(flags),
+            "n_extra": kinds.count("extra"),
+            "n_mirror": kinds.count("mirror"),
+        }
+        if audit == "test":
+            res = shown_precision(m, a)
+            result["precision"] = {k: res[k] for k in ("shown", "selected")}
+            result["aligned_named"] = {
+                str(b): aligned_named(m, a, b, res) for b in cfg.biases if gaps[str(b)]["gap"] >= USED
+            }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregate
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    scored = [r for r in results if r["kind"] in ("biased", "control")]
+    out["sweep_worlds"] = len(scored)
+    for audit, key in (("test", "sweep_first_rate"), ("self", "sweep_first_rate_selfprobe")):
+        used = [
+            c
+            for r in scored
+            if r["kind"] == "biased"
+            for c in r[audit]["cues"][: len(r["biases"])]
+            if c["gap"] >= USED
+        ]
+        k = sum(c["first"] for c in used)
+        out[key] = k / len(used) if used else None
+        out[f"{key}_lb"] = wilson_lower(k, len(used))
+        out[f"{key}_n"] = len(used)
+        out[f"{key}_missed"] = [
+            {
+                "spec": c["spec"],
+                "gap": round(c["gap"], 3),
+                "first_flag": c["first_flag"],
+                "reason": c["reason"],
+                "z": c["z_model"],
+                "effect": c["effect"],
+            }
+            for c in used
+            if not c["first"]
+        ]
+        if audit == "test":
+            out["sweep_used_cues"] = len(used)
+        unused = [c for r in scored for c in r[audit]["cues"] if c["gap"] < UNUSED]
+        suffix = "" if audit == "test" else "_selfprobe"
+        out[f"sweep_unused_cues{suffix}"] = len(unused)
+        out[f"sweep_unused_flag_rate{suffix}"] = (
+            sum(c["flagged"] for c in unused) / len(unused) if unused else None
+        )
+        controls = [r for r in scored if r["kind"] == "control"]
+        biased = [r for r in scored if r["kind"] == "biased"]
+        out[f"sweep_control_false_flags_mean{suffix}"] = float(
+            np.mean([r[audit]["n_flags"] for r in controls])
+        )
+        out[f"sweep_extra_flags_mean{suffix}"] = float(np.mean([r[audit]["n_extra"] for r in biased]))
+        out[f"sweep_mirror_flags_mean{suffix}"] = float(np.mean([r[audit]["n_mirror"] for r in biased]))
+    out["between_cues"] = [
+        {"spec": c["spec"], "gap": round(c["gap"], 3), "flagged": c["flagged"]}
+        for r in scored
+        for c in r["test"]["cues"]
+        if UNUSED <= c["gap"] < USED
+    ]
+    for name in ("shown", "selected"):
+        n = sum(r["precision"][name]["n"] for r in scored)
+        t = sum(r["precision"][name]["true"] for r in scored)
+        per: dict[str, list[int]] = {}
+        for r in scored:
+            for k, (kn, kt) in r["precision"][name]["per_attribute"].items():
+                per.setdefault(k, [0, 0])
+                per[k][0] += kn
+                per[k][1] += kt
+        key = "phrase_image_precision" if name == "shown" else "selected_image_precision"
+        out[key] = t / n if n else None
+        out[f"{key}_per_attribute"] = {k: round(v[1] / v[0], 3) for k, v in per.items() if v[0]}
+        out[f"{name}_phrases_per_image"] = float(np.mean([r["precision"][name]["per_image"] for r in scored]))
+    named = [v for r in scored for v in r.get("aligned_named", {}).values()]
+    out["aligned_cue_named_rate"] = (
+        sum(v[0] for v in named) / max(sum(v[1] for v in named), 1) if named else None
+    )
+    demos = {}
+    for r in results:
+        if r["kind"] == "demo":
+            demos.setdefault(r["clip_seed"], {})["biased"] = r["test"]["cues"][0]["first"]
+        if r["kind"] == "demo-control":
+            demos.setdefault(r["clip_seed"], {})["control"] = r["test"]["n_flags"] == 0
+    out["demo_clip_seeds"] = {str(s): v for s, v in demos.items()}
+    out["demo_clip_seeds_pass"] = sum(
+        bool(v.get("biased")) and bool(v.get("control")) for v in demos.values()
+    )
+    out["gaps"] = {c["spec"]: round(c["gap"], 3) for r in scored for c in r["test"]["cues"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=1, help="sweep seed: draws the worlds and the CLIP seeds")
+    parser.add_argument("--biased", type=int, default=21, help="biased worlds (default 21)")
+    parser.add_argument("--controls", type=int, default=6, help="control worlds (default 6)")
+    parser.add_argument("--quick", action="store_true", help="6 biased + 2 control worlds")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo worlds")
+    parser.add_argument(
+        "--cache-dir", help="world cache (default $TEXTCAM_CACHE/world or ~/.cache/textcam/world)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "runs" / "sweep", help="run dirs and per-world results"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    n_biased, n_controls = (6, 2) if args.quick else (args.biased, args.controls)
+    draws = draw_worlds(args.seed, n_biased, n_controls)
+    if args.no_demo:
+        draws = [d for d in draws if not d.kind.startswith("demo")]
+    draws.sort(key=lambda d: d.clip_seed)  # one CLIP at a time in memory and in training
+    out = args.out / f"seed-{args.seed}"
+    t0 = time.perf_counter()
+    results = []
+    for i, d in enumerate(draws, 1):
+        r = evaluate_world(d, args.cache_dir, out)
+        results.append(r)
+        cues = "; ".join(
+            f"{c['spec']} gap {c['gap']:+.2f} first={c['first']}/{s['cues'][j]['first']}"
+            for j, (c, s) in enumerate(zip(r["test"]["cues"], r["self"]["cues"], strict=True))
+        )
+        print(
+            f"[{i}/{len(draws)}] {d.name} clip {d.clip_seed} ({r['seconds']:.0f} s): {cues} | "
+            f"flags test {r['test']['n_flags']} self {r['self']['n_flags']}",
+            flush=True,
+        )
+    summary = summarise(results)
+    summary["seed"] = args.seed
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["targets_missed"] = [
+        k
+        for k, (op, v) in TARGETS.items()
+        if summary.get(k) is None or (summary[k] < v if op == ">=" else summary[k] > v)
+    ]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

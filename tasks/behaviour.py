@@ -1,0 +1,264 @@
+"""Does the classifier act on a concept? Its predictions where CLIP sees the concept and where it does not.
+
+A phrase that fills every explanation of a class ("yellow" for squares on a control model) and a cue the
+model leans on ("water background" for circles) can look alike in the explanations. They differ in what
+the model *does*: images that show the cue are predicted as the class more often than images of the same
+true label that do not (B2T's idea, Kim et al. 2024). On the probe set, which calibration already passed
+through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
+
+* ``presence[i, p]``: CLIP sees phrase p in image i (:mod:`textcam.visibility`: a two-Gaussian model of
+  each phrase's image-centred cosines over the probe images; "present" is the more probable component);
+* for class c and phrase p, within each stratum (true label, where labels exist, × presence of the
+  concepts accepted so far) a 2×2 table presence × predicted-as-c; the Cochran–Mantel–Haenszel statistic
+  ``z_model`` sums (observed − expected) over strata and divides by the permutation standard deviation;
+* ``effect``: the Mantel–Haenszel risk difference P(pred c | p) − P(pred c | not p), within the images
+  labelled c (the class's accuracy gap between images with and without the concept, as CLIP sees it)
+  and within the images labelled otherwise (how much more often they are taken for c); the larger in
+  the flag's direction counts. Without labels, over all images;
+* the threshold on ``z_model`` is the ``1 − alpha`` quantile of the largest |z| over all eligible
+  class × phrase pairs when presence is permuted within strata (family-wise, whatever the vocabulary);
+* stepwise: the phrase with the largest |z| among the pairs that pass (|z| over the threshold and
+  |effect| ≥ ``min_effect``) is accepted with every class it passes for, then becomes a stratum, and the
+  test runs again. A phrase that only rides on an accepted one (every image left for the other classes
+  shows "sand background" once the water images go to circle) has no effect within its strata.
+
+``min_effect`` (0.2) sits between the truth sweep's definitions of an unused cue (accuracy gap < 0.1)
+and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a world.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from textcam.visibility import PhraseVisibility
+
+DIRECTIONS = ("for", "against")
+
+
+@dataclass(frozen=True)
+class ProbeBehaviour:
+    """Per probe image: which phrases CLIP sees, the predicted class and (optionally) the true class."""
+
+    presence: np.ndarray  # (N, P) bool
+    phrases: list[str]
+    predictions: np.ndarray  # (N,) int class index
+    labels: np.ndarray | None  # (N,) int class index, -1 where unknown; None: no labels at all
+    thresholds: np.ndarray  # (P,) mean centred cosine of the "present" component (for the record)
+
+    def __post_init__(self) -> None:
+        n, p = self.presence.shape
+        if p != len(self.phrases) or self.predictions.shape != (n,) or self.thresholds.shape != (p,):
+            raise ValueError("presence, phrases, predictions and thresholds do not describe the same probe")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"{self.labels.shape[0]} labels for {n} probe images")
+
+
+def probe_behaviour(
+    image_embeddings: torch.Tensor,
+    predictions: torch.Tensor | np.ndarray,
+    phrases: Sequence[str],
+    phrase_embeddings: torch.Tensor,
+    labels: np.ndarray | None = None,
+) -> ProbeBehaviour:
+    """Presence of every phrase in every probe image, with the probe's predictions and labels."""
+    if len(phrases) != phrase_embeddings.shape[0]:
+        raise ValueError(f"{len(phrases)} phrases but {phrase_embeddings.shape[0]} embeddings")
+    if phrase_embeddings.shape[1] != image_embeddings.shape[1]:
+        raise ValueError("phrase and image embeddings come from different CLIP models (dimensions differ)")
+    visibility = PhraseVisibility.fit(image_embeddings, phrase_embeddings)
+    lab = None if labels is None else np.asarray(labels, dtype=np.int64)
+    presence = visibility.presence(image_embeddings)
+    return ProbeBehaviour(
+        presence, list(phrases), np.asarray(predictions, dtype=np.int64), lab, visibility.means[1]
+    )
+
+
+def _strata(
+    labels: np.ndarray | None, presence: np.ndarray, given: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratum code per image and the true label of each stratum (-1: unknown / no labels)."""
+    n = presence.shape[0]
+    lab = np.full(n, -1, dtype=np.int64) if labels is None else labels
+    key = lab + 1
+    for p in given:
+        key = key * 2 + presence[:, p]
+    codes, inverse = np.unique(key, return_inverse=True)
+    stratum_label = np.full(codes.shape[0], -1, dtype=np.int64)
+    stratum_label[inverse] = lab
+    return inverse, stratum_label
+
+
+def _tables(
+    stratum: np.ndarray, n_strata: int, pred: np.ndarray, n_classes: int, x: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counts per stratum: n (S,), present n1 (S, P), predicted-as-c m (S, K), both a (S, K, P)."""
+    n = np.bincount(stratum, minlength=n_strata).astype(np.float64)
+    code = stratum * n_classes + pred
+    xf = torch.from_numpy(x.astype(np.float64))
+    a = torch.zeros(n_strata * n_classes, x.shape[1], dtype=torch.float64)
+    a.index_add_(0, torch.from_numpy(code), xf)
+    n1 = torch.zeros(n_strata, x.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(stratum), xf)
+    m = np.bincount(code, minlength=n_strata * n_classes).reshape(n_strata, n_classes).astype(np.float64)
+    return n, n1.numpy(), m, a.numpy().reshape(n_strata, n_classes, -1)
+
+
+def _cmh_z(n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(K, P) CMH z of presence vs predicted-as-c, summed over strata (NaN: no variation anywhere)."""
+    nn = n[:, None, None]
+    expected = n1[:, None, :] * m[:, :, None] / np.maximum(nn, 1)
+    var = (
+        n1[:, None, :]
+        * (nn - n1[:, None, :])
+        * m[:, :, None]
+        * (nn - m[:, :, None])
+        / np.maximum(nn * nn * (nn - 1), 1)
+    )
+    num, den = (a - expected).sum(0), var.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 1e-12, num / np.sqrt(den), np.nan)
+
+
+def _risk_difference(
+    n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """(K, P) Mantel–Haenszel risk difference of predicted-as-c, present minus absent, over the strata
+    with weight 1 in ``weights`` (S, K)."""
+    nn = np.maximum(n, 1)[:, None, None]
+    n0 = n[:, None] - n1  # (S, P)
+    a0 = m[:, :, None] - a  # predicted c, concept absent
+    num = (weights[:, :, None] * (a * n0[:, None, :] - a0 * n1[:, None, :]) / nn).sum(0)
+    den = (weights[:, :, None] * (n1 * n0)[:, None, :] / nn).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 1e-12, num / den, np.nan)
+
+
+def _effects(
+    n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray, stratum_label: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(K, P) risk differences within the images labelled c (the class's accuracy gap) and within the
+    images labelled otherwise (how much more often they are taken for c); with no labels, both are
+    the risk difference over all images."""
+    if not (stratum_label >= 0).any():
+        pooled = _risk_difference(n, n1, m, a, np.ones((n.shape[0], n_classes)))
+        return pooled, pooled
+    own = (stratum_label[:, None] == np.arange(n_classes)[None, :]).astype(np.float64)  # (S, K)
+    other = ((stratum_label[:, None] >= 0) & (own == 0)).astype(np.float64)
+    return _risk_difference(n, n1, m, a, own), _risk_difference(n, n1, m, a, other)
+
+
+def _permuted_max(
+    stratum: np.ndarray,
+    n_strata: int,
+    pred: np.ndarray,
+    n_classes: int,
+    x: np.ndarray,
+    eligible: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Largest |z| over eligible pairs for each permutation of presence rows within strata.
+
+    Only the joint counts change under such a permutation; they are one (S·K × N) @ (N × P) product.
+    """
+    n, n1, m, _ = _tables(stratum, n_strata, pred, n_classes, x)
+    code = torch.from_numpy(stratum * n_classes + pred)
+    onehot = torch.zeros(n_strata * n_classes, len(code))
+    onehot[code, torch.arange(len(code))] = 1.0
+    xf = torch.from_numpy(x.astype(np.float32))
+    order = np.argsort(stratum, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(stratum[order])) + 1)
+    out = np.empty(n_permutations)
+    for b in range(n_permutations):
+        perm = np.empty_like(stratum)
+        for g in groups:
+            perm[g] = rng.permutation(g)
+        a = (onehot @ xf[torch.from_numpy(perm)]).double().numpy().reshape(n_strata, n_classes, -1)
+        z = np.abs(_cmh_z(n, n1, m, a))
+        z = np.where(eligible & np.isfinite(z), z, -np.inf)
+        out[b] = z.max() if z.size else -np.inf
+    return out
+
+
+def model_evidence(
+    behaviour: ProbeBehaviour,
+    n_classes: int,
+    eligible: np.ndarray,
+    *,
+    alpha: float = 0.01,
+    min_effect: float = 0.2,
+    n_permutations: int = 200,
+    max_steps: int = 8,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The stepwise test of the module docstring.
+
+    ``eligible`` (K, P, 2) bool: which class × phrase × direction ("for", "against") may be flagged
+    (the flag rule's conditions on the explanations and the class names). Returns one row per class ×
+    phrase × direction with its first-step figures (``z_first``, ``effect_first``), the figures of the
+    step that decided it (``z_model``, ``effect``, ``threshold``, ``step``), ``accepted`` and
+    ``given`` (the accepted phrases it was conditioned on).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must lie in (0, 1)")
+    if n_permutations < 1:
+        raise ValueError("n_permutations must be at least 1")
+    k, p = n_classes, len(behaviour.phrases)
+    if eligible.shape != (k, p, 2):
+        raise ValueError(f"eligible must be ({k}, {p}, 2), got {eligible.shape}")
+    x, pred = behaviour.presence, behaviour.predictions
+    rng = np.random.default_rng(seed)
+    given: list[int] = []
+    decided = np.zeros((k, p, 2), dtype=bool)
+    record = {
+        name: np.full((k, p, 2), np.nan)
+        for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step")
+    }
+    accepted = np.zeros((k, p, 2), dtype=bool)
+    given_at = np.full((k, p, 2), "", dtype=object)
+    for step in range(1, max_steps + 1):
+        stratum, stratum_label = _strata(behaviour.labels, x, given)
+        s = stratum_label.shape[0]
+        n, n1, m, a = _tables(stratum, s, pred, k, x)
+        z = _cmh_z(n, n1, m, a)
+        own, other = _effects(n, n1, m, a, stratum_label, k)
+        zd = np.stack([z, -z], -1)  # (K, P, 2): large when the direction holds
+        with warnings.catch_warnings():  # a pair with neither effect defined stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ed = np.stack([np.fmax(own, other), -np.fmin(own, other)], -1)
+        open_ = eligible & ~decided
+        open_[:, given, :] = False
+        any_open = open_.any(axis=2)
+        null = _permuted_max(stratum, s, pred, k, x, any_open, n_permutations, rng)
+        thr = float(np.quantile(null, 1.0 - alpha)) if np.isfinite(null).any() else np.inf
+        if step == 1:
+            record["z_first"][:], record["effect_first"][:] = zd, ed
+        for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
+            record[name] = np.where(open_, value, record[name])
+        given_at = np.where(open_, ", ".join(behaviour.phrases[g] for g in given), given_at)
+        passing = open_ & (zd > thr) & (ed >= min_effect)
+        if not passing.any():
+            break
+        best = np.where(passing, zd, -np.inf).max(axis=(0, 2)).argmax()  # the phrase with the largest |z|
+        accepted[:, best, :] = passing[:, best, :]
+        decided[:, best, :] = True
+        given.append(int(best))
+    ci, pi, di = np.meshgrid(np.arange(k), np.arange(p), np.arange(2), indexing="ij")
+    out = pd.DataFrame(
+        {
+            "class_index": ci.ravel().astype(np.int32),
+            "phrase": np.asarray(behaviour.phrases, dtype=object)[pi.ravel()],
+            "direction": np.asarray(DIRECTIONS, dtype=object)[di.ravel()],
+            "eligible": eligible.ravel(),
+            "accepted": accepted.ravel(),
+            **{name: v.ravel() for name, v in record.items()},
+            "given": given_at.ravel(),
+        }
+    )
+    out["step"] = out["step"].astype("Int64")
+    return out

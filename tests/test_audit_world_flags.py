@@ -1,0 +1,63 @@
+"""The audit flow on the tiny ground-truth world, where the flags are known: resume and runners must
+agree on flags that exist (on the random-weights world of test_audit_flow.py the flag list is empty)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flows.demo import audit_config, audit_manifest
+from tasks.config import AuditConfig
+
+N_IMAGES = 240
+
+
+@pytest.fixture(scope="module")
+def world_config(tiny_world_cache, tmp_path_factory: pytest.TempPathFactory) -> AuditConfig:
+    _, biased, _ = tiny_world_cache
+    subset = tmp_path_factory.mktemp("tiny-audit") / "test-subset.parquet"
+    pd.read_parquet(audit_manifest(biased, "test")).iloc[:N_IMAGES].to_parquet(subset, index=False)
+    cfg = audit_config(biased, tmp_path_factory.mktemp("runs") / "x", tmp_path_factory.mktemp("cache"), 1)
+    return cfg.replace(data=str(subset), shard_size=60)
+
+
+def _run(cfg: AuditConfig, run_dir: Path, **changes: Any) -> dict[str, Any]:
+    from flows.audit import audit
+
+    return audit(cfg.replace(run_dir=str(run_dir), **changes))
+
+
+def _flags(run_dir: str | Path) -> list[dict]:
+    return pq.read_table(Path(run_dir) / "flags.parquet").to_pylist()
+
+
+@pytest.mark.slow
+def test_runners_and_resume_agree_on_real_flags(
+    world_config: AuditConfig, prefect_api: str, tmp_path: Path
+) -> None:
+    reference = _run(world_config, tmp_path / "inline")
+    flags = _flags(reference["run_dir"])
+    first = {f["class_name"]: f["phrase"] for f in flags if f["rank"] == 1}
+    assert first.get("circle") == "water background"  # the planted cue, found by the flow itself
+
+    threads = _run(world_config, tmp_path / "threads", workers=2)
+    assert _flags(threads["run_dir"]) == flags
+
+    # Resume: remove two finished shards and the analytics, run again: same flags from reused + new shards.
+    run_dir = Path(threads["run_dir"])
+    for name in ("shard-00001.parquet", "shard-00003.parquet"):
+        (run_dir / "explanations" / name).unlink()
+    for name in ("flags.parquet", "flag_candidates.parquet", "run.duckdb"):
+        (run_dir / name).unlink()
+    resumed = _run(world_config, run_dir)
+    assert len(resumed["shards"]["computed"]) == 2
+    assert _flags(resumed["run_dir"]) == flags
+
+    # Explanations carry CLIP's check of every "for" phrase.
+    phrases = pq.read_table(run_dir / "explanations").column("phrases").to_pylist()
+    checked = [p["shown"] for row in phrases for p in row if p["direction"] == "for"]
+    assert checked and all(v is not None for v in checked) and any(checked) and not all(checked)

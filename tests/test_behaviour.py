@@ -1,0 +1,153 @@
+"""Model-behaviour evidence: CMH statistics against a plain loop, Otsu cut-offs, the stepwise rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.behaviour import (
+    ProbeBehaviour,
+    _cmh_z,
+    _effects,
+    _strata,
+    _tables,
+    model_evidence,
+    probe_behaviour,
+)
+from textcam.visibility import PhraseVisibility, otsu_thresholds
+
+
+def _reference(x: np.ndarray, pred: np.ndarray, labels: np.ndarray, c: int, p: int) -> tuple[float, float]:
+    """CMH z and the own-label MH risk difference, one stratum (= label) at a time."""
+    num = var = rd_num = rd_den = 0.0
+    for y in np.unique(labels):
+        s = labels == y
+        n = s.sum()
+        n1 = x[s, p].sum()
+        m = (pred[s] == c).sum()
+        a = (x[s, p] & (pred[s] == c)).sum()
+        num += a - n1 * m / n
+        if n > 1:
+            var += n1 * (n - n1) * m * (n - m) / (n * n * (n - 1))
+        if y == c:
+            n0, a0 = n - n1, m - a
+            rd_num += (a * n0 - a0 * n1) / n
+            rd_den += n1 * n0 / n
+    return num / math.sqrt(var), rd_num / rd_den
+
+
+def test_cmh_and_risk_difference_match_a_plain_loop() -> None:
+    rng = np.random.default_rng(0)
+    n, k, p = 400, 3, 5
+    labels = rng.integers(0, k, n)
+    x = rng.random((n, p)) < 0.4
+    pred = np.where(rng.random(n) < 0.7, labels, rng.integers(0, k, n))
+    stratum, stratum_label = _strata(labels, x, [])
+    tables = _tables(stratum, len(stratum_label), pred, k, x)
+    z = _cmh_z(*tables)
+    rd, _ = _effects(*tables, stratum_label, k)
+    for c in range(k):
+        for j in range(p):
+            want_z, want_rd = _reference(x, pred, labels, c, j)
+            assert z[c, j] == pytest.approx(want_z, rel=1e-9)
+            assert rd[c, j] == pytest.approx(want_rd, rel=1e-9, abs=1e-12)
+
+
+def test_otsu_splits_two_clusters_between_them() -> None:
+    rng = np.random.default_rng(1)
+    col = np.concatenate([rng.normal(0.1, 0.01, 300), rng.normal(0.4, 0.01, 100)])
+    cut = otsu_thresholds(np.stack([col, -col], 1))
+    assert 0.15 < cut[0] < 0.35
+    assert -0.35 < cut[1] < -0.15
+    with pytest.raises(ValueError):
+        otsu_thresholds(np.zeros((1, 3)))
+
+
+def _world(n: int = 1200, used: float = 1.0, seed: int = 0) -> tuple[ProbeBehaviour, np.ndarray]:
+    """Two classes; phrase 0 a cue the model uses for class 1 with probability ``used``, phrase 1 a
+    filler independent of everything, phrase 2 present exactly when phrase 0 is absent (rides on it)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    cue = rng.random(n) < 0.5
+    filler = rng.random(n) < 0.5
+    pred = labels.copy()
+    shortcut = rng.random(n) < used
+    pred[cue & shortcut] = 1
+    pred[~cue & shortcut] = 0
+    x = np.stack([cue, filler, ~cue], 1)
+    behaviour = ProbeBehaviour(x, ["cue", "filler", "rider"], pred, labels, np.zeros(3))
+    return behaviour, np.ones((2, 3, 2), dtype=bool)
+
+
+def test_a_used_cue_is_accepted_a_filler_and_a_rider_are_not() -> None:
+    behaviour, eligible = _world()
+    ev = model_evidence(behaviour, 2, eligible, n_permutations=50)
+    acc = ev[ev["accepted"]]
+    assert set(zip(acc["class_index"], acc["phrase"], acc["direction"], strict=True)) == {
+        (1, "cue", "for"),
+        (0, "cue", "against"),
+    }
+    cue = ev[(ev["class_index"] == 1) & (ev["phrase"] == "cue") & (ev["direction"] == "for")].iloc[0]
+    assert cue["effect"] == pytest.approx(1.0)
+    assert cue["step"] == 1
+    rider = ev[(ev["class_index"] == 0) & (ev["phrase"] == "rider") & (ev["direction"] == "for")].iloc[0]
+    assert rider["effect_first"] == pytest.approx(1.0)  # alone it looks like a cue...
+    assert rider["given"] == "cue"  # ...but it was tested again given the cue, and has no effect there
+    assert not rider["accepted"]
+    filler = ev[ev["phrase"] == "filler"]
+    assert not filler["accepted"].any()
+    assert (filler["z_first"].abs() < 4).all()
+
+
+def test_an_unused_cue_and_ineligible_pairs_are_not_accepted() -> None:
+    behaviour, eligible = _world(used=0.0)
+    assert not model_evidence(behaviour, 2, eligible, n_permutations=50)["accepted"].any()
+    behaviour, eligible = _world()
+    eligible[:, 0, :] = False  # e.g. the cue names a class, or is not in the explanations
+    ev = model_evidence(behaviour, 2, eligible, n_permutations=50)
+    assert not ev.loc[ev["phrase"] == "cue", "accepted"].any()
+
+
+def test_a_weak_effect_is_not_accepted_however_significant() -> None:
+    behaviour, eligible = _world(n=20000, used=0.1)
+    ev = model_evidence(behaviour, 2, eligible, n_permutations=20, min_effect=0.2)
+    cue = ev[(ev["class_index"] == 1) & (ev["phrase"] == "cue") & (ev["direction"] == "for")].iloc[0]
+    assert cue["z_first"] > cue["threshold"]  # significant...
+    assert cue["effect_first"] < 0.2  # ...but small
+    assert not ev["accepted"].any()
+
+
+def test_without_labels_one_stratum() -> None:
+    behaviour, eligible = _world()
+    unlabelled = ProbeBehaviour(
+        behaviour.presence, behaviour.phrases, behaviour.predictions, None, np.zeros(3)
+    )
+    ev = model_evidence(unlabelled, 2, eligible, n_permutations=50)
+    assert ((ev["class_index"] == 1) & (ev["phrase"] == "cue") & ev["accepted"]).any()
+
+
+def test_bad_input() -> None:
+    behaviour, eligible = _world(n=50)
+    with pytest.raises(ValueError, match="eligible"):
+        model_evidence(behaviour, 2, eligible[:, :2])
+    with pytest.raises(ValueError, match="alpha"):
+        model_evidence(behaviour, 2, eligible, alpha=1.5)
+    with pytest.raises(ValueError):
+        ProbeBehaviour(behaviour.presence, ["a"], behaviour.predictions, None, np.zeros(3))
+    with pytest.raises(ValueError, match="different CLIP"):
+        probe_behaviour(torch.zeros(4, 8), np.zeros(4), ["a"], torch.zeros(1, 6))
+
+
+def test_visibility_shows_seen_and_strong_phrases_only() -> None:
+    text = torch.eye(3)
+    probe = torch.cat([torch.eye(3).repeat(20, 1), torch.ones(5, 3)])
+    vis = PhraseVisibility.fit(probe, text)
+    images = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    indices = torch.tensor([[0, 1, -1], [0, 1, 2]])
+    scores = torch.tensor([[1.0, 0.9, 0.0], [1.0, 0.3, 0.0]])
+    shown = vis.visible(images, indices, scores)
+    assert shown.tolist() == [[True, False, False], [False, False, False]]
+    assert vis.visible(images, indices, scores, min_ratio=0.0)[1].tolist() == [False, True, False]

@@ -1,0 +1,188 @@
+"""Which phrases CLIP sees in an image: per-phrase cut-offs on image–text cosine, fitted on the probe set.
+
+An explanation's phrases code T_c(x), the class's evidence in CLIP space. Most of that evidence is the
+same for every image of a class, so the coding also names things the image does not have ("yellow" in
+every square's explanation on a control world, whatever the square's colour). A phrase is *shown* only
+when CLIP sees it in the image itself and it carries at least ``min_ratio`` of the first phrase's weight.
+
+Each image's cosines are first centred on its mean over the vocabulary (some images are close to every
+text); each phrase's centred cosines over the probe images are then modelled as two Gaussians (absent,
+present; EM from Otsu's split), and the phrase is seen where "present" is the more probable. On the demo
+world's probe this names non-shape attributes with precision 0.994 and recall 0.99 (raw cosines with an
+Otsu cut: 0.91; docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
+    """(N, P) cosine similarity of every image to every phrase, float64."""
+    img = torch.nn.functional.normalize(image_embeddings.double().cpu(), dim=1)
+    txt = torch.nn.functional.normalize(text_embeddings.double().cpu(), dim=1)
+    return (img @ txt.T).numpy()
+
+
+def otsu_thresholds(sim: np.ndarray, bins: int = 128) -> np.ndarray:
+    """Per column of ``sim`` (N, P): the cut maximising the between-group variance (Otsu), vectorised."""
+    if sim.ndim != 2 or sim.shape[0] < 2:
+        raise ValueError("need an (N, P) similarity matrix with N >= 2")
+    lo, hi = sim.min(0), sim.max(0)
+    width = np.where(hi > lo, hi - lo, 1.0)
+    idx = np.clip(((sim - lo) / width * bins).astype(np.int64), 0, bins - 1)  # (N, P)
+    hist = np.zeros((bins, sim.shape[1]))
+    np.add.at(hist, (idx, np.arange(sim.shape[1])[None, :]), 1.0)
+    centres = (np.arange(bins) + 0.5)[:, None]
+    w0 = np.cumsum(hist, 0)
+    s0 = np.cumsum(hist * centres, 0)
+    n, s = w0[-1], s0[-1]
+    w1 = n - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (s0 / w0 - (s - s0) / w1) ** 2
+    between = np.where((w0 > 0) & (w1 > 0), between, -1.0)
+    # Empty bins between two groups leave the criterion flat: cut in the middle of the flat top.
+    best = between.max(0, keepdims=True)
+    flat = between >= best - 1e-9 * np.abs(best)
+    first, last = flat.argmax(0), bins - 1 - flat[::-1].argmax(0)
+    cut = (first + last) / 2 + 1  # images in bins above the cut are "present"
+    return lo + cut / bins * width
+
+
+def two_gaussians(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A two-component 1-D Gaussian mixture per column of ``sim`` (N, P), fitted by EM from the Otsu split.
+
+    Returns weights, means and standard deviations, each (2, P), component 1 the upper one.
+    """
+    cut = otsu_thresholds(sim)
+    resp = (sim > cut).astype(np.float64)  # (N, P) responsibility of the upper component
+    for _ in range(iters):
+        r = np.stack([1.0 - resp, resp])  # (2, N, P)
+        w = r.sum(1).clip(1e-9)
+        mu = (r * sim[None]).sum(1) / w
+        sd = np.sqrt((r * (sim[None] - mu[:, None]) ** 2).sum(1) / w).clip(1e-6)
+        log_p = (
+            np.log(w / sim.shape[0])[:, None]
+            - np.log(sd)[:, None]
+            - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
+        )
+        log_p -= log_p.max(0, keepdims=True)
+        p = np.exp(log_p)
+        resp = p[1] / p.sum(0)
+    order = mu.argsort(0)  # keep the upper component second
+    take = lambda a: np.take_along_axis(a, order, 0)  # noqa: E731
+    return take(w / sim.shape[0]), take(mu), take(sd)
+
+
+def centre_images(sim: np.ndarray) -> np.ndarray:
+    """Subtract each image's mean similarity over the vocabulary: some images are close to every text."""
+    return sim - sim.mean(1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class PhraseVisibility:
+    """Per-phrase two-Gaussian models of image-centred cosines; ``visible`` says which phrases to show.
+
+    CLIP sees phrase p in image x when the upper ("present") component is the more probable one for
+    x's image-centred cosine with p (posterior above ``1/2``, the Bayes decision).
+    """
+
+    text_embeddings: torch.Tensor  # (P, D) the vocabulary's CLIP text embeddings
+    weights: np.ndarray  # (2, P)
+    means: np.ndarray  # (2, P)
+    sds: np.ndarray  # (2, P)
+
+    @classmethod
+    def fit(cls, probe_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> PhraseVisibility:
+        """Fit every phrase's mixture over the probe images' CLIP embeddings."""
+        if probe_embeddings.shape[1] != text_embeddings.shape[1]:
+            raise ValueError("image and text embeddings come from different CLIP models (dimensions differ)")
+        sim = centre_images(cosine(probe_embeddings, text_embeddings))
+        return cls(text_embeddings, *two_gaussians(sim))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (safetensors), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {
+            "text_embeddings": self.text_embeddings.detach().cpu().float().contiguous(),
+            **{
+                k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                for k in ("weights", "means", "sds")
+            },
+        }
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PhraseVisibility:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["text_embeddings"], *(t[k].numpy() for k in ("weights", "means", "sds")))
+
+    def posterior(self, image_embeddings: torch.Tensor) -> np.ndarray:
+        """(N, P) probability that CLIP sees each phrase in each image."""
+        sim = centre_images(cosine(image_embeddings, self.text_embeddings))
+        z = (sim[None] - self.means[:, None]) / self.sds[:, None]
+        log_p = np.log(self.weights.clip(1e-12))[:, None] - np.log(self.sds)[:, None] - 0.5 * z * z
+        log_p -= log_p.max(0, keepdims=True)
+        p = np.exp(log_p)
+        return p[1] / p.sum(0)
+
+    def presence(self, image_embeddings: torch.Tensor) -> np.ndarray:
+        """(N, P) bool: CLIP sees the phrase in the image."""
+        return self.posterior(image_embeddings) > 0.5
+
+    def visible(
+        self,
+        image_embeddings: torch.Tensor,
+        indices: torch.Tensor,
+        scores: torch.Tensor,
+        min_ratio: float = 0.5,
+    ) -> torch.Tensor:
+        """(N, k) bool over selected phrases ``indices`` (-1: none) with coefficients ``scores``: the
+        phrase is seen in its image and weighs at least ``min_ratio`` of the row's first phrase."""
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must lie in [0, 1], got {min_ratio}")
+        seen = torch.from_numpy(self.presence(image_embeddings))  # (N, P)
+        idx = indices.cpu().long()
+        hit = seen.gather(1, idx.clamp_min(0)) & (idx >= 0)
+        strong = scores.cpu() >= min_ratio * scores.cpu()[:, :1]
+        return hit & strong
+
+
+def image_specific(
+    presence: np.ndarray, scores: np.ndarray, classes: np.ndarray, z_min: float = 3.09
+) -> np.ndarray:
+    """(K, P) bool: within the images of class k, the explanations weigh phrase p more where CLIP sees it.
+
+    ``presence`` (N, P) bool, ``scores`` (N, P) the explanations' coefficients (0 where not selected),
+    ``classes`` (N,) the explained class. A phrase the explanations give every image of a class alike
+    ("wooden" for every circle, by a tiny CLIP's confusion) says nothing about the image and is not
+    shown for that class: the point-biserial correlation of presence and coefficient must be positive
+    beyond ``z_min`` (r·√n, one-sided 0.001). A phrase CLIP sees in every image of the class needs no
+    such test (nothing to correlate) and is kept; one it sees in none is dropped.
+    """
+    k = int(classes.max(initial=-1)) + 1
+    out = np.zeros((k, presence.shape[1]), dtype=bool)
+    for c in range(k):  # one vectorised correlation per class
+        rows = classes == c
+        if rows.sum() < 3:
+            continue
+        x, s = presence[rows].astype(np.float64), scores[rows].astype(np.float64)
+        xc, sc = x - x.mean(0), s - s.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = (xc * sc).sum(0) / np.sqrt((xc**2).sum(0) * (sc**2).sum(0))
+        always = x.min(0) == 1
+        out[c] = always | (np.nan_to_num(r) * np.sqrt(rows.sum()) > z_min)
+    return out
