@@ -461,7 +461,7 @@ def _behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> 
 
     if bank is None or bank.probe_path is None:
         return None
-    if cfg.clip_pretrained is None and not cfg.clip.startswith("local-dir:"):
+    if not _trained_clip(cfg):
         return None  # random CLIP weights see nothing: no behaviour evidence
     probe = ProbeSet.load(bank.probe_path)
     if probe.clip_id != bank.clip_id:
@@ -514,7 +514,13 @@ def render_report_task(run: RunInfo) -> str:
 # -- the flow ---------------------------------------------------------------------------------------
 
 
+def _trained_clip(cfg: AuditConfig) -> bool:
+    """CLIP weights from a file, a pretrained tag or a local dir; random weights see nothing."""
+    return cfg.clip_pretrained is not None or cfg.clip.startswith("local-dir:")
+
+
 def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
+    check = cfg.check_phrases and _trained_clip(cfg)
     return RuntimeSpec(
         model=cfg.model,
         weights=cfg.weights,
@@ -526,9 +532,9 @@ def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
         n_groups=cfg.n_groups,
         device=cfg.device,
         torch_threads=cfg.torch_threads,
-        visibility_path=bank.visibility_path if cfg.check_phrases else None,
-        clip=cfg.clip if cfg.check_phrases else None,
-        clip_pretrained=cfg.clip_pretrained if cfg.check_phrases else None,
+        visibility_path=bank.visibility_path if check else None,
+        clip=cfg.clip if check else None,
+        clip_pretrained=cfg.clip_pretrained if check else None,
     )
 
 

@@ -244,7 +244,10 @@ def model_evidence(
         passing = open_ & (zd > thr) & (ed >= min_effect)
         if not passing.any():
             break
-        best = np.where(passing, zd, -np.inf).max(axis=(0, 2)).argmax()  # the phrase with the largest |z|
+        # The phrase with the largest z, evidence *for* a class first: a cue and its complement ("large"
+        # for circle, "small" against it) have the same |z|, and the finding is the cue.
+        side = 0 if passing[..., 0].any() else 1
+        best = np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0).argmax()
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
         given.append(int(best))
