@@ -314,11 +314,22 @@ def wait_for_clip(cfg: WorldConfig, cache_dir: str | None, poll_s: float = 15.0)
         time.sleep(poll_s)
 
 
+def result_file(draw: WorldDraw, out: Path) -> Path:
+    cfg = draw.config()
+    return out / "worlds" / f"{draw.name}-{cfg.world_key()}-{cfg.clip_key()}.json"
+
+
+def cached_result(draw: WorldDraw, out: Path) -> dict[str, Any] | None:
+    path = result_file(draw, out)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[str, Any]:
     cfg = draw.config()
-    cache_file = out / "worlds" / f"{draw.name}-{cfg.world_key()}-{cfg.clip_key()}.json"
-    if cache_file.is_file():
-        return json.loads(cache_file.read_text())
+    cache_file = result_file(draw, out)
+    cached = cached_result(draw, out)
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     wait_for_clip(cfg, cache_dir)
     world = build_world(cfg, cache_dir, progress=False)
@@ -469,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="6 biased + 2 control worlds")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo worlds")
     parser.add_argument(
+        "--cached-only", action="store_true", help="summarise the worlds already evaluated; compute nothing"
+    )
+    parser.add_argument(
         "--cache-dir", help="world cache (default $TEXTCAM_CACHE/world or ~/.cache/textcam/world)"
     )
     parser.add_argument(
@@ -485,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / f"seed-{args.seed}"
     t0 = time.perf_counter()
     results = []
+    if args.cached_only:
+        draws = [d for d in draws if cached_result(d, out) is not None]
     for i, d in enumerate(draws, 1):
         r = evaluate_world(d, args.cache_dir, out)
         results.append(r)
@@ -505,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, (op, v) in TARGETS.items()
         if summary.get(k) is None or (summary[k] < v if op == ">=" else summary[k] > v)
     ]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["partial"] = bool(args.cached_only)
+    name = "summary-partial.json" if args.cached_only else "summary.json"
+    (out / name).write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps(summary, default=str))
     return 0
 

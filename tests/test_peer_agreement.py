@@ -66,7 +66,11 @@ def compare(model, layer, x, method, *, grid=None, peer_target=ClassifierOutputT
         theirs = peer(input_tensor=x, targets=[peer_target(c) for c in classes])
     mine = upsample_maps(ours.maps[:, :1], x.shape[-2:])[:, 0].numpy()
     assert all(m.std() > 0 for m in mine), "degenerate (constant) map"
-    return [pearson(m, t) for m, t in zip(mine, theirs, strict=True)]
+    r = [pearson(m, t) for m, t in zip(mine, theirs, strict=True)]
+    print(
+        f"[peer agreement] {method} at {layer}: min Pearson r {min(r):.6f} over {len(r)} maps"
+    )  # -s shows it
+    return r
 
 
 @pytest.fixture(scope="module")
