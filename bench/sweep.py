@@ -5,7 +5,7 @@
 Worlds are drawn at random from ``--seed``: ``--biased`` worlds (default 21) with one or two planted cues
 (class; attribute in background, colour, size, texture, watermark, border; value; strength in
 [0.9, 1.0]; two cues never share a class or an attribute) and ``--controls`` worlds (default 6) with
-none, over three tiny CLIPs trained with seeds 3S, 3S+1, 3S+2 (demo preset, 1,500 steps) and a world
+none, over three tiny CLIPs (``--clip-seeds``, default 0, 1, 2; demo preset, 1,500 steps) and a world
 seed drawn per world. On top come the demo's own two worlds (its planted background cue and its
 control) for each of the three CLIPs: ``demo_clip_seeds_pass`` counts the CLIPs on which both of the
 demo's checks pass. Everything is cached by config hash (``textcam.synthetic``).
@@ -105,11 +105,12 @@ def _cue(rng: np.random.Generator, cls: str, attribute: str, strength: float | N
     return f"{cls}={attribute}:{value}@{s:g}"
 
 
-def draw_worlds(seed: int, n_biased: int, n_controls: int) -> list[WorldDraw]:
-    """The sweep's worlds, a pure function of ``seed``."""
+def draw_worlds(
+    seed: int, n_biased: int, n_controls: int, clip_seeds: tuple[int, ...] = (0, 1, 2)
+) -> list[WorldDraw]:
+    """The sweep's worlds, a pure function of ``seed`` (and the CLIPs' training seeds)."""
     rng = np.random.default_rng(seed)
     classes = ATTRIBUTE_VALUES["shape"]
-    clip_seeds = [3 * seed + i for i in range(3)]
     worlds = []
     for i in range(n_biased):
         k = int(rng.integers(1, 3))
@@ -124,7 +125,14 @@ def draw_worlds(seed: int, n_biased: int, n_controls: int) -> list[WorldDraw]:
         cls = rng.choice(classes, size=3, replace=False)
         evals = tuple(_cue(rng, str(c), str(a), 1.0) for c, a in zip(cls, attrs, strict=True))
         worlds.append(
-            WorldDraw(f"c{i:02d}", "control", clip_seeds[i % 3], int(rng.integers(1, 10**6)), (), evals)
+            WorldDraw(
+                f"c{i:02d}",
+                "control",
+                clip_seeds[i % len(clip_seeds)],
+                int(rng.integers(1, 10**6)),
+                (),
+                evals,
+            )
         )
     for s in clip_seeds:
         worlds.append(WorldDraw(f"demo-clip{s}", "demo", s, 0, (DEMO_BIAS,)))
@@ -474,7 +482,12 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=1, help="sweep seed: draws the worlds and the CLIP seeds")
+    parser.add_argument("--seed", type=int, default=1, help="sweep seed: draws the worlds")
+    parser.add_argument(
+        "--clip-seeds",
+        default="0,1,2",
+        help="training seeds of the tiny CLIPs the worlds are spread over (default 0,1,2; 0 is make demo's)",
+    )
     parser.add_argument("--biased", type=int, default=21, help="biased worlds (default 21)")
     parser.add_argument("--controls", type=int, default=6, help="control worlds (default 6)")
     parser.add_argument("--quick", action="store_true", help="6 biased + 2 control worlds")
@@ -492,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     n_biased, n_controls = (6, 2) if args.quick else (args.biased, args.controls)
-    draws = draw_worlds(args.seed, n_biased, n_controls)
+    clip_seeds = tuple(int(v) for v in args.clip_seeds.split(","))
+    if len(set(clip_seeds)) < 1:
+        parser.error("--clip-seeds needs at least one seed")
+    draws = draw_worlds(args.seed, n_biased, n_controls, clip_seeds)
     if args.no_demo:
         draws = [d for d in draws if not d.kind.startswith("demo")]
     draws.sort(key=lambda d: d.clip_seed)  # one CLIP at a time in memory and in training
@@ -505,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate_world(d, args.cache_dir, out)
         results.append(r)
         cues = "; ".join(
-            f"{c['spec']} gap {c['gap']:+.2f} first={c['first']}/{s['cues'][j]['first']}"
-            for j, (c, s) in enumerate(zip(r["test"]["cues"], r["self"]["cues"], strict=True))
+            f"{c['spec']} gap {c['gap']:+.2f} first={c['first']}/{s['first']}"
+            for c, s in zip(r["test"]["cues"], r["self"]["cues"], strict=True)
         )
         print(
             f"[{i}/{len(draws)}] {d.name} clip {d.clip_seed} ({r['seconds']:.0f} s): {cues} | "

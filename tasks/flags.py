@@ -213,6 +213,7 @@ def _load_scores(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataF
             FROM image_phrases ip
             JOIN _images im USING (image_id)
             JOIN _cols c USING (phrase, direction)
+            ORDER BY im.i, c.q  -- sums over the triplets must not depend on the join's output order
             """
         ).df()
     finally:
