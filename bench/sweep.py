@@ -355,6 +355,15 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         "test_accuracy": world.metrics["classifier"]["test_accuracy"],
     }
     planted = {world.phrases[b.attribute][b.value]: b for b in cfg.biases}
+    # The other value of a two-valued attribute ("large object" for a "small object" cue) is the same cue
+    # seen from the other side: a flag naming it is a mirror, not an extra.
+    complements = {
+        text: b
+        for b in cfg.biases
+        if len(world.phrases[b.attribute]) == 2
+        for v, text in world.phrases[b.attribute].items()
+        if v != b.value
+    }
     for audit, (audited, probe) in {"test": ("test", "probe"), "self": ("train", "train")}.items():
         a = audit_split(m, audited, probe, out / "runs" / f"{draw.name}-{audit}")
         if (
@@ -368,7 +377,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         for _, f in flags.iterrows():
             b = planted.get(f["phrase"])
             if b is None:
-                kinds.append("extra")
+                kinds.append("mirror" if f["phrase"] in complements else "extra")
             elif b.label == f["class_name"] and f["direction"] == "for":
                 kinds.append("cue")
             else:

@@ -429,10 +429,15 @@ def _compute_flags(
     flags = stats[keep].copy()
     if flags.empty:
         return empty, candidates
-    order = ["class_name", "step", "z_model", "z_lift"] if behaviour is not None else ["class_name", "z_lift"]
-    flags = flags.sort_values(order, ascending=[True] + [False] * (len(order) - 1))
     if behaviour is not None:
-        flags = flags.sort_values(["class_name", "step"], kind="stable")
+        # Per class: cues *for* it first (a cue for another class counting against this one is the same
+        # finding seen from the other side), then in the order they were accepted, strongest first.
+        flags["_against"] = flags["direction"] == "against"
+        flags = flags.sort_values(
+            ["class_name", "_against", "step", "z_model"], ascending=[True, True, True, False]
+        ).drop(columns="_against")
+    else:
+        flags = flags.sort_values(["class_name", "z_lift"], ascending=[True, False])
     flags["rank"] = flags.groupby("class_name").cumcount() + 1
     n_mis, n_cor = flags["n_misclassified"], flags["n_correct"]
     k_mis = flags["frequency_misclassified"] * n_mis
@@ -504,7 +509,9 @@ def _model_rule(
         + 1
     )
     eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
-    ok = stats[stats["in_explanations"] & ~stats["describes"] & stats["phrase"].isin(index)]
+    # Not gated on the explanations: a cue the model acts on is a finding even where the channel bank
+    # does not name it (the flag card then shows how rarely its explanations do).
+    ok = stats[~stats["describes"] & stats["phrase"].isin(index)]
     eligible[
         ok["class_index"].to_numpy(np.int64),
         ok["phrase"].map(index).to_numpy(np.int64),
@@ -530,7 +537,6 @@ def _model_rule(
             out["accepted"].to_numpy(),
             out["describes"].to_numpy(),
             ~out["phrase"].isin(index).to_numpy(),
-            ~out["in_explanations"].to_numpy(),
             (passes_first & out["given"].fillna("").ne("")).to_numpy(),
             out["z_model"].isna().to_numpy(),
             ~(out["z_model"] > out["model_threshold"]).to_numpy(),
@@ -539,7 +545,6 @@ def _model_rule(
             "flagged",
             "names a class of the task",
             "not in the probe's vocabulary",
-            "not in the class's explanations",
             "explained by an earlier flag (" + out["given"].fillna("") + ")",
             "no contrast in the probe (presence or predictions constant within labels)",
             "model evidence under the permutation null",
