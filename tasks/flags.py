@@ -450,7 +450,10 @@ def _compute_flags(
     flags = flags.merge(
         _examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left"
     )
-    flags["example_image_ids"] = flags["example_image_ids"].apply(lambda v: list(v) if v is not None else [])
+    # A flag the explanations never name has no example images (the merge leaves NaN).
+    flags["example_image_ids"] = flags["example_image_ids"].apply(
+        lambda v: list(v) if isinstance(v, list | np.ndarray) else []
+    )
     flags["step"] = flags["step"].astype("Int32")
     return flags[FLAGS.names].reset_index(drop=True), candidates
 

@@ -278,3 +278,24 @@ def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassTex
     own = why[why["phrase"] == "whiskers"]
     assert (own["reason"] == "names a class of the task").all()
     assert query(planted, "SELECT count(*) AS n FROM flag_candidates")["n"][0] == len(why)
+
+
+def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
+    planted: Path, class_text: ClassText
+) -> None:
+    """No dog explanation counts "stripes" against dog, but the model never calls an image with stripes
+    a dog: flagged from what the model does, with no example images."""
+    from tasks.behaviour import ProbeBehaviour
+
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 900)
+    presence = rng.random((900, len(phrases))) < 0.5
+    pred = np.where(rng.random(900) < 0.9, labels, rng.integers(0, 3, 900))
+    stripes = presence[:, phrases.index("stripes")]
+    pred[stripes & (pred == 2)] = 0
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    got = flag_spurious(planted, class_text, behaviour=behaviour)
+    cue = got[(got["phrase"] == "stripes") & (got["class_name"] == "dog")]
+    assert len(cue) == 1 and cue.iloc[0]["direction"] == "against"
+    assert list(cue.iloc[0]["example_image_ids"]) == [] and cue.iloc[0]["frequency"] == 0.0
