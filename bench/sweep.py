@@ -505,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cached-only", action="store_true", help="summarise the worlds already evaluated; compute nothing"
     )
     parser.add_argument(
+        "--only-clip-seed",
+        type=int,
+        help="evaluate only the worlds of this CLIP (run one process per CLIP to use more cores)",
+    )
+    parser.add_argument(
         "--cache-dir", help="world cache (default $TEXTCAM_CACHE/world or ~/.cache/textcam/world)"
     )
     parser.add_argument(
@@ -526,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if args.cached_only:
         draws = [d for d in draws if cached_result(d, out) is not None]
+    if args.only_clip_seed is not None:
+        draws = [d for d in draws if d.clip_seed == args.only_clip_seed]
     for i, d in enumerate(draws, 1):
         r = evaluate_world(d, args.cache_dir, out)
         results.append(r)
