@@ -16,7 +16,18 @@ from textcam.synthetic.tiny_clip import CHECKPOINT_NAME, ClipTrainConfig, train_
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Hash of the tensors (names, dtypes, shapes, bytes) and metadata, not of the file: safetensors
+    writes the same tensors with header keys in varying order."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(repr(sorted((f.metadata() or {}).items())).encode())
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key)
+            h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def test_tiny_clip_training_is_bit_identical(tmp_path: Path) -> None:
