@@ -1,5 +1,9 @@
 """Spurious-correlation candidates: phrases that explain one class far more than the others.
 
+With a probe set (``behaviour``) a flag is decided by what the model does (:mod:`tasks.behaviour`; the
+reasoning is in docs/decisions.md); the rule below is the fallback without one, and its statistics are
+reported either way.
+
 The statistic (``z_lift``) is defined and computed in SQL by :mod:`tasks.store` (table ``concept_stats``):
 the per-image phrase score, as a difference of class means in standard units, standardised within class ×
 direction across phrases (median; max of scaled MAD and the permutation standard error). Here we only
@@ -461,29 +465,31 @@ def _compute_flags(
 def _explanation_rule(stats: pd.DataFrame, rule: FlagRule) -> pd.Series:
     """Without probe behaviour: the explanations' z_lift over its permutation threshold, the class's
     main evidence, and visible in the probe images (when the co-occurrence is known)."""
-    # Visible in the images: the probe images predicted as the class show the phrase more (for) or
-    # less (against) than the others do; unknown (too few probe images) does not veto a flag.
-    signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
-    visible = stats["data_z"].isna() | (signed > stats["data_threshold"])
     return (
         stats["z_lift"].notna()
         & (stats["z_lift"] > stats["threshold"])
         & stats["in_explanations"]
         & (stats["relative_score"] >= rule.min_relative_score)
         & ~stats["describes"]
-        & visible
+        & _visible(stats)
     )
 
 
-def _explanation_reasons(stats: pd.DataFrame, keep: pd.Series) -> np.ndarray:
+def _visible(stats: pd.DataFrame) -> pd.Series:
+    """The probe images predicted as the class show the phrase more (for) or less (against) than the
+    others do; unknown (too few probe images) does not veto a flag."""
     signed = np.where(stats["direction"] == "against", -stats["data_z"], stats["data_z"])
+    return stats["data_z"].isna() | (signed > stats["data_threshold"])
+
+
+def _explanation_reasons(stats: pd.DataFrame, keep: pd.Series) -> np.ndarray:
     return np.select(
         [
             keep.to_numpy(),
             stats["describes"].to_numpy(),
             ~stats["in_explanations"].to_numpy(),
             ~(stats["z_lift"] > stats["threshold"]).to_numpy(),
-            stats["data_z"].notna().to_numpy() & ~(signed > stats["data_threshold"]),
+            ~_visible(stats).to_numpy(),
         ],
         [
             "flagged",
