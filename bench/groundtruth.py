@@ -356,7 +356,14 @@ def audit(c: Explained, run_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFra
     text = c.clip.encode_texts(c.explainer.phrases).cpu()
     seen = cooccurrence(probe, c.explainer.phrases, text)
     labels = c.world.manifest("probe")["label"].to_numpy()[probe.indices.numpy()]
-    behaviour = probe_behaviour(probe.embeddings, probe.predictions, c.explainer.phrases, text, labels)
+    behaviour = probe_behaviour(
+        probe.embeddings,
+        probe.predictions,
+        c.explainer.phrases,
+        text,
+        labels,
+        class_embeddings=c.clip.encode_texts(list(c.world.class_names)).cpu(),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flag_spurious(

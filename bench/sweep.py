@@ -218,7 +218,14 @@ def audit_split(
     write_run(run_dir, rows)
     assert bank.probe is not None
     labels = probe_manifest["label"].to_numpy() if labelled_probe else None
-    behaviour = probe_behaviour(bank.probe.embeddings, bank.probe.predictions, m.phrases, m.text, labels)
+    behaviour = probe_behaviour(
+        bank.probe.embeddings,
+        bank.probe.predictions,
+        m.phrases,
+        m.text,
+        labels,
+        class_embeddings=m.clip.encode_texts(list(m.world.class_names)).cpu(),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flags = flag_spurious(run_dir, m.class_text, None, behaviour=behaviour)

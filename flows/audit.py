@@ -457,6 +457,7 @@ def _behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> 
     from tasks.behaviour import probe_behaviour
     from tasks.explain_shard import load_phrases
     from textcam.bank import ProbeSet
+    from textcam.clip import load_clip
     from textcam.models import load_model
 
     if bank is None or bank.probe_path is None:
@@ -473,8 +474,17 @@ def _behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> 
     column = probe_images(cfg, manifest).column("label").to_pylist()
     labels = [index.get(str(v), -1) if v is not None else -1 for v in column]
     known = np.asarray(labels, dtype=np.int64)[probe.indices.numpy()]
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+    class_embeddings = clip.encode_texts(
+        list(names), cache_dir=cfg.resolved_cache_dir() if clip.cacheable else False
+    )
     return probe_behaviour(
-        probe.embeddings, probe.predictions, phrases, embeddings, known if (known >= 0).any() else None
+        probe.embeddings,
+        probe.predictions,
+        phrases,
+        embeddings,
+        known if (known >= 0).any() else None,
+        class_embeddings=class_embeddings.cpu().to(probe.embeddings.dtype),
     )
 
 

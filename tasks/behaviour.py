@@ -50,6 +50,8 @@ class ProbeBehaviour:
     predictions: np.ndarray  # (N,) int class index
     labels: np.ndarray | None  # (N,) int class index, -1 where unknown; None: no labels at all
     thresholds: np.ndarray  # (P,) mean centred cosine of the "present" component (for the record)
+    # (N, K) bool: CLIP sees class name k (model class order) in image i; None: class names not embedded
+    class_presence: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n, p = self.presence.shape
@@ -57,6 +59,15 @@ class ProbeBehaviour:
             raise ValueError("presence, phrases, predictions and thresholds do not describe the same probe")
         if self.labels is not None and self.labels.shape != (n,):
             raise ValueError(f"{self.labels.shape[0]} labels for {n} probe images")
+        if self.class_presence is not None and self.class_presence.shape[0] != n:
+            raise ValueError(f"class presence for {self.class_presence.shape[0]} images, probe has {n}")
+
+    def class_agreement(self) -> np.ndarray | None:
+        """(K, P) phi coefficient between "CLIP sees class name k" and "CLIP sees phrase p" over the probe
+        images (0 where either is constant); None without class presence."""
+        if self.class_presence is None:
+            return None
+        return phi(self.class_presence, self.presence)
 
 
 def probe_behaviour(
@@ -65,18 +76,46 @@ def probe_behaviour(
     phrases: Sequence[str],
     phrase_embeddings: torch.Tensor,
     labels: np.ndarray | None = None,
+    class_embeddings: torch.Tensor | None = None,
 ) -> ProbeBehaviour:
-    """Presence of every phrase in every probe image, with the probe's predictions and labels."""
+    """Presence of every phrase in every probe image, with the probe's predictions and labels.
+
+    ``class_embeddings`` (K, D): CLIP text embeddings of the model's class names, in class order; with
+    them the behaviour also holds where CLIP sees each class name (the flag rule's image-side test of
+    "this phrase names a class of the task").
+    """
     if len(phrases) != phrase_embeddings.shape[0]:
         raise ValueError(f"{len(phrases)} phrases but {phrase_embeddings.shape[0]} embeddings")
-    if phrase_embeddings.shape[1] != image_embeddings.shape[1]:
-        raise ValueError("phrase and image embeddings come from different CLIP models (dimensions differ)")
+    for emb in (phrase_embeddings, class_embeddings):
+        if emb is not None and emb.shape[1] != image_embeddings.shape[1]:
+            raise ValueError("text and image embeddings come from different CLIP models (dimensions differ)")
     visibility = PhraseVisibility.fit(image_embeddings, phrase_embeddings)
     lab = None if labels is None else np.asarray(labels, dtype=np.int64)
     presence = visibility.presence(image_embeddings)
+    class_presence = None
+    if class_embeddings is not None:
+        class_presence = PhraseVisibility.fit(image_embeddings, class_embeddings).presence(image_embeddings)
     return ProbeBehaviour(
-        presence, list(phrases), np.asarray(predictions, dtype=np.int64), lab, visibility.means[1]
+        presence,
+        list(phrases),
+        np.asarray(predictions, dtype=np.int64),
+        lab,
+        visibility.means[1],
+        class_presence,
     )
+
+
+def phi(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, B) phi coefficients (Pearson correlation of booleans) between the columns of a (N, A) and b
+    (N, B); 0 where a column is constant."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    na, nb = np.sqrt((a * a).sum(0)), np.sqrt((b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a.T @ b) / np.outer(na, nb)
+    return np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _strata(

@@ -19,7 +19,9 @@ decide which z_lifts are surprising:
   phrase, its mean score is at least ``min_relative_score`` (0.5) of the class's main phrase in its
   direction (``concept_stats.relative_score``), and the phrase does not describe a class of the task: its
   CLIP text similarity to every class name and class vocabulary stays below the similarity between the two
-  most alike *different* class names (texts compared centred, see :class:`ClassText`). Its own class,
+  most alike *different* class names (texts compared centred, see :class:`ClassText`), or, where the probe
+  says where CLIP sees each class name, the text-close class is not also seen where the phrase is (phi
+  below ``min_class_agreement``; :func:`_describes`). Its own class,
   because "whiskers" for cat is the model working as intended; the other classes, because "triangle" as
   evidence against "square" is the classes competing, a confusion the concept tables show, not a cue
   outside the label space. Finally the phrase must be *visible*: among the probe images, those predicted
@@ -78,6 +80,8 @@ FLAGS = pa.schema(
         # CLIP text similarity to the nearest class of the task (name or vocabulary); null: unknown
         pa.field("class_similarity", pa.float64(), nullable=True),
         pa.field("similarity_threshold", pa.float64(), nullable=True),
+        # phi between where CLIP sees the phrase and a text-close class name (probe); null: not measured
+        pa.field("class_agreement", pa.float64(), nullable=True),
         # the phrase in the probe images predicted as the class (tasks.cooccurrence); null: unknown
         pa.field("n_probe_class", pa.int64(), nullable=True),
         pa.field("data_lift", pa.float64(), nullable=True),
@@ -96,7 +100,7 @@ FLAGS = pa.schema(
         pa.field("step", pa.int32(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
     ],
-    metadata={"table": "flags", "version": "3"},
+    metadata={"table": "flags", "version": "4"},
 )
 
 #: Every class's strongest candidates, flagged or not, and the rule that decided (``flag_candidates``).
@@ -119,8 +123,11 @@ FLAG_CANDIDATES = pa.schema(
         pa.field("model_threshold", pa.float64(), nullable=True),
         pa.field("min_effect", pa.float64(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
+        pa.field("class_similarity", pa.float64(), nullable=True),
+        pa.field("similarity_threshold", pa.float64(), nullable=True),
+        pa.field("class_agreement", pa.float64(), nullable=True),
     ],
-    metadata={"table": "flag_candidates", "version": "1"},
+    metadata={"table": "flag_candidates", "version": "2"},
 )
 N_CANDIDATES = 5  # near misses kept per class and direction
 
@@ -310,6 +317,7 @@ def flag_spurious(
     behaviour: ProbeBehaviour | None = None,
     alpha: float = 0.01,
     min_effect: float = 0.2,
+    min_class_agreement: float = 0.5,
 ) -> pd.DataFrame:
     """Flag spurious-correlation candidates of a run; write ``flags.parquet`` and the DuckDB table ``flags``.
 
@@ -333,13 +341,24 @@ def flag_spurious(
         raise ValueError("quantile must lie in (0, 1)")
     if not 0.0 <= min_relative_score <= 1.0:
         raise ValueError("min_relative_score must lie in [0, 1]")
+    if not -1.0 <= min_class_agreement <= 1.0:
+        raise ValueError("min_class_agreement must lie in [-1, 1]")
     run_dir = Path(run_dir).resolve()
     if not (run_dir / DB_NAME).is_file():
         build_duckdb(run_dir)
     con = duckdb.connect(str(run_dir / DB_NAME))
     try:
         con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
-        rule = FlagRule(n_permutations, quantile, min_images, min_relative_score, seed, alpha, min_effect)
+        rule = FlagRule(
+            n_permutations,
+            quantile,
+            min_images,
+            min_relative_score,
+            seed,
+            alpha,
+            min_effect,
+            min_class_agreement,
+        )
         flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule, n_examples)
         for name, frame, schema in (
             ("flags", flags, FLAGS),
@@ -370,6 +389,8 @@ class FlagRule:
     seed: int = 0
     alpha: float = 0.01
     min_effect: float = 0.2
+    #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
+    min_class_agreement: float = 0.5
 
 
 def _compute_flags(
@@ -407,19 +428,8 @@ def _compute_flags(
     exceed = (null_max[:, k_of] >= z[None, :]).sum(0)
     stats["p_value"] = (1 + exceed) / (1 + rule.n_permutations)
 
-    stats["class_similarity"], stats["similarity_threshold"] = _similarities(stats, class_text, class_order)
     stats = _with_cooccurrence(stats, cooccurrence, warn=behaviour is None)
-    # A phrase describes the label space when it is a class name or in a class's own vocabulary (by text), or
-    # is at least as close to one of them in CLIP space as two different class names are to each other.
-    own = {c.casefold() for c in class_order} | {
-        p.casefold()
-        for c, v in (class_text.own_vocabulary if class_text else {}).items()
-        if c in class_order
-        for p in v
-    }
-    stats["describes"] = stats["phrase"].str.casefold().isin(own) | (
-        stats["class_similarity"] >= stats["similarity_threshold"]
-    )
+    stats = _describes(stats, class_text, class_order, behaviour, rule.min_class_agreement)
     stats["in_explanations"] = (stats["lift"] > 0) & (stats["n_images"] >= rule.min_images)
     if behaviour is None:
         keep = _explanation_rule(stats, rule)
@@ -596,31 +606,73 @@ def _with_cooccurrence(
     return out
 
 
-def _similarities(
-    stats: pd.DataFrame, class_text: ClassText | None, class_names: list[str]
-) -> tuple[np.ndarray, float | None]:
-    """Per row: similarity of the phrase to the nearest class (name or own vocabulary, any class of the
-    task); and the threshold learned on the class names."""
-    sims = np.full(len(stats), np.nan)
+def _describes(
+    stats: pd.DataFrame,
+    class_text: ClassText | None,
+    class_names: list[str],
+    behaviour: ProbeBehaviour | None,
+    min_agreement: float,
+) -> pd.DataFrame:
+    """``stats`` with ``describes``: the phrase names a class of the task.
+
+    By text: it is a class name or in a class's own vocabulary, or at least as close to one of them in
+    CLIP text space as two different class names are (``class_similarity`` vs ``similarity_threshold``).
+    A text-only closeness must also be seen in the images when the probe has class presence: CLIP sees
+    the phrase where it sees that class name (``class_agreement``, phi over the probe images, at least
+    ``min_agreement``). A weak text encoder puts "blue" as close to "square" as "circle" is; in images
+    the two come apart unless the data never separates them.
+    """
+    out = stats.copy()
+    out["class_similarity"] = np.nan
+    out["similarity_threshold"] = np.nan
+    out["class_agreement"] = np.nan
+    own = {c.casefold() for c in class_names} | {
+        p.casefold()
+        for c, v in (class_text.own_vocabulary if class_text else {}).items()
+        if c in class_names
+        for p in v
+    }
+    exact = out["phrase"].str.casefold().isin(own)
     if class_text is None:
         log.warning("no class text embeddings given: phrases describing their own class are not excluded")
-        return sims, np.nan
+        out["describes"] = exact
+        return out
     threshold = class_text.similarity_threshold(class_names)
     missing = sorted(set(class_names) - set(class_text.embeddings))
-    unknown = sorted(set(stats["phrase"]) - set(class_text.embeddings))
+    unknown = sorted(set(out["phrase"]) - set(class_text.embeddings))
     if missing or unknown:
         log.warning(
             "no text embedding for classes %s and phrases %s: their similarity is unknown",
             missing[:5],
             unknown[:5],
         )
-    phrases = stats["phrase"].unique().tolist()
-    per_class = np.stack([class_text.class_similarity(c, phrases) for c in class_names])  # (K, P)
+    phrases = out["phrase"].unique().tolist()
+    text = np.stack([class_text.class_similarity(c, phrases) for c in class_names])  # (K, P)
+    close = np.nan_to_num(text, nan=-np.inf) >= threshold
+    agreement = np.full(text.shape, np.nan)
+    phi = behaviour.class_agreement() if behaviour is not None else None
+    if phi is not None:
+        index = {p: i for i, p in enumerate(behaviour.phrases)}
+        model_index = dict(zip(out["class_name"], out["class_index"], strict=True))
+        rows = np.array([model_index[c] for c in class_names])
+        cols = [index.get(p, -1) for p in phrases]
+        known = np.array(cols) >= 0
+        if rows.size and rows.max() < phi.shape[0]:
+            agreement[:, known] = phi[np.ix_(rows, np.array(cols)[known])]
+    seen = np.isnan(agreement) | (agreement >= min_agreement)  # unknown: the text decides alone
     with warnings.catch_warnings():  # a phrase without any known similarity stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        nearest = np.nanmax(per_class, axis=0)
-    sims[:] = stats["phrase"].map(dict(zip(phrases, nearest, strict=True))).to_numpy(np.float64)
-    return sims, threshold
+        nearest = np.nanmax(text, axis=0)
+        agree = np.nanmax(np.where(close, agreement, np.nan), axis=0)
+    by_phrase = pd.DataFrame(
+        {"class_similarity": nearest, "class_agreement": agree, "_close": (close & seen).any(0)},
+        index=phrases,
+    )
+    out["class_similarity"] = out["phrase"].map(by_phrase["class_similarity"]).to_numpy(np.float64)
+    out["class_agreement"] = out["phrase"].map(by_phrase["class_agreement"]).to_numpy(np.float64)
+    out["similarity_threshold"] = threshold
+    out["describes"] = exact | out["phrase"].map(by_phrase["_close"]).fillna(False).astype(bool)
+    return out
 
 
 def _examples(con: duckdb.DuckDBPyConnection, flags: pd.DataFrame, n: int) -> pd.DataFrame:

@@ -299,3 +299,45 @@ def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
     cue = got[(got["phrase"] == "stripes") & (got["class_name"] == "dog")]
     assert len(cue) == 1 and cue.iloc[0]["direction"] == "against"
     assert list(cue.iloc[0]["example_image_ids"]) == [] and cue.iloc[0]["frequency"] == 0.0
+
+
+def test_text_closeness_to_a_class_needs_the_images_to_agree(planted: Path) -> None:
+    """A weak text encoder puts "snow" as close to "dog" as a class name: excluded by text alone, but not
+    when the probe shows CLIP sees snow independently of where it sees a dog; excluded again when the
+    two are seen in the same images."""
+    from dataclasses import replace
+
+    emb = dict(class_text_embeddings())
+    rng = np.random.default_rng(3)
+    emb["snow"] = emb["dog"] + 0.01 * rng.standard_normal(emb["dog"].shape)
+    text = ClassText(emb)
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    probe = _probe(phrases, used=True)
+
+    def snow_for_dog(behaviour) -> tuple[bool, str, float]:
+        flag_spurious(planted, text, behaviour=behaviour)
+        why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
+        row = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")]
+        return bool(row["flagged"].iloc[0]), str(row["reason"].iloc[0]), float(row["class_agreement"].iloc[0])
+
+    flagged, reason, agreement = snow_for_dog(probe)  # no class presence: the text decides
+    assert (flagged, reason) == (False, "names a class of the task") and np.isnan(agreement)
+    independent = rng.random((len(probe.predictions), 3)) < 0.5
+    flagged, reason, agreement = snow_for_dog(replace(probe, class_presence=independent))
+    assert flagged and reason == "flagged" and abs(agreement) < 0.2
+    same = independent.copy()
+    same[:, 2] = probe.presence[:, phrases.index("snow")]
+    flagged, reason, agreement = snow_for_dog(replace(probe, class_presence=same))
+    assert (flagged, reason, agreement) == (False, "names a class of the task", pytest.approx(1.0))
+
+
+def test_phi_matches_numpy_correlation() -> None:
+    from tasks.behaviour import phi
+
+    rng = np.random.default_rng(0)
+    a = rng.random((200, 3)) < 0.4
+    b = np.c_[a[:, 0], ~a[:, 1], rng.random(200) < 0.5, np.ones(200, dtype=bool)]
+    got = phi(a, b)
+    want = np.corrcoef(np.c_[a, b[:, :3]].T.astype(float))[:3, 3:]
+    np.testing.assert_allclose(got[:, :3], want, atol=1e-12)
+    assert (got[:, 3] == 0).all()  # a constant column correlates with nothing
