@@ -133,69 +133,100 @@ def _strata(
     return inverse, stratum_label
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """The 2×2 tables presence × predicted-as-c of every stratum, kept as sums the statistics need.
+
+    Never the (strata × classes × phrases) cube: every statistic below is a sum over strata of a
+    per-stratum product, which is one (K, S) @ (S, P) product, and the joint counts only enter summed
+    over strata, which is a sum over images.
+    """
+
+    n: np.ndarray  # (S,) images per stratum
+    n1: np.ndarray  # (S, P) images showing the phrase
+    m: np.ndarray  # (S, K) images predicted as the class
+    a: np.ndarray  # (K, P) images predicted as the class and showing the phrase, all strata
+    a_own: np.ndarray  # (K, P) the same, images labelled as the class only
+    a_labelled: np.ndarray  # (K, P) the same, images with a known label only
+    stratum_label: np.ndarray  # (S,) true label of each stratum, -1 unknown
+
+
+def _joint(pred: torch.Tensor, x: torch.Tensor, n_classes: int) -> np.ndarray:
+    """(K, P) sums of presence rows per predicted class."""
+    return torch.zeros(n_classes, x.shape[1], dtype=x.dtype).index_add_(0, pred, x).numpy()
+
+
 def _tables(
-    stratum: np.ndarray, n_strata: int, pred: np.ndarray, n_classes: int, x: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Counts per stratum: n (S,), present n1 (S, P), predicted-as-c m (S, K), both a (S, K, P)."""
+    stratum: np.ndarray, stratum_label: np.ndarray, pred: np.ndarray, n_classes: int, x: np.ndarray
+) -> _Tables:
+    n_strata = stratum_label.shape[0]
     n = np.bincount(stratum, minlength=n_strata).astype(np.float64)
-    code = stratum * n_classes + pred
-    xf = torch.from_numpy(x.astype(np.float64))
-    a = torch.zeros(n_strata * n_classes, x.shape[1], dtype=torch.float64)
-    a.index_add_(0, torch.from_numpy(code), xf)
+    xf = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     n1 = torch.zeros(n_strata, x.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(stratum), xf)
+    code = stratum * n_classes + pred
     m = np.bincount(code, minlength=n_strata * n_classes).reshape(n_strata, n_classes).astype(np.float64)
-    return n, n1.numpy(), m, a.numpy().reshape(n_strata, n_classes, -1)
-
-
-def _cmh_z(n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """(K, P) CMH z of presence vs predicted-as-c, summed over strata (NaN: no variation anywhere)."""
-    nn = n[:, None, None]
-    expected = n1[:, None, :] * m[:, :, None] / np.maximum(nn, 1)
-    var = (
-        n1[:, None, :]
-        * (nn - n1[:, None, :])
-        * m[:, :, None]
-        * (nn - m[:, :, None])
-        / np.maximum(nn * nn * (nn - 1), 1)
+    label = stratum_label[stratum]
+    own, labelled = label == pred, label >= 0
+    return _Tables(
+        n,
+        n1.numpy(),
+        m,
+        _joint(torch.from_numpy(pred), xf, n_classes),
+        _joint(torch.from_numpy(pred[own]), xf[torch.from_numpy(own)], n_classes),
+        _joint(torch.from_numpy(pred[labelled]), xf[torch.from_numpy(labelled)], n_classes),
+        stratum_label,
     )
-    num, den = (a - expected).sum(0), var.sum(0)
+
+
+def _null_moments(t: _Tables) -> tuple[np.ndarray, np.ndarray]:
+    """(K, P) expected joint count and its variance summed over strata, presence and predictions fixed
+    in each stratum's margins (the hypergeometric moments of the CMH test)."""
+    n = np.maximum(t.n, 1)[:, None]
+    expected = (t.m / n).T @ t.n1
+    var = (t.m * (t.n[:, None] - t.m) / np.maximum(t.n * t.n * (t.n - 1), 1)[:, None]).T @ (
+        t.n1 * (t.n[:, None] - t.n1)
+    )
+    return expected, var
+
+
+def _cmh_z(t: _Tables) -> np.ndarray:
+    """(K, P) CMH z of presence vs predicted-as-c, summed over strata (NaN: no variation anywhere)."""
+    expected, var = _null_moments(t)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 1e-12, num / np.sqrt(den), np.nan)
+        return np.where(var > 1e-12, (t.a - expected) / np.sqrt(var), np.nan)
 
 
-def _risk_difference(
-    n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
+def _risk_difference(t: _Tables, weights: np.ndarray, a_weighted: np.ndarray) -> np.ndarray:
     """(K, P) Mantel–Haenszel risk difference of predicted-as-c, present minus absent, over the strata
-    with weight 1 in ``weights`` (S, K)."""
-    nn = np.maximum(n, 1)[:, None, None]
-    n0 = n[:, None] - n1  # (S, P)
-    a0 = m[:, :, None] - a  # predicted c, concept absent
-    num = (weights[:, :, None] * (a * n0[:, None, :] - a0 * n1[:, None, :]) / nn).sum(0)
-    den = (weights[:, :, None] * (n1 * n0)[:, None, :] / nn).sum(0)
+    with weight 1 in ``weights`` (S, K); ``a_weighted`` is the joint count summed over those strata.
+
+    Per stratum the MH numerator a·n0 − (m − a)·n1, over n, is a − m·n1/n."""
+    n = np.maximum(t.n, 1)[:, None]
+    num = a_weighted - (weights * t.m / n).T @ t.n1
+    den = weights.T @ (t.n1 * (t.n[:, None] - t.n1) / n)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 1e-12, num / den, np.nan)
 
 
-def _effects(
-    n: np.ndarray, n1: np.ndarray, m: np.ndarray, a: np.ndarray, stratum_label: np.ndarray, n_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _effects(t: _Tables, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(K, P) risk differences within the images labelled c (the class's accuracy gap) and within the
     images labelled otherwise (how much more often they are taken for c); with no labels, both are
     the risk difference over all images."""
-    if not (stratum_label >= 0).any():
-        pooled = _risk_difference(n, n1, m, a, np.ones((n.shape[0], n_classes)))
+    if not (t.stratum_label >= 0).any():
+        pooled = _risk_difference(t, np.ones((t.n.shape[0], n_classes)), t.a)
         return pooled, pooled
-    own = (stratum_label[:, None] == np.arange(n_classes)[None, :]).astype(np.float64)  # (S, K)
-    other = ((stratum_label[:, None] >= 0) & (own == 0)).astype(np.float64)
-    return _risk_difference(n, n1, m, a, own), _risk_difference(n, n1, m, a, other)
+    own = (t.stratum_label[:, None] == np.arange(n_classes)[None, :]).astype(np.float64)  # (S, K)
+    other = ((t.stratum_label[:, None] >= 0) & (own == 0)).astype(np.float64)
+    return (
+        _risk_difference(t, own, t.a_own),
+        _risk_difference(t, other, t.a_labelled - t.a_own),
+    )
 
 
 def _permuted_max(
     stratum: np.ndarray,
-    n_strata: int,
+    t: _Tables,
     pred: np.ndarray,
-    n_classes: int,
     x: np.ndarray,
     eligible: np.ndarray,
     n_permutations: int,
@@ -203,24 +234,26 @@ def _permuted_max(
 ) -> np.ndarray:
     """Largest |z| over eligible pairs for each permutation of presence rows within strata.
 
-    Only the joint counts change under such a permutation; they are one (S·K × N) @ (N × P) product.
+    Such a permutation keeps every stratum's margins, so only the joint counts change: one index-add of
+    the permuted presence rows per permutation, (K, P) in memory whatever the number of strata.
     """
-    n, n1, m, _ = _tables(stratum, n_strata, pred, n_classes, x)
-    code = torch.from_numpy(stratum * n_classes + pred)
-    onehot = torch.zeros(n_strata * n_classes, len(code))
-    onehot[code, torch.arange(len(code))] = 1.0
-    xf = torch.from_numpy(x.astype(np.float32))
+    expected, var = _null_moments(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_sd = np.where(eligible & (var > 1e-12), 1.0 / np.sqrt(var), 0.0)
+    if not inv_sd.any():
+        return np.full(n_permutations, -np.inf)
+    pred_t = torch.from_numpy(pred)
+    xf = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     order = np.argsort(stratum, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(stratum[order])) + 1)
+    bounds = np.flatnonzero(np.diff(stratum[order])) + 1
+    groups = [g for g in np.split(order, bounds) if g.size > 1]
     out = np.empty(n_permutations)
     for b in range(n_permutations):
-        perm = np.empty_like(stratum)
+        perm = np.arange(stratum.shape[0])
         for g in groups:
             perm[g] = rng.permutation(g)
-        a = (onehot @ xf[torch.from_numpy(perm)]).double().numpy().reshape(n_strata, n_classes, -1)
-        z = np.abs(_cmh_z(n, n1, m, a))
-        z = np.where(eligible & np.isfinite(z), z, -np.inf)
-        out[b] = z.max() if z.size else -np.inf
+        a = _joint(pred_t, xf[torch.from_numpy(perm)], t.m.shape[1])
+        out[b] = (np.abs(a - expected) * inv_sd).max()
     return out
 
 
@@ -239,7 +272,7 @@ def model_evidence(
 
     ``eligible`` (K, P, 2) bool: which class × phrase × direction ("for", "against") may be flagged
     (the flag rule's conditions on the explanations and the class names). Returns one row per class ×
-    phrase × direction with its first-step figures (``z_first``, ``effect_first``), the figures of the
+    phrase × direction that is eligible, with its first-step figures (``z_first``, ``effect_first``), the figures of the
     step that decided it (``z_model``, ``effect``, ``threshold``, ``step``), ``accepted`` and
     ``given`` (the accepted phrases it was conditioned on).
     """
@@ -262,10 +295,9 @@ def model_evidence(
     given_at = np.full((k, p, 2), "", dtype=object)
     for step in range(1, max_steps + 1):
         stratum, stratum_label = _strata(behaviour.labels, x, given)
-        s = stratum_label.shape[0]
-        n, n1, m, a = _tables(stratum, s, pred, k, x)
-        z = _cmh_z(n, n1, m, a)
-        own, other = _effects(n, n1, m, a, stratum_label, k)
+        tables = _tables(stratum, stratum_label, pred, k, x)
+        z = _cmh_z(tables)
+        own, other = _effects(tables, k)
         zd = np.stack([z, -z], -1)  # (K, P, 2): large when the direction holds
         with warnings.catch_warnings():  # a pair with neither effect defined stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -273,7 +305,7 @@ def model_evidence(
         open_ = eligible & ~decided
         open_[:, given, :] = False
         any_open = open_.any(axis=2)
-        null = _permuted_max(stratum, s, pred, k, x, any_open, n_permutations, rng)
+        null = _permuted_max(stratum, tables, pred, x, any_open, n_permutations, rng)
         thr = float(np.quantile(null, 1.0 - alpha)) if np.isfinite(null).any() else np.inf
         if step == 1:
             record["z_first"][:], record["effect_first"][:] = zd, ed
@@ -286,20 +318,23 @@ def model_evidence(
         # The phrase with the largest z, evidence *for* a class first: a cue and its complement ("large"
         # for circle, "small" against it) have the same |z|, and the finding is the cue.
         side = 0 if passing[..., 0].any() else 1
-        best = np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0).argmax()
+        # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
+        best = np.round(np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax()
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
         given.append(int(best))
-    ci, pi, di = np.meshgrid(np.arange(k), np.arange(p), np.arange(2), indexing="ij")
+    # Rows for the eligible pairs only: the flag rule reads nothing else, and at 1000 classes × 5,505
+    # phrases the full grid would be 11 M rows.
+    ci, pi, di = np.nonzero(eligible)
     out = pd.DataFrame(
         {
-            "class_index": ci.ravel().astype(np.int32),
-            "phrase": np.asarray(behaviour.phrases, dtype=object)[pi.ravel()],
-            "direction": np.asarray(DIRECTIONS, dtype=object)[di.ravel()],
-            "eligible": eligible.ravel(),
-            "accepted": accepted.ravel(),
-            **{name: v.ravel() for name, v in record.items()},
-            "given": given_at.ravel(),
+            "class_index": ci.astype(np.int32),
+            "phrase": np.asarray(behaviour.phrases, dtype=object)[pi],
+            "direction": np.asarray(DIRECTIONS, dtype=object)[di],
+            "eligible": True,
+            "accepted": accepted[ci, pi, di],
+            **{name: v[ci, pi, di] for name, v in record.items()},
+            "given": given_at[ci, pi, di],
         }
     )
     out["step"] = out["step"].astype("Int64")

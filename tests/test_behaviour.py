@@ -46,14 +46,25 @@ def test_cmh_and_risk_difference_match_a_plain_loop() -> None:
     x = rng.random((n, p)) < 0.4
     pred = np.where(rng.random(n) < 0.7, labels, rng.integers(0, k, n))
     stratum, stratum_label = _strata(labels, x, [])
-    tables = _tables(stratum, len(stratum_label), pred, k, x)
-    z = _cmh_z(*tables)
-    rd, _ = _effects(*tables, stratum_label, k)
+    tables = _tables(stratum, stratum_label, pred, k, x)
+    z = _cmh_z(tables)
+    rd, other = _effects(tables, k)
     for c in range(k):
         for j in range(p):
             want_z, want_rd = _reference(x, pred, labels, c, j)
             assert z[c, j] == pytest.approx(want_z, rel=1e-9)
             assert rd[c, j] == pytest.approx(want_rd, rel=1e-9, abs=1e-12)
+            # The other-label effect is the own-label one of "labelled otherwise" against predicted c.
+            mask = labels != c
+            rd_num = rd_den = 0.0
+            for y in np.unique(labels[mask]):
+                s = labels == y
+                nn, n1 = s.sum(), x[s, j].sum()
+                a = (x[s, j] & (pred[s] == c)).sum()
+                mm = (pred[s] == c).sum()
+                rd_num += a - mm * n1 / nn
+                rd_den += n1 * (nn - n1) / nn
+            assert other[c, j] == pytest.approx(rd_num / rd_den, rel=1e-9, abs=1e-12)
 
 
 def test_otsu_splits_two_clusters_between_them() -> None:
