@@ -271,9 +271,9 @@ def model_evidence(
     """The stepwise test of the module docstring.
 
     ``eligible`` (K, P, 2) bool: which class × phrase × direction ("for", "against") may be flagged
-    (the flag rule's conditions on the explanations and the class names). Returns one row per class ×
-    phrase × direction that is eligible, with its first-step figures (``z_first``, ``effect_first``), the figures of the
-    step that decided it (``z_model``, ``effect``, ``threshold``, ``step``), ``accepted`` and
+    (the flag rule's conditions on the explanations and the class names). Returns one row per eligible
+    class × phrase × direction with its first-step figures (``z_first``, ``effect_first``), the figures
+    of the step that decided it (``z_model``, ``effect``, ``threshold``, ``step``), ``accepted`` and
     ``given`` (the accepted phrases it was conditioned on).
     """
     if not 0.0 < alpha < 1.0:
