@@ -274,13 +274,16 @@ def permutation_null(
     *,
     n_permutations: int = 200,
     seed: int = 0,
-    chunk: int = 16,
+    max_cells: int = 1 << 22,
 ) -> np.ndarray:
     """Per-class maxima of z_lift over phrases under permuted class labels: (n_permutations, K).
 
     The scores are sparse triplets (image ``rows``, phrase ``cols``, ``scores``); each permutation's class
-    sums are one ``bincount`` over the triplets, a chunk of permutations at a time.
+    sums are one ``bincount`` over the triplets, a chunk of permutations at a time. A chunk holds at most
+    ``max_cells`` class × phrase cells (at least one permutation), so memory stays a few times
+    ``max_cells`` floats at 10 classes or 1000.
     """
+    chunk = max(1, max_cells // max(1, (int(class_codes.max()) + 1 if class_codes.size else 1) * n_cols))
     n_images = class_codes.shape[0]
     k = int(class_codes.max()) + 1 if n_images else 0
     n_class = np.bincount(class_codes, minlength=k)
@@ -422,10 +425,16 @@ def _compute_flags(
     with np.errstate(invalid="ignore"):
         thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), rule.quantile, axis=0)
     stats["threshold"] = stats["class_name"].map(dict(zip(class_order, thresholds, strict=True)))
-    # p-value against the class's null maxima, vectorised by class.
+    # p-value against the class's null maxima: the count of maxima >= z by binary search in each class's
+    # sorted maxima (NaN maxima count as never exceeding), no (permutations × rows) array.
     k_of = stats["class_name"].map({c: i for i, c in enumerate(class_order)}).to_numpy()
     z = stats["z_lift"].to_numpy(np.float64)
-    exceed = (null_max[:, k_of] >= z[None, :]).sum(0)
+    ranked = np.sort(np.where(np.isnan(null_max), -np.inf, null_max), axis=0)  # (n_permutations, K)
+    below = np.empty(len(z), dtype=np.int64)
+    for k in np.unique(k_of):  # one binary search per class
+        rows = np.flatnonzero(k_of == k)
+        below[rows] = np.searchsorted(ranked[:, k], z[rows], side="left")
+    exceed = np.where(np.isnan(z), rule.n_permutations, rule.n_permutations - below)
     stats["p_value"] = (1 + exceed) / (1 + rule.n_permutations)
 
     stats = _with_cooccurrence(stats, cooccurrence, warn=behaviour is None)

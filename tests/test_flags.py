@@ -341,3 +341,32 @@ def test_phi_matches_numpy_correlation() -> None:
     want = np.corrcoef(np.c_[a, b[:, :3]].T.astype(float))[:3, 3:]
     np.testing.assert_allclose(got[:, :3], want, atol=1e-12)
     assert (got[:, 3] == 0).all()  # a constant column correlates with nothing
+
+
+def test_null_and_p_values_do_not_depend_on_the_chunk_size(planted: Path, flags) -> None:
+    """The permutation null is the same however many permutations a chunk holds, and each flag's p-value
+    is (1 + #maxima >= z) / (1 + permutations) against its class's maxima."""
+    import duckdb
+
+    from tasks.flags import permutation_null
+
+    con = duckdb.connect(str(planted / "run.duckdb"), read_only=True)
+    con.execute(f"SET file_search_path = '{planted}'")
+    images, cols, trip = _load_scores(con)
+    con.close()
+    args = (
+        images["k"].to_numpy(np.int64),
+        trip["i"].to_numpy(np.int64),
+        trip["q"].to_numpy(np.int64),
+        trip["score"].to_numpy(np.float64),
+        len(cols),
+        (cols["direction"] == "against").to_numpy(np.int64),
+    )
+    one = permutation_null(*args, n_permutations=40, max_cells=1)  # one permutation per chunk
+    many = permutation_null(*args, n_permutations=40)
+    np.testing.assert_array_equal(one, many)
+    full = permutation_null(*args, n_permutations=200)
+    classes = sorted(images["class_name"].unique())
+    for f in flags.itertuples():
+        null = full[:, classes.index(f.class_name)]
+        assert f.p_value == pytest.approx((1 + (null >= f.z_lift).sum()) / 201)
