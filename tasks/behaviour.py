@@ -257,6 +257,49 @@ def _permuted_max(
     return out
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """The stepwise test's figures for every class × phrase × direction, as (K, P, 2) arrays."""
+
+    phrases: list[str]
+    eligible: np.ndarray  # (K, P, 2) bool
+    accepted: np.ndarray  # (K, P, 2) bool
+    figures: dict[str, np.ndarray]  # z_first, effect_first, z_model, effect, threshold, step: (K, P, 2)
+    given: list[int]  # accepted phrases, in order
+
+    def top(self, n: int) -> np.ndarray:
+        """(K, P, 2) bool: the accepted pairs and each class × direction's ``n`` eligible pairs with the
+        largest first-step z (the near misses worth showing)."""
+        z = np.where(self.eligible, np.nan_to_num(self.figures["z_first"], nan=-np.inf), -np.inf)
+        keep = self.accepted.copy()
+        n = min(n, z.shape[1])
+        if n > 0:
+            idx = np.argpartition(-z, n - 1, axis=1)[:, :n, :]  # (K, n, 2)
+            k, _, d = np.meshgrid(np.arange(z.shape[0]), np.arange(n), np.arange(2), indexing="ij")
+            keep[k, idx, d] |= np.isfinite(z[k, idx, d])
+        return keep & self.eligible
+
+    def frame(self, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """One row per pair of ``rows`` ((K, P, 2) bool; default: the eligible pairs)."""
+        ci, pi, di = np.nonzero(self.eligible if rows is None else rows)
+        step = self.figures["step"][ci, pi, di]
+        given = [", ".join(self.phrases[g] for g in self.given[:i]) for i in range(len(self.given) + 1)]
+        out = pd.DataFrame(
+            {
+                "class_index": ci.astype(np.int32),
+                "phrase": np.asarray(self.phrases, dtype=object)[pi],
+                "direction": np.asarray(DIRECTIONS, dtype=object)[di],
+                "eligible": self.eligible[ci, pi, di],
+                "accepted": self.accepted[ci, pi, di],
+                **{name: v[ci, pi, di] for name, v in self.figures.items()},
+                # The phrases accepted before the step that decided the pair.
+                "given": [given[int(s) - 1] if np.isfinite(s) else "" for s in step],
+            }
+        )
+        out["step"] = out["step"].astype("Int64")
+        return out
+
+
 def model_evidence(
     behaviour: ProbeBehaviour,
     n_classes: int,
@@ -268,14 +311,38 @@ def model_evidence(
     max_steps: int = 8,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The stepwise test of the module docstring.
+    """The stepwise test of the module docstring, one row per eligible class × phrase × direction.
 
     ``eligible`` (K, P, 2) bool: which class × phrase × direction ("for", "against") may be flagged
-    (the flag rule's conditions on the explanations and the class names). Returns one row per eligible
-    class × phrase × direction with its first-step figures (``z_first``, ``effect_first``), the figures
-    of the step that decided it (``z_model``, ``effect``, ``threshold``, ``step``), ``accepted`` and
-    ``given`` (the accepted phrases it was conditioned on).
+    (the flag rule's conditions on the explanations and the class names). Each row has its first-step
+    figures (``z_first``, ``effect_first``), the figures of the step that decided it (``z_model``,
+    ``effect``, ``threshold``, ``step``), ``accepted`` and ``given`` (the accepted phrases it was
+    conditioned on). :func:`evidence_grid` gives the same as arrays.
     """
+    return evidence_grid(
+        behaviour,
+        n_classes,
+        eligible,
+        alpha=alpha,
+        min_effect=min_effect,
+        n_permutations=n_permutations,
+        max_steps=max_steps,
+        seed=seed,
+    ).frame()
+
+
+def evidence_grid(
+    behaviour: ProbeBehaviour,
+    n_classes: int,
+    eligible: np.ndarray,
+    *,
+    alpha: float = 0.01,
+    min_effect: float = 0.2,
+    n_permutations: int = 200,
+    max_steps: int = 8,
+    seed: int = 0,
+) -> Evidence:
+    """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows."""
     if not 0.0 < alpha < 1.0:
         raise ValueError("alpha must lie in (0, 1)")
     if n_permutations < 1:
@@ -292,7 +359,6 @@ def model_evidence(
         for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step")
     }
     accepted = np.zeros((k, p, 2), dtype=bool)
-    given_at = np.full((k, p, 2), "", dtype=object)
     for step in range(1, max_steps + 1):
         stratum, stratum_label = _strata(behaviour.labels, x, given)
         tables = _tables(stratum, stratum_label, pred, k, x)
@@ -310,8 +376,7 @@ def model_evidence(
         if step == 1:
             record["z_first"][:], record["effect_first"][:] = zd, ed
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
-            record[name] = np.where(open_, value, record[name])
-        given_at = np.where(open_, ", ".join(behaviour.phrases[g] for g in given), given_at)
+            np.copyto(record[name], value, where=open_)
         passing = open_ & (zd > thr) & (ed >= min_effect)
         if not passing.any():
             break
@@ -323,19 +388,4 @@ def model_evidence(
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
         given.append(int(best))
-    # Rows for the eligible pairs only: the flag rule reads nothing else, and at 1000 classes × 5,505
-    # phrases the full grid would be 11 M rows.
-    ci, pi, di = np.nonzero(eligible)
-    out = pd.DataFrame(
-        {
-            "class_index": ci.astype(np.int32),
-            "phrase": np.asarray(behaviour.phrases, dtype=object)[pi],
-            "direction": np.asarray(DIRECTIONS, dtype=object)[di],
-            "eligible": True,
-            "accepted": accepted[ci, pi, di],
-            **{name: v[ci, pi, di] for name, v in record.items()},
-            "given": given_at[ci, pi, di],
-        }
-    )
-    out["step"] = out["step"].astype("Int64")
-    return out
+    return Evidence(list(behaviour.phrases), eligible, accepted, record, given)
