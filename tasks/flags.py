@@ -54,7 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.behaviour import ProbeBehaviour, model_evidence
+from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
 from tasks.store import DB_NAME, build_duckdb, create_table_sql
 
 log = logging.getLogger(__name__)
@@ -404,10 +404,10 @@ def _compute_flags(
     rule: FlagRule,
     n_examples: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    stats = con.sql("SELECT * FROM concept_stats").df()
     empty = pa.Table.from_pylist([], schema=FLAGS).to_pandas()
     no_candidates = pa.Table.from_pylist([], schema=FLAG_CANDIDATES).to_pandas()
-    if stats.empty:
+    classes = con.sql("SELECT DISTINCT class_name, class_index FROM concept_stats ORDER BY class_name").df()
+    if classes.empty:
         return empty, no_candidates
     images, cols, trip = _load_scores(con)
     groups = (cols["direction"] == "against").to_numpy().astype(np.int64)
@@ -421,10 +421,21 @@ def _compute_flags(
         n_permutations=rule.n_permutations,
         seed=rule.seed,
     )
+    del trip
     class_order = images.drop_duplicates("class_name").sort_values("k")["class_name"].tolist()
     with np.errstate(invalid="ignore"):
         thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), rule.quantile, axis=0)
-    stats["threshold"] = stats["class_name"].map(dict(zip(class_order, thresholds, strict=True)))
+    threshold_of = dict(zip(class_order, thresholds, strict=True))
+    text = _describes(
+        sorted(set(cols["phrase"])),
+        dict(zip(classes["class_name"], classes["class_index"], strict=True)),
+        class_text,
+        behaviour,
+        rule.min_class_agreement,
+    )
+    evidence = None if behaviour is None else _evidence(classes, cols, text, behaviour, rule)
+    stats = _rows(con, rule, threshold_of, evidence)
+    stats["threshold"] = stats["class_name"].map(threshold_of)
     # p-value against the class's null maxima: the count of maxima >= z by binary search in each class's
     # sorted maxima (NaN maxima count as never exceeding), no (permutations × rows) array.
     k_of = stats["class_name"].map({c: i for i, c in enumerate(class_order)}).to_numpy()
@@ -438,7 +449,7 @@ def _compute_flags(
     stats["p_value"] = (1 + exceed) / (1 + rule.n_permutations)
 
     stats = _with_cooccurrence(stats, cooccurrence, warn=behaviour is None)
-    stats = _describes(stats, class_text, class_order, behaviour, rule.min_class_agreement)
+    stats = stats.join(text, on="phrase")
     stats["in_explanations"] = (stats["lift"] > 0) & (stats["n_images"] >= rule.min_images)
     if behaviour is None:
         keep = _explanation_rule(stats, rule)
@@ -447,7 +458,7 @@ def _compute_flags(
         stats["step"] = pd.array([pd.NA] * len(stats), dtype="Int32")
         stats["reason"] = _explanation_reasons(stats, keep)
     else:
-        stats, keep = _model_rule(stats, behaviour, rule)
+        stats, keep = _model_rule(stats, evidence, rule)
     candidates = _candidates(stats, keep, rule)
     flags = stats[keep].copy()
     if flags.empty:
@@ -479,6 +490,86 @@ def _compute_flags(
     )
     flags["step"] = flags["step"].astype("Int32")
     return flags[FLAGS.names].reset_index(drop=True), candidates
+
+
+def _evidence(
+    classes: pd.DataFrame, cols: pd.DataFrame, text: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
+) -> Evidence:
+    """The stepwise model test over every class of the run × phrase of its explanations × direction that
+    does not name a class of the task and is in the probe's vocabulary.
+
+    Not gated on the explanations' statistics: a cue the model acts on is a finding even where the channel
+    bank does not name it (the flag card then shows how rarely its explanations do)."""
+    index = {p: i for i, p in enumerate(behaviour.phrases)}
+    n_classes = (
+        int(
+            max(
+                classes["class_index"].max(),
+                behaviour.predictions.max(initial=0),
+                -1 if behaviour.labels is None else behaviour.labels.max(initial=0),
+            )
+        )
+        + 1
+    )
+    ok = cols[cols["phrase"].isin(index) & ~cols["phrase"].map(text["describes"]).fillna(False).astype(bool)]
+    eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
+    ci = classes["class_index"].to_numpy(np.int64)
+    pi = ok["phrase"].map(index).to_numpy(np.int64)
+    di = (ok["direction"] == "against").to_numpy(np.int64)
+    eligible[ci[:, None], pi[None, :], di[None, :]] = True
+    return evidence_grid(
+        behaviour,
+        n_classes,
+        eligible,
+        alpha=rule.alpha,
+        min_effect=rule.min_effect,
+        n_permutations=rule.n_permutations,
+        seed=rule.seed,
+    )
+
+
+def _rows(
+    con: duckdb.DuckDBPyConnection,
+    rule: FlagRule,
+    threshold_of: Mapping[str, float],
+    evidence: Evidence | None,
+) -> pd.DataFrame:
+    """The ``concept_stats`` rows the rule and the candidates table need, selected in SQL: each class ×
+    direction's top phrases by z_lift, the rows that can pass the explanation rule (without behaviour)
+    or the model rule's accepted pairs and top first-step pairs (with it). At 1000 classes × 5,505 phrases
+    that is a few rows per class instead of 11 M."""
+    thr = pd.DataFrame({"class_name": list(threshold_of), "_threshold": list(threshold_of.values())})
+    if evidence is None:
+        wanted = pd.DataFrame({"class_index": [], "phrase": [], "direction": []}).astype(
+            {"class_index": "int32", "phrase": "object", "direction": "object"}
+        )
+        passing = (
+            f"(s.z_lift > t._threshold AND s.lift > 0 AND s.n_images >= {int(rule.min_images)} "
+            f"AND s.relative_score >= {float(rule.min_relative_score)!r})"
+        )
+    else:
+        wanted = evidence.frame(evidence.top(N_CANDIDATES))[["class_index", "phrase", "direction"]]
+        passing = "false"
+    con.register("_thresholds", thr)
+    con.register("_wanted", wanted.assign(_wanted=True))
+    try:
+        return con.sql(
+            f"""
+            SELECT s.* EXCLUDE (_rank) FROM (
+                SELECT c.*, row_number() OVER (
+                    PARTITION BY c.class_name, c.direction ORDER BY c.z_lift DESC NULLS LAST, c.phrase
+                ) AS _rank
+                FROM concept_stats c
+            ) AS s
+            JOIN _thresholds AS t USING (class_name)
+            LEFT JOIN _wanted AS w USING (class_index, phrase, direction)
+            WHERE s._rank <= {N_CANDIDATES} OR w._wanted OR {passing}
+            ORDER BY s.class_name, s.direction, s.z_lift DESC NULLS LAST, s.phrase
+            """
+        ).df()
+    finally:
+        con.unregister("_thresholds")
+        con.unregister("_wanted")
 
 
 def _explanation_rule(stats: pd.DataFrame, rule: FlagRule) -> pd.Series:
@@ -521,41 +612,20 @@ def _explanation_reasons(stats: pd.DataFrame, keep: pd.Series) -> np.ndarray:
     )
 
 
-def _model_rule(
-    stats: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
-) -> tuple[pd.DataFrame, pd.Series]:
-    """Flags from what the model does on the probe set (:func:`tasks.behaviour.model_evidence`)."""
-    index = {p: i for i, p in enumerate(behaviour.phrases)}
-    n_classes = (
-        int(
-            max(
-                stats["class_index"].max(),
-                behaviour.predictions.max(initial=0),
-                -1 if behaviour.labels is None else behaviour.labels.max(initial=0),
-            )
-        )
-        + 1
-    )
-    eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
-    # Not gated on the explanations: a cue the model acts on is a finding even where the channel bank
-    # does not name it (the flag card then shows how rarely its explanations do).
-    ok = stats[~stats["describes"] & stats["phrase"].isin(index)]
-    eligible[
-        ok["class_index"].to_numpy(np.int64),
-        ok["phrase"].map(index).to_numpy(np.int64),
-        (ok["direction"] == "against").to_numpy(np.int64),
-    ] = True
-    evidence = model_evidence(
-        behaviour,
-        n_classes,
-        eligible,
-        alpha=rule.alpha,
-        min_effect=rule.min_effect,
-        n_permutations=rule.n_permutations,
-        seed=rule.seed,
-    ).rename(columns={"threshold": "model_threshold"})
+def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tuple[pd.DataFrame, pd.Series]:
+    """Flags from what the model does on the probe set (:func:`tasks.behaviour.evidence_grid`)."""
+    index = {p: i for i, p in enumerate(evidence.phrases)}
+    known = stats["phrase"].isin(index).to_numpy()
+    rows = np.zeros_like(evidence.eligible)
+    ci = stats["class_index"].to_numpy(np.int64)[known]
+    pi = stats["phrase"][known].map(index).to_numpy(np.int64)
+    di = (stats["direction"][known] == "against").to_numpy(np.int64)
+    rows[ci, pi, di] = True
+    figures = evidence.frame(rows).drop(columns=["eligible"])
     out = stats.merge(
-        evidence.drop(columns=["eligible"]), on=["class_index", "phrase", "direction"], how="left"
+        figures.rename(columns={"threshold": "model_threshold"}),
+        on=["class_index", "phrase", "direction"],
+        how="left",
     )
     out["accepted"] = out["accepted"].fillna(False).astype(bool)
     out["step"] = out["step"].astype("Int32")
@@ -616,13 +686,13 @@ def _with_cooccurrence(
 
 
 def _describes(
-    stats: pd.DataFrame,
+    phrases: list[str],
+    class_index: Mapping[str, int],
     class_text: ClassText | None,
-    class_names: list[str],
     behaviour: ProbeBehaviour | None,
     min_agreement: float,
 ) -> pd.DataFrame:
-    """``stats`` with ``describes``: the phrase names a class of the task.
+    """Per phrase (the index): ``describes``, it names a class of the task, with the figures that decided.
 
     By text: it is a class name or in a class's own vocabulary, or at least as close to one of them in
     CLIP text space as two different class names are (``class_similarity`` vs ``similarity_threshold``).
@@ -631,56 +701,49 @@ def _describes(
     ``min_agreement``). A weak text encoder puts "blue" as close to "square" as "circle" is; in images
     the two come apart unless the data never separates them.
     """
-    out = stats.copy()
-    out["class_similarity"] = np.nan
-    out["similarity_threshold"] = np.nan
-    out["class_agreement"] = np.nan
+    class_names = list(class_index)
+    out = pd.DataFrame(
+        {"class_similarity": np.nan, "similarity_threshold": np.nan, "class_agreement": np.nan},
+        index=pd.Index(phrases, name="phrase", dtype=object),
+    )
     own = {c.casefold() for c in class_names} | {
         p.casefold()
         for c, v in (class_text.own_vocabulary if class_text else {}).items()
-        if c in class_names
+        if c in class_index
         for p in v
     }
-    exact = out["phrase"].str.casefold().isin(own)
+    exact = np.array([p.casefold() in own for p in phrases], dtype=bool)
     if class_text is None:
         log.warning("no class text embeddings given: phrases describing their own class are not excluded")
         out["describes"] = exact
         return out
     threshold = class_text.similarity_threshold(class_names)
     missing = sorted(set(class_names) - set(class_text.embeddings))
-    unknown = sorted(set(out["phrase"]) - set(class_text.embeddings))
+    unknown = sorted(set(phrases) - set(class_text.embeddings))
     if missing or unknown:
         log.warning(
             "no text embedding for classes %s and phrases %s: their similarity is unknown",
             missing[:5],
             unknown[:5],
         )
-    phrases = out["phrase"].unique().tolist()
     text = np.stack([class_text.class_similarity(c, phrases) for c in class_names])  # (K, P)
     close = np.nan_to_num(text, nan=-np.inf) >= threshold
     agreement = np.full(text.shape, np.nan)
     phi = behaviour.class_agreement() if behaviour is not None else None
     if phi is not None:
         index = {p: i for i, p in enumerate(behaviour.phrases)}
-        model_index = dict(zip(out["class_name"], out["class_index"], strict=True))
-        rows = np.array([model_index[c] for c in class_names])
-        cols = [index.get(p, -1) for p in phrases]
-        known = np.array(cols) >= 0
+        rows = np.array([class_index[c] for c in class_names], dtype=np.int64)
+        cols = np.array([index.get(p, -1) for p in phrases], dtype=np.int64)
+        known = cols >= 0
         if rows.size and rows.max() < phi.shape[0]:
-            agreement[:, known] = phi[np.ix_(rows, np.array(cols)[known])]
+            agreement[:, known] = phi[np.ix_(rows, cols[known])]
     seen = np.isnan(agreement) | (agreement >= min_agreement)  # unknown: the text decides alone
     with warnings.catch_warnings():  # a phrase without any known similarity stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        nearest = np.nanmax(text, axis=0)
-        agree = np.nanmax(np.where(close, agreement, np.nan), axis=0)
-    by_phrase = pd.DataFrame(
-        {"class_similarity": nearest, "class_agreement": agree, "_close": (close & seen).any(0)},
-        index=phrases,
-    )
-    out["class_similarity"] = out["phrase"].map(by_phrase["class_similarity"]).to_numpy(np.float64)
-    out["class_agreement"] = out["phrase"].map(by_phrase["class_agreement"]).to_numpy(np.float64)
+        out["class_similarity"] = np.nanmax(text, axis=0)
+        out["class_agreement"] = np.nanmax(np.where(close, agreement, np.nan), axis=0)
     out["similarity_threshold"] = threshold
-    out["describes"] = exact | out["phrase"].map(by_phrase["_close"]).fillna(False).astype(bool)
+    out["describes"] = exact | (close & seen).any(0)
     return out
 
 
