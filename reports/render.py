@@ -10,6 +10,7 @@ not embedded, and the card says so.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ from urllib.parse import quote
 
 import duckdb
 import jinja2
+import markupsafe
 import numpy as np
 import pandas as pd
 import yaml
@@ -31,7 +33,7 @@ from tasks.store import DB_NAME, build_duckdb, connect
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-THUMB = 144  # px, longest side of embedded thumbnails
+THUMB = 112  # px, longest side of embedded thumbnails (JPEG: a few kB each)
 MAX_FLAGS = 40  # flag cards in the report (the strongest first); flags.parquet has them all
 EVIDENCE_PER_FLAG = 3
 CONCEPTS_PER_CLASS = 8
@@ -79,8 +81,12 @@ def render_report(
     )
     env.filters["num"] = _num
     env.filters["pct"] = _pct
+    script = (_HERE / "static" / "class_index.js").read_text()
     html = env.get_template("report.html.j2").render(
-        css=(_HERE / "static" / "report.css").read_text(), **context
+        css=(_HERE / "static" / "report.css").read_text(),
+        script=markupsafe.Markup(script),  # our own file; the CSP admits exactly this text by its hash
+        script_hash="sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
+        **context,
     )
     out = run_dir / "report.html"
     tmp = run_dir / ".report.html.tmp"
@@ -145,6 +151,13 @@ def _png_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _jpeg_uri(img: Image.Image) -> str:
+    """Thumbnails and overlays: photographs, so JPEG (a tenth of the PNG's size at this quality)."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=80, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB via matplotlib's 'inferno' (perceptually ordered)."""
     from matplotlib import colormaps
@@ -205,11 +218,11 @@ def _evidence(row: pd.Series, phrase: str, root: Path | None) -> dict[str, Any]:
     gmap = _grid(group["map"], h, w) if group is not None else None
     canvas = base if base is not None else Image.new("RGB", (THUMB, THUMB), (40, 40, 40))
     pictures = {
-        "image": _Picture(_png_uri(base), str(row["path"])) if base is not None else _Picture(None, why),
-        "saliency": _Picture(_png_uri(_overlay(canvas, sal)), "saliency")
+        "image": _Picture(_jpeg_uri(base), str(row["path"])) if base is not None else _Picture(None, why),
+        "saliency": _Picture(_jpeg_uri(_overlay(canvas, sal)), "saliency")
         if sal is not None
         else _Picture(None, "no saliency map"),
-        "group": _Picture(_png_uri(_overlay(canvas, gmap)), f"group: {group['text']}")
+        "group": _Picture(_jpeg_uri(_overlay(canvas, gmap)), f"group: {group['text']}")
         if gmap is not None
         else _Picture(None, "no group map"),
     }
@@ -237,22 +250,24 @@ def _figure_uri(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _plots(stats: pd.DataFrame, flags: pd.DataFrame, classes: list[str]) -> list[dict[str, str]]:
-    """Concept frequency heatmap (classes × phrases) and per-class z_lift bars against the threshold."""
+def _plots(
+    tops: pd.DataFrame, heat: pd.DataFrame, flags: pd.DataFrame, classes: list[str]
+) -> list[dict[str, str]]:
+    """Concept frequency heatmap (classes × phrases, ``heat``) and per-class z_lift bars against the
+    threshold (``tops``: each class's top phrases)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     plots: list[dict[str, str]] = []
-    if stats.empty:
+    if tops.empty:
         return plots
     # Labels are data: never let mathtext interpret "$...$" in a phrase or class name.
     with matplotlib.rc_context({"text.parse_math": False, "font.size": 8}):
-        sub = stats[(stats["direction"] == "for") & stats["class_name"].isin(classes)]
-        freq = sub.pivot_table(index="class_name", columns="phrase", values="frequency", fill_value=0.0)
+        freq = heat.pivot_table(index="class_name", columns="phrase", values="frequency", fill_value=0.0)
         if not freq.empty:
-            top = freq.var(axis=0).sort_values(ascending=False).index[:25]
+            top = freq.var(axis=0).sort_values(ascending=False).index
             freq = freq.loc[[c for c in classes if c in freq.index], top]
             fig, ax = plt.subplots(figsize=(1.2 + 0.32 * len(top), 1.0 + 0.28 * len(freq)))
             im = ax.imshow(freq.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -273,7 +288,7 @@ def _plots(stats: pd.DataFrame, flags: pd.DataFrame, classes: list[str]) -> list
                 1, len(lift_classes), figsize=(3.2 * len(lift_classes), 3.0), squeeze=False
             )
             for ax, cname in zip(axes[0], lift_classes, strict=True):
-                rows = stats[(stats["class_name"] == cname) & stats["z_lift"].notna()]
+                rows = tops[(tops["class_name"] == cname) & tops["z_lift"].notna()]
                 rows = rows.sort_values("z_lift", ascending=False).head(8)[::-1]
                 colors = ["#c0392b" if d == "against" else "#2e86c1" for d in rows["direction"]]
                 ax.barh(
@@ -300,8 +315,79 @@ def _plots(stats: pd.DataFrame, flags: pd.DataFrame, classes: list[str]) -> list
 # -- assembling -------------------------------------------------------------------------------------
 
 
+def _top_phrases(con: Any, per_class: int) -> pd.DataFrame:
+    """Each class × direction's ``per_class`` phrases by z_lift, with whether they are flagged: the
+    rows the report shows, selected in SQL (never the whole concept_stats table)."""
+    return con.sql(
+        f"""
+        SELECT s.class_name, s.phrase, s.direction, s.n_class, s.frequency, s.frequency_other,
+               s.mean_score, s.lift, s.z_lift, f.phrase IS NOT NULL AS flagged
+        FROM concept_stats s
+        LEFT JOIN (SELECT DISTINCT class_name, phrase, direction FROM flags) f
+               USING (class_name, phrase, direction)
+        QUALIFY row_number() OVER (
+            PARTITION BY s.class_name, s.direction ORDER BY s.z_lift DESC NULLS LAST, s.phrase
+        ) <= {int(per_class)}
+        ORDER BY s.class_name, s.direction, s.z_lift DESC NULLS LAST, s.phrase
+        """
+    ).df()
+
+
+def _heatmap_frequencies(con: Any, classes: list[str], n_phrases: int = 25) -> pd.DataFrame:
+    """Class × phrase frequencies ("for") of ``classes`` for the ``n_phrases`` phrases whose frequency
+    varies most across them (the heatmap)."""
+    con.register("_classes", pd.DataFrame({"class_name": classes}))
+    try:
+        return con.sql(
+            f"""
+            WITH sub AS (
+                SELECT class_name, phrase, frequency FROM concept_stats JOIN _classes USING (class_name)
+                WHERE direction = 'for'
+            ),
+            top AS (
+                SELECT phrase FROM sub GROUP BY phrase
+                ORDER BY var_samp(frequency) DESC NULLS LAST, phrase LIMIT {int(n_phrases)}
+            )
+            SELECT class_name, phrase, frequency FROM sub JOIN top USING (phrase)
+            """
+        ).df()
+    finally:
+        con.unregister("_classes")
+
+
+def _class_index(tops: pd.DataFrame, sizes: pd.DataFrame, flags: pd.DataFrame) -> markupsafe.Markup:
+    """Every class for the report's searchable index, as JSON safe inside a <script> data block."""
+    n_flags = flags.groupby("class_name").size().to_dict() if not flags.empty else {}
+    columns = ["phrase", "direction", "frequency", "frequency_other", "lift", "z_lift", "flagged"]
+    by_class = {c: g for c, g in tops.groupby("class_name", sort=False)}
+    classes = []
+    for name, n in zip(sizes["class_name"], sizes["n"], strict=True):  # presentation: one entry per class
+        g = by_class.get(name)
+        rows = [] if g is None else g[columns].astype(object).where(g[columns].notna(), None).values.tolist()
+        first = {
+            d: (g[g["direction"] == d]["phrase"].head(1).tolist() or [None])[0] if g is not None else None
+            for d in ("for", "against")
+        }
+        classes.append(
+            {
+                "name": str(name),
+                "n": int(n),
+                "flags": int(n_flags.get(name, 0)),
+                "top_for": first["for"],
+                "top_against": first["against"],
+                "tops": rows,
+            }
+        )
+    classes.sort(key=lambda c: (-c["flags"], -c["n"], c["name"]))  # flagged classes first
+    payload = {"columns": {c: i for i, c in enumerate(columns)}, "classes": classes}
+    text = json.dumps(payload, default=float, allow_nan=False)
+    # JSON inside HTML: no "<", ">" or "&" can end the block or start markup.
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return markupsafe.Markup(text)
+
+
 def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: dict) -> dict[str, Any]:
-    stats = con.sql("SELECT * FROM concept_stats").df()
+    tops = _top_phrases(con, CONCEPTS_PER_CLASS)
     flags = con.sql("SELECT * FROM flags ORDER BY z_lift - threshold DESC, class_name, phrase").df()
     counts = (
         con.sql(
@@ -353,23 +439,14 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         cards.append({**{k: f[k] for k in f.index if k != "example_image_ids"}, "evidence": ev})
 
     concept_tables = []
+    by_class = {c: g for c, g in tops.groupby("class_name", sort=False)}
     for cname in classes:
-        rows = stats[stats["class_name"] == cname]
-        tops = {
-            d: rows[rows["direction"] == d]
-            .sort_values("z_lift", ascending=False, na_position="last")
-            .head(CONCEPTS_PER_CLASS)
-            .to_dict("records")
-            for d in ("for", "against")
-        }
-        flagged_phrases = set(
-            flags.loc[flags["class_name"] == cname, "phrase"]
-            + "|"
-            + flags.loc[flags["class_name"] == cname, "direction"]
-        )
+        rows = by_class.get(cname, tops.iloc[:0])
+        tops_by_dir = {d: rows[rows["direction"] == d].to_dict("records") for d in ("for", "against")}
         n = int(rows["n_class"].iloc[0]) if len(rows) else 0
-        concept_tables.append({"class_name": cname, "n": n, "tops": tops, "flagged": flagged_phrases})
+        concept_tables.append({"class_name": cname, "n": n, "tops": tops_by_dir})
 
+    quality = _quality(run_dir)
     return {
         "run_id": run_id,
         "summary_items": _flatten(summary),
@@ -379,9 +456,13 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         "flags": cards,
         "near_misses": _near_misses(con),
         "n_flags": len(flags),
-        "plots": _plots(stats, flags, classes),
+        "plots": _plots(tops, _heatmap_frequencies(con, classes), flags, classes),
         "concept_tables": concept_tables,
-        "quality": _quality(run_dir),
+        "n_classes": len(class_sizes),
+        "class_index": _class_index(tops, class_sizes, flags),
+        "quality": [q for q in quality if not q["ok"]],
+        "quality_passed": [q["shard"] for q in quality if q["ok"]],
+        "quality_rows": sum(q["rows"] or 0 for q in quality if q["ok"]),
         "errors": errors.to_dict("records"),
         "links": _links(run_dir),
     }
@@ -438,17 +519,17 @@ def _quality(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _links(run_dir: Path) -> list[dict[str, str]]:
-    """Relative links to the run's data files (clickable next to report.html)."""
+    """Relative links to the run's data files (clickable next to report.html); shard folders as one
+    line each (a million-image run has thousands of shards)."""
     files = [
         run_dir / "run.duckdb",
         run_dir / "flags.parquet",
+        run_dir / "flag_candidates.parquet",
         run_dir / "images.parquet",
-        *sorted((run_dir / "explanations").glob("*.parquet")),
-        *sorted((run_dir / "errors").glob("*.parquet")),
         run_dir / "summary.json",
         run_dir / "config.yaml",
     ]
-    return [
+    links = [
         {
             "href": quote(p.relative_to(run_dir).as_posix()),
             "text": p.relative_to(run_dir).as_posix(),
@@ -457,6 +538,25 @@ def _links(run_dir: Path) -> list[dict[str, str]]:
         for p in files
         if p.is_file()
     ]
+    for folder in ("explanations", "errors"):
+        shards = sorted((run_dir / folder).glob("*.parquet"))
+        if len(shards) == 1:
+            links.append(
+                {
+                    "href": quote(shards[0].relative_to(run_dir).as_posix()),
+                    "text": shards[0].relative_to(run_dir).as_posix(),
+                    "size": _size(shards[0].stat().st_size),
+                }
+            )
+        elif shards:
+            links.append(
+                {
+                    "href": quote(folder) + "/",
+                    "text": f"{folder}/ ({len(shards)} Parquet shards)",
+                    "size": _size(sum(p.stat().st_size for p in shards)),
+                }
+            )
+    return links
 
 
 def _size(n: float) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import class_text_embeddings, make_run
 
+import reports
 from reports import render_report
 from tasks.flags import ClassText, flag_spurious
 from tasks.quality import validate_shard, write_quality_report
@@ -80,17 +84,18 @@ def test_report_has_every_section_and_the_flags(report: Path) -> None:
     html = report.read_text()
     tags = parse(html)
     ids = {a.get("id") for _, a in tags}
-    assert {"summary", "flags", "plots", "concepts", "quality", "errors", "files"} <= ids
+    assert {"summary", "flags", "plots", "concepts", "all-classes", "quality", "errors", "files"} <= ids
     cards = [a for t, a in tags if t == "article"]
     assert [c["data-class"] for c in cards] == ["cat", "dog"]  # stripes (z 8.8) before snow (z 5.2)
     assert "“snow”" in html and "“stripes”" in html
     # 3 evidence thumbnails per card (alt = the image path), all embedded
     flag_imgs = [a for t, a in tags if t == "img" and a.get("alt", "").endswith(".png")]
     assert len(flag_imgs) == 6
-    # data-quality table: one row per shard, the quarantined one once
+    # data quality: the passing shards summarised (collapsed), the failing one in the table, once
     quality = html[html.index('id="quality"') : html.index('id="errors"')]
     assert quality.count("shard-00007") == 1 and quality.count(">quarantined<") == 1
-    assert quality.count(">passed<") == 2
+    assert "2 shards passed (240 rows)" in " ".join(quality.split())
+    assert "shard-00000, shard-00001" in quality
     assert "cannot identify image file" in html  # errors table
     cards_html = html[html.index('id="flags"') : html.index('id="plots"')]
     assert "in the probe images: data z 9.00" in " ".join(cards_html.split())
@@ -98,16 +103,28 @@ def test_report_has_every_section_and_the_flags(report: Path) -> None:
     assert "in the probe images: not checked" in " ".join(cards_html.split())  # cat: 4 probe images
 
 
+def _scripts(html: str) -> list[str]:
+    return re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+
+
 def test_report_is_self_contained(report: Path) -> None:
-    tags = parse(report.read_text())
+    html = report.read_text()
+    tags = parse(html)
     srcs = [a["src"] for _, a in tags if "src" in a]
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in srcs)
     hrefs = [a["href"] for t, a in tags if t == "a"]
     assert all(h.startswith("#") or ("://" not in h and not h.startswith("/")) for h in hrefs)
-    assert "explanations/shard-00000.parquet" in hrefs and "run.duckdb" in hrefs
-    assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object", "embed")]
+    assert "explanations/" in hrefs and "run.duckdb" in hrefs  # two shards: one line for the folder
+    assert not [t for t, _ in tags if t in ("link", "iframe", "object", "embed")]
     csp = [a for t, a in tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
     assert csp and "default-src 'none'" in csp[0]["content"]
+    # One executable script, the report's own, admitted by its hash; the other is a JSON data block.
+    scripts = [a for t, a in tags if t == "script"]
+    assert len(scripts) == 2 and scripts[0] == {"type": "application/json", "id": "class-data"}
+    (code,) = _scripts(html)
+    assert code == (Path(reports.__file__).parent / "static" / "class_index.js").read_text()
+    digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp[0]["content"]
 
 
 def test_hostile_labels_phrases_and_paths_are_escaped(tmp_path: Path) -> None:
@@ -116,7 +133,10 @@ def test_hostile_labels_phrases_and_paths_are_escaped(tmp_path: Path) -> None:
     )
     html = render_report(run_dir).read_text()
     tags = parse(html)
-    assert not [t for t, _ in tags if t == "script"]
+    assert len([t for t, _ in tags if t == "script"]) == 2  # the class data and the report's own code
+    assert _scripts(html) == [(Path(reports.__file__).parent / "static" / "class_index.js").read_text()]
+    data = json.loads(re.search(r'id="class-data">(.*?)</script>', html, flags=re.S).group(1))
+    assert HOSTILE in {c["name"] for c in data["classes"]}  # intact as data, escaped as text
     assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]  # no event-handler attributes
     assert all(a["src"].startswith("data:") for t, a in tags if t == "img")
     assert HOSTILE not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -201,6 +221,13 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
             assert len(widths) == 18 and min(widths) > 0
             plots = page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.naturalWidth)")
             assert len(plots) == 2 and min(plots) > 100
+            # the class index: every class listed, search filters, a click shows the class's phrases
+            assert page.locator("#class-index-body tr").count() == 3
+            page.fill("#class-search", "do")
+            assert page.locator("#class-index-body tr").count() == 1
+            page.click("#class-index-body button")
+            assert "dog" in page.inner_text("#class-detail h3")
+            assert page.locator("#class-detail tr").count() > 3
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
