@@ -191,6 +191,34 @@ def class_text(n_classes: int, n_phrases: int, dim: int = 64):
     return ClassText(dict(zip(texts, rng.standard_normal((len(texts), dim)), strict=True)))
 
 
+def browser_load(html: Path, n_classes: int) -> dict:
+    """Seconds until headless Chromium has loaded the report and drawn its class index, and whether the
+    last class is reachable by search (None: no Chromium here)."""
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return {"skipped": "playwright not installed"}
+    if not chromium.is_file():
+        return {"skipped": "no /usr/bin/chromium"}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            t0 = time.perf_counter()
+            page.goto(html.as_uri(), wait_until="load")
+            page.wait_for_selector("#class-index-body tr")
+            seconds = time.perf_counter() - t0
+            last = class_names(n_classes)[-1]
+            page.fill("#class-search", last)
+            found = page.locator("#class-index-body tr").count() == 1
+            page.click("#class-index-body button")
+            shown = last in page.inner_text("#class-detail h3")
+        finally:
+            browser.close()
+    return {"load_seconds": seconds, "last_class_reachable": bool(found and shown)}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -224,6 +252,10 @@ def run_stage(stage: str, run_dir: Path, n_classes: int, n_phrases: int, n_cues:
 
         html = Path(render_report(run_dir))
         out["report_mb"] = html.stat().st_size / 1e6
+        out["seconds"] = time.perf_counter() - t0
+        out["browser"] = browser_load(html, n_classes)
+        out["peak_rss_mb"] = peak_rss_mb()
+        return out
     else:
         raise ValueError(f"unknown stage {stage!r}")
     out.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())

@@ -252,15 +252,18 @@ def z_lift_matrix(
         se = np.sqrt(n / (n - 1) * (1 / n_c + 1 / (n - n_c)))  # permutation standard error of a lift
     z = np.full_like(lift, np.nan)
     for g in np.unique(direction_groups):  # two groups: "for" and "against"
-        cols = direction_groups == g
+        # A lift is NaN only where its phrase has no spread at all, the same column in every class and
+        # permutation: drop those columns and take plain medians (partition, not a masked sort).
+        cols = np.flatnonzero((direction_groups == g) & (sd_all > 1e-12))
+        if cols.size < 3:
+            continue
         x = lift[..., cols]
-        m = (~np.isnan(x)).sum(-1, keepdims=True)
-        with warnings.catch_warnings():  # all-NaN slices (a class without any lift) are expected: NaN out
+        with warnings.catch_warnings():  # a single class (no "other" images): NaN throughout
             warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(x, axis=-1, keepdims=True)
-            scale = np.maximum(1.4826 * np.nanmedian(np.abs(x - med), axis=-1, keepdims=True), se)
+            med = np.median(x, axis=-1, keepdims=True)
+            scale = np.maximum(1.4826 * np.median(np.abs(x - med), axis=-1, keepdims=True), se)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z[..., cols] = np.where((m >= 3) & (scale > 1e-12), (x - med) / scale, np.nan)
+            z[..., cols] = np.where(scale > 1e-12, (x - med) / scale, np.nan)
     return z
 
 
