@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
-from tasks.store import DB_NAME, build_duckdb, create_table_sql
+from tasks.store import DB_NAME, build_duckdb, create_table_sql, limit_memory
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,7 @@ def flag_spurious(
     con = duckdb.connect(str(run_dir / DB_NAME))
     try:
         con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
+        limit_memory(con)
         rule = FlagRule(
             n_permutations,
             quantile,

@@ -34,7 +34,9 @@ Statistics (table ``concept_stats``, one row per class c × phrase p × directio
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -251,6 +253,16 @@ ORDER BY class_name, direction, z_lift DESC NULLS LAST, phrase
 """
 
 
+def limit_memory(con: duckdb.DuckDBPyConnection) -> None:
+    """Bound DuckDB's memory (``TEXTCAM_DUCKDB_MEMORY``, default 2GB), spilling to the system's temporary
+    directory: a million-image run must not take the machine's memory (DuckDB's default is 80 % of it)."""
+    limit = os.environ.get("TEXTCAM_DUCKDB_MEMORY", "2GB")
+    con.execute(f"SET memory_limit = {_literal(limit)}")
+    spill = Path(tempfile.gettempdir()) / f"textcam-duckdb-{os.getpid()}"
+    con.execute(f"SET temp_directory = {_literal(str(spill))}")
+    con.execute("SET preserve_insertion_order = false")
+
+
 def build_duckdb(run_dir: str | Path) -> Path:
     """Build ``RUN_DIR/run.duckdb``: views ``explanations``, ``errors``, ``images``, ``predictions``,
     ``image_phrases`` and tables ``concept_stats`` (see module docstring) and ``flags``.
@@ -273,6 +285,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
     con = duckdb.connect(str(tmp))
     try:
         con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
+        limit_memory(con)
         _create_views(con, run_dir, temporary=False)
         con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         # One thread: parallel aggregation sums floats in a varying order, and the same explanations
