@@ -3,8 +3,10 @@
     python bench/audit.py [--limit N] [--memory [--memory-base 1000] [--no-timing]] [--device cpu|cuda|auto]
 
 Images: the first N of ``../shared/imagenet-samples`` (read in place, never copied), labelled from
-the TSV. Models: ResNet-50 and a ViT-B-32 open_clip CLIP, both with random weights. The channel
-bank and phrase embeddings are made once before timing (both contestants use the same files).
+the TSV. Models: ``--model efficientnet-lite0`` (default: the real ImageNet classifier, so predictions
+spread over many classes and the per-class analytics do real work) or ``resnet50-random``; a ViT-B-32
+open_clip CLIP with random weights. The channel bank and phrase embeddings are made once before timing
+(both contestants use the same files).
 
 Timed in this one process, after a warm-up batch, alternating loop, flow, loop, ..., flow, loop
 (``--repeats`` flows, default 3; the shared machine's speed drifts by tens of percent over minutes):
@@ -15,7 +17,8 @@ Timed in this one process, after a warm-up batch, alternating loop, flow, loop, 
   configured server pays no start-up); ``prefect_server_start_s`` is that start-up, and
   ``flow_vs_plain_loop_with_server_start`` adds it;
 * ``flow_vs_plain_loop``: the median over the repeats of flow time ÷ the mean of the two loops
-  around it (each repeat's ratio in ``flow_vs_plain_loop_runs``).
+  around it (each repeat's ratio in ``flow_vs_plain_loop_runs``); ``flow_cold_vs_plain_loop`` is the
+  first repeat alone, the flow's first run in the process: what a one-off ``textcam audit`` pays.
 Each contestant's CPU seconds (this process + reaped children, i.e. the DataLoader workers) are
 reported too: ``flow_vs_plain_loop_cpu`` is less sensitive than wall time to other load on a shared
 machine (the Prefect server's own CPU is not in it; ``prefect_server_cpu_s`` is, per flow run).
@@ -255,7 +258,7 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The flow vs the plain loop on ``args.limit`` images, measured side by side in this process."""
     from prefect.testing.utilities import prefect_test_harness
 
-    model = make_models(work)
+    model = "efficientnet-lite0" if args.model == "efficientnet-lite0" else make_models(work)
     manifest = write_manifest(work, args.limit)
     run_dir = work / "run"
     cfg_map = config(work, manifest, model, args, run_dir)
@@ -315,6 +318,9 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "flow_explain_stage_runs_s": [round(f[2]["timings_s"]["explain"], 2) for f in flows],
         "flow_shard_runs_s": [[round(x, 1) for x in f[2]["shards"]["seconds"].values()] for f in flows],
         "prefect_server_start_s": round(server_s, 2),
+        "model": args.model,
+        "predicted_classes": predicted_classes(summary["run_dir"]),
+        "flow_cold_vs_plain_loop": round(ratios[0], 3),
         "flow_vs_plain_loop": round(statistics.median(ratios), 3),
         "flow_vs_plain_loop_runs": [round(x, 3) for x in ratios],
         "flow_vs_plain_loop_with_server_start": round((flow_s + server_s) / loop_s, 3),
@@ -323,6 +329,13 @@ def timing_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "plain_loop_images_per_s": round(args.limit / loop_s, 2),
         "flow_images_per_s": round(args.limit / flow_s, 2),
     }
+
+
+def predicted_classes(run_dir: str | Path) -> int:
+    """How many classes the audited model predicted: the per-class analytics' real width."""
+    from tasks.store import query
+
+    return int(query(run_dir, "SELECT count(DISTINCT class_name) AS n FROM predictions")["n"][0])
 
 
 def live_children_cpu() -> float:
@@ -351,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=1000, help="images to audit (default 1000)")
     p.add_argument(
         "--memory", action="store_true", help="also peak RSS on 1000 vs 10000 images (subprocesses)"
+    )
+    p.add_argument(
+        "--model",
+        default="efficientnet-lite0",
+        choices=["efficientnet-lite0", "resnet50-random"],
+        help="the audited classifier of the timing runs (default: Lite0, real ImageNet weights)",
     )
     p.add_argument("--memory-model", default="resnet18-64", choices=sorted(MODELS))
     p.add_argument("--memory-base", type=int, default=1000, help="N of the N vs 10*N memory runs (1000)")
