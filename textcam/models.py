@@ -400,6 +400,25 @@ def save_checkpoint(
     return path
 
 
+def save_edited_checkpoint(model: LoadedModel, path: str | Path, suppression: Any) -> Path:
+    """``model``'s weights with a :class:`textcam.intervene.Suppression` in the checkpoint's config:
+    :func:`load_model` opens it like any other and attaches the suppression."""
+    if model.config is None:
+        raise ValueError("only models loaded through load_model can be saved as edited checkpoints")
+    meta = {k: v for k, v in model.metadata.items() if k != "suppress"}
+    return save_checkpoint(
+        model.module,
+        path,
+        arch=model.config.name,
+        class_names=model.class_names,
+        target_layer=model.target_layer,
+        preprocess=meta.get("preprocess") or dataclasses.asdict(model.config.preprocess),
+        output=model.output,  # type: ignore[arg-type]
+        model_kwargs=meta.get("model_kwargs") or dict(model.config.model_kwargs) or None,
+        suppress=suppression.to_config(),
+    )
+
+
 def read_checkpoint_metadata(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     """``(arch, config)`` from a ``.safetensors`` header (``(None, {})`` when it has none)."""
     from safetensors import safe_open
@@ -531,6 +550,10 @@ def load_model(
     if checkpoint is not None:
         _load_state(module, checkpoint)
     module = module.to(resolve_device(device)).eval()
+    if "suppress" in meta_config:  # an edited model (textcam.intervene): the same weights, channels replaced
+        from textcam.intervene import Suppression
+
+        Suppression.from_config(meta_config["suppress"]).attach(module)
 
     layer = target_layer or meta_config.get("target_layer") or cfg.target_layer
     if layer is None:

@@ -1,0 +1,286 @@
+"""Debiasing by concept suppression (issue 13), measured against the ground truth and the DFR anchor.
+
+    .venv/bin/python bench/intervene.py [--seed 3] [--max-worlds 12] [--cache-dir DIR]
+
+Worlds: the demo's biased world and control (CLIP seed 0), then the truth sweep's worlds of ``--seed``
+(``bench/sweep.py``'s generator; worlds not yet in the cache are built, so run the sweep first to share
+its cache). For every planted cue the classifier uses (accuracy gap aligned − conflicting ≥ 0.3 on the
+unbiased test split), with the bank calibrated on the probe split:
+
+* the cue phrase's channels by the rule of :mod:`textcam.intervene` (``alpha`` 0.01), suppressed by zero
+  and by their probe mean; accuracy overall, per group (class × cue present/absent) and worst group on
+  the test split, before and after;
+* the same number of random channels (5 draws, probe mean): ``random_gain``;
+* fixed sizes (the top 8, 16, 32, 64 channels by the rule's ranking, probe mean): the trade-off curve;
+* DFR (Kirichenko et al. 2023): logistic regression on the target layer's pooled features of a
+  group-balanced subset of the probe split (it needs group labels; suppression does not);
+* ``clip_presence_agreement``: AUC of the tiny CLIP's image-phrase similarity for cue presence.
+
+Control worlds: suppressing the non-class phrase with the most channels; ``control_suppression_drop``
+is the test accuracy lost. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.sweep import USED, draw_worlds  # noqa: E402
+from flows.demo import demo_world  # noqa: E402
+from textcam.bank import ChannelBank  # noqa: E402
+from textcam.clip import load_clip  # noqa: E402
+from textcam.intervene import (  # noqa: E402
+    Suppression,
+    concept_channels,
+    dfr_predictions,
+    group_accuracy,
+    layer_features,
+    probe_means,
+)
+from textcam.models import load_model  # noqa: E402
+from textcam.synthetic.classifier import to_classifier_tensor  # noqa: E402
+from textcam.synthetic.config import DEMO_BIAS  # noqa: E402
+from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
+from textcam.synthetic.world import build_world, split_batch  # noqa: E402
+from textcam.vocab import load_vocabulary  # noqa: E402
+
+SIZES = (8, 16, 32, 64)
+RANDOM_DRAWS = 5
+
+
+def auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(truth, scores)) if 0 < truth.sum() < truth.size else float("nan")
+
+
+def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    world = build_world(config, cache_dir, progress=False)
+    model = load_model(world.classifier_checkpoint)
+    clip = load_clip(world.clip_open_clip_id)
+    phrases = load_vocabulary(["clevr"])
+    text = clip.encode_texts(phrases).cpu()
+    probe_manifest = world.manifest("probe")
+    bank = ChannelBank.calibrate(
+        model, clip, probe_manifest["path"].tolist(), m=50, batch_size=200, progress=False
+    )
+    test, probe = split_batch(config, "test"), split_batch(config, "probe")
+    x_test, x_probe = to_classifier_tensor(test.images), to_classifier_tensor(probe.images)
+    labels, probe_labels = test.records["label"].to_numpy(), probe.records["label"].to_numpy()
+    module, layer = model.module, model.target_layer
+    logits0, feats_test = layer_features(module, layer, x_test)
+    _, feats_probe = layer_features(module, layer, x_probe)
+    pred0 = logits0.argmax(1).numpy()
+    channel_means = feats_probe.mean(0)  # each channel's probe mean (the "mean" mode's values)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(
+            clip.encode_images(to_clip_tensor(test.images)).float().cpu(), dim=1
+        )
+    unit_text = torch.nn.functional.normalize(text.float(), dim=1)
+    names = list(world.class_names)
+    rng = np.random.default_rng(0)
+    n_channels = bank.directions.shape[0]
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "clean_accuracy": float((pred0 == labels).mean()),
+        "cues": [],
+    }
+
+    def accuracy_with(s: Suppression | None, present: np.ndarray, cls: int) -> dict[str, Any]:
+        logits, _ = layer_features(module, layer, x_test, suppression=s)
+        return group_accuracy(logits.argmax(1).numpy(), labels, present, cls)
+
+    if kind == "control":
+        # The non-class phrase with the most channels: the strongest concept that is not a class.
+        candidates = [p for p in phrases if p not in names]
+        best = max(
+            (concept_channels(bank.directions, text, phrases, p) for p in candidates),
+            key=lambda c: len(c.channels),
+        )
+        s = Suppression(layer, best.channels, "zero", note=best.phrase)
+        logits, _ = layer_features(module, layer, x_test, suppression=s)
+        after = float((logits.argmax(1).numpy() == labels).mean())
+        out["control"] = {"phrase": best.phrase, "channels": len(best.channels), "accuracy_after": after}
+        out["control_suppression_drop"] = out["clean_accuracy"] - after
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        return out
+
+    for spec in config.biases:
+        cls = names.index(spec.label)
+        present = (test.records[spec.attribute] == spec.value).to_numpy()
+        phrase = world.phrases[spec.attribute][spec.value]
+        before = group_accuracy(pred0, labels, present, cls)
+        gap = before["groups"]["class_with"] - before["groups"]["class_without"]
+        row: dict[str, Any] = {
+            "spec": str(spec),
+            "phrase": phrase,
+            "gap": gap,
+            "used": gap >= USED,
+            "before": before,
+        }
+        cc = concept_channels(bank.directions, text, phrases, phrase)
+        row["channels"] = list(cc.channels)
+        row["null_threshold"], row["expected_by_chance"] = cc.threshold, cc.expected_by_chance
+        if cc.channels:
+            row["zero"] = accuracy_with(Suppression(layer, cc.channels, "zero"), present, cls)
+            means = probe_means(module, layer, x_probe, cc.channels)
+            row["mean"] = accuracy_with(Suppression(layer, cc.channels, "mean", means), present, cls)
+            draws = []
+            for _ in range(RANDOM_DRAWS):
+                pick = tuple(int(c) for c in rng.choice(n_channels, len(cc.channels), replace=False))
+                values = tuple(float(v) for v in channel_means[list(pick)])
+                draws.append(accuracy_with(Suppression(layer, pick, "mean", values), present, cls))
+            row["random_conflicting"] = float(np.mean([d["conflicting"] for d in draws]))
+            row["random_accuracy"] = float(np.mean([d["accuracy"] for d in draws]))
+        row["sizes"] = {
+            str(k): accuracy_with(
+                Suppression(
+                    layer,
+                    cc.ranking[:k],
+                    "mean",
+                    tuple(float(v) for v in channel_means[list(cc.ranking[:k])]),
+                ),
+                present,
+                cls,
+            )
+            for k in SIZES
+            if k <= n_channels
+        }
+        groups = probe_labels * 2 + (probe.records[spec.attribute] == spec.value).to_numpy()
+        dfr = dfr_predictions(feats_probe.numpy(), probe_labels, groups, feats_test.numpy())
+        row["dfr"] = group_accuracy(dfr, labels, present, cls)
+        sim = (img @ unit_text[phrases.index(phrase)]).numpy()
+        row["clip_presence_auc"] = auc(sim, present)
+        out["cues"].append(row)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    cues = [c for r in results if r["kind"] != "control" for c in r["cues"] if c["used"]]
+    with_channels = [c for c in cues if "zero" in c]
+
+    def mean(values: list[float]) -> float | None:
+        v = [x for x in values if x == x]
+        return round(float(np.mean(v)), 4) if v else None
+
+    best = [max(c["zero"]["conflicting"], c["mean"]["conflicting"]) for c in with_channels]
+    gains = [b - c["before"]["conflicting"] for b, c in zip(best, with_channels, strict=True)]
+    out = {
+        "worlds": len(results),
+        "used_cues": len(cues),
+        "used_cues_with_channels": len(with_channels),
+        "conflicting_acc_before": mean([c["before"]["conflicting"] for c in cues]),
+        "conflicting_acc_after_zero": mean([c["zero"]["conflicting"] for c in with_channels]),
+        "conflicting_acc_after_mean": mean([c["mean"]["conflicting"] for c in with_channels]),
+        "conflicting_acc_after": mean(best),
+        "intervene_win_rate": round(sum(g >= 0.3 for g in gains) / len(cues), 4) if cues else None,
+        "worst_group_before": mean([c["before"]["worst_group"] for c in cues]),
+        "worst_group_after": mean([c["zero"]["worst_group"] for c in with_channels]),
+        "clean_acc_drop": mean([c["before"]["accuracy"] - c["zero"]["accuracy"] for c in with_channels]),
+        "clean_acc_drop_mean_mode": mean(
+            [c["before"]["accuracy"] - c["mean"]["accuracy"] for c in with_channels]
+        ),
+        "random_gain": mean([c["random_conflicting"] - c["before"]["conflicting"] for c in with_channels]),
+        "dfr_conflicting_acc": mean([c["dfr"]["conflicting"] for c in cues]),
+        "dfr_worst_group": mean([c["dfr"]["worst_group"] for c in cues]),
+        "dfr_accuracy": mean([c["dfr"]["accuracy"] for c in cues]),
+        "clip_presence_agreement": mean([c["clip_presence_auc"] for c in cues]),
+        "channels_mean": mean([len(c["channels"]) for c in cues]),
+        "control_suppression_drop": mean(
+            [r["control_suppression_drop"] for r in results if r["kind"] == "control"]
+        ),
+        "tradeoff": {
+            str(k): {
+                "conflicting": mean(
+                    [c["sizes"][str(k)]["conflicting"] for c in cues if str(k) in c["sizes"]]
+                ),
+                "accuracy": mean([c["sizes"][str(k)]["accuracy"] for c in cues if str(k) in c["sizes"]]),
+                "worst_group": mean(
+                    [c["sizes"][str(k)]["worst_group"] for c in cues if str(k) in c["sizes"]]
+                ),
+            }
+            for k in SIZES
+        },
+    }
+    out["per_cue"] = [
+        {
+            "spec": c["spec"],
+            "channels": len(c["channels"]),
+            "conflicting": [
+                round(c["before"]["conflicting"], 3),
+                round(c["zero"]["conflicting"], 3) if "zero" in c else None,
+                round(c["mean"]["conflicting"], 3) if "mean" in c else None,
+            ],
+            "worst_group": [
+                round(c["before"]["worst_group"], 3),
+                round(c.get("zero", c["before"])["worst_group"], 3),
+            ],
+            "dfr_conflicting": round(c["dfr"]["conflicting"], 3),
+        }
+        for c in cues
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=3, help="the truth sweep's seed whose worlds to use")
+    ap.add_argument("--max-worlds", type=int, default=12, help="sweep worlds with used cues to evaluate")
+    ap.add_argument("--cache-dir", help="world cache (default: the sweep's)")
+    ap.add_argument("--only", help="evaluate only these worlds (comma-separated names, e.g. demo,b00)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "intervene", help="per-world results")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    draws = [
+        ("demo", "biased", demo_world("demo", [DEMO_BIAS], 0)),
+        ("demo-control", "control", demo_world("demo", [], 0)),
+    ]
+    sweep = [d for d in draw_worlds(args.seed, 21, 6) if d.kind in ("biased", "control")]
+    draws += [(d.name, d.kind, d.config()) for d in sweep]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, n_biased = [], 0
+    if args.only:
+        draws = [d for d in draws if d[0] in args.only.split(",")]
+    for name, kind, config in draws:
+        if kind == "biased" and name != "demo" and n_biased >= args.max_worlds:
+            continue
+        cache = args.out / f"seed-{args.seed}-{name}-{config.world_key()}-{config.clip_key()}.json"
+        if cache.is_file():
+            r = json.loads(cache.read_text())
+        else:
+            r = evaluate_world(config, args.cache_dir, kind, name)
+            cache.write_text(json.dumps(r, default=float))
+        if kind == "biased" and name != "demo":
+            n_biased += any(c["used"] for c in r["cues"])
+        results.append(r)
+        brief = (
+            "; ".join(
+                f"{c['spec']} gap {c['gap']:+.2f} ch {len(c['channels'])} conflicting "
+                f"{c['before']['conflicting']:.2f}->{c.get('zero', c['before'])['conflicting']:.2f}"
+                f"/{c.get('mean', c['before'])['conflicting']:.2f} (dfr {c['dfr']['conflicting']:.2f})"
+                for c in r["cues"]
+            )
+            or f"control: {r.get('control')} drop {r.get('control_suppression_drop', 0):+.3f}"
+        )
+        print(f"{name} ({r['seconds']:.0f} s): {brief}", flush=True)
+    print(json.dumps(summarise(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

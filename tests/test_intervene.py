@@ -1,0 +1,160 @@
+"""Concept suppression: the hook's arithmetic, the edited checkpoint, and the tiny world's planted cue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from textcam.intervene import (
+    Suppression,
+    channel_phrase_z,
+    concept_channels,
+    dfr_predictions,
+    group_accuracy,
+    layer_features,
+    probe_means,
+    suppressed,
+)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1, bias=False)
+        self.fc = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.arange(6.0).view(3, 2, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_suppression_replaces_exactly_the_named_channels() -> None:
+    model, x = Tiny(), torch.ones(1, 2, 2, 2)
+    # conv channels on an all-ones input: 0+1, 2+3, 4+5 = (1, 5, 9); logits (1+9, 5) = (10, 5)
+    assert model(x).tolist() == [[10.0, 5.0]]
+    with suppressed(model, Suppression("conv", (2,), "zero")):
+        assert model(x).tolist() == [[1.0, 5.0]]
+    with suppressed(model, Suppression("conv", (0, 1), "mean", (7.0, -1.0))):
+        assert model(x).tolist() == [[16.0, -1.0]]
+    assert model(x).tolist() == [[10.0, 5.0]]  # the hook is gone
+    logits, feats = layer_features(model, "conv", x, suppression=Suppression("conv", (1,)))
+    assert feats.tolist() == [[1.0, 0.0, 9.0]] and logits.tolist() == [[10.0, 0.0]]
+    assert probe_means(model, "conv", torch.cat([x, 2 * x]), (0, 2)) == (1.5, 13.5)
+
+
+def test_bad_suppressions_are_rejected() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Suppression("conv", (0,), "drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one value per channel"):
+        Suppression("conv", (0, 1), "mean", (1.0,))
+    with pytest.raises(ValueError, match="distinct"):
+        Suppression("conv", (1, 1))
+    with pytest.raises(ValueError, match="lacks"):
+        Suppression.from_config({"channels": [1]})
+    model = Tiny()
+    with pytest.raises(ValueError, match="has 3 channels"), suppressed(model, Suppression("conv", (5,))):
+        model(torch.ones(1, 2, 2, 2))
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        concept_channels(torch.randn(4, 8), torch.randn(3, 8), ["a", "b", "c"], "d")
+
+
+def test_concept_channels_beat_the_random_phrase_null() -> None:
+    """Channels built along a phrase's embedding are found; a random vocabulary phrase gets about
+    alpha × C channels."""
+    rng = torch.Generator().manual_seed(0)
+    text = torch.randn(200, 32, generator=rng)
+    directions = torch.randn(64, 32, generator=rng)
+    directions[:5] = text[7] + 0.3 * torch.randn(5, 32, generator=rng)
+    phrases = [f"p{i}" for i in range(200)]
+    found = concept_channels(directions, text, phrases, "p7")
+    assert set(found.channels) == set(range(5)) and found.z == tuple(sorted(found.z, reverse=True))
+    z = channel_phrase_z(directions, text)
+    np.testing.assert_allclose(z.mean(1), 0, atol=1e-9)
+    chance = np.mean(
+        [len(concept_channels(directions, text, phrases, f"p{i}").channels) for i in range(100, 140)]
+    )
+    assert chance < 3 and found.expected_by_chance == pytest.approx(0.64)
+
+
+def test_group_accuracy_and_dfr_by_hand() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    present = np.array([True, True, False, True, False, False])
+    pred = np.array([0, 0, 1, 0, 1, 1])
+    acc = group_accuracy(pred, labels, present, 0)
+    assert acc["groups"] == {
+        "class_with": 1.0,
+        "class_without": 0.0,
+        "others_with": 0.0,
+        "others_without": 1.0,
+    }
+    assert acc["conflicting"] == 0.0 and acc["worst_group"] == 0.0 and acc["accuracy"] == pytest.approx(4 / 6)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    feats = np.c_[y + 0.1 * rng.standard_normal(400), rng.standard_normal(400)]
+    assert (dfr_predictions(feats, y, y, feats) == y).mean() > 0.95
+    with pytest.raises(ValueError, match="two held-out images"):
+        dfr_predictions(feats[:3], y[:3], np.array([0, 1, 2]), feats)
+
+
+def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_cache, tmp_path: Path) -> None:
+    from textcam.bank import ChannelBank
+    from textcam.clip import load_clip
+    from textcam.models import load_model, save_edited_checkpoint
+    from textcam.synthetic.classifier import to_classifier_tensor
+    from textcam.synthetic.world import split_batch
+    from textcam.vocab import load_vocabulary
+
+    _, world, _ = tiny_world_cache
+    model = load_model(world.classifier_checkpoint)
+    clip = load_clip(world.clip_open_clip_id)
+    phrases = load_vocabulary(["clevr"])
+    text = clip.encode_texts(phrases).cpu()
+    bank = ChannelBank.calibrate(model, clip, world.manifest("probe")["path"].tolist(), m=30, progress=False)
+    spec = world.config.biases[0]
+    cc = concept_channels(bank.directions, text, phrases, world.phrases[spec.attribute][spec.value])
+    assert cc.channels
+    layer = model.target_layer
+    x = to_classifier_tensor(split_batch(world.config, "test").images)
+    x_probe = to_classifier_tensor(split_batch(world.config, "probe").images)
+    records = split_batch(world.config, "test").records
+    labels, present = records["label"].to_numpy(), (records[spec.attribute] == spec.value).to_numpy()
+    cls = list(world.class_names).index(spec.label)
+    s = Suppression(
+        layer, cc.channels, "mean", probe_means(model.module, layer, x_probe, cc.channels), note=str(spec)
+    )
+    logits, _ = layer_features(model.module, layer, x, suppression=s)
+
+    path = save_edited_checkpoint(model, tmp_path / "edited.safetensors", s)
+    edited = load_model(path)
+    assert edited.metadata["suppress"]["channels"] == list(cc.channels)
+    with torch.no_grad():
+        assert torch.equal(edited.module(x), logits)
+        assert not torch.equal(model.module(x), logits)  # the original is untouched
+
+    before = group_accuracy(layer_features(model.module, layer, x)[0].argmax(1).numpy(), labels, present, cls)
+    after = group_accuracy(logits.argmax(1).numpy(), labels, present, cls)
+    rng = np.random.default_rng(0)
+    means = layer_features(model.module, layer, x_probe)[1].mean(0)
+    random = []
+    for _ in range(5):
+        pick = tuple(int(c) for c in rng.choice(bank.directions.shape[0], len(cc.channels), replace=False))
+        r = Suppression(layer, pick, "mean", tuple(float(v) for v in means[list(pick)]))
+        random.append(
+            group_accuracy(
+                layer_features(model.module, layer, x, suppression=r)[0].argmax(1).numpy(),
+                labels,
+                present,
+                cls,
+            )
+        )
+    gain = after["conflicting"] - before["conflicting"]
+    random_gain = np.mean([r["conflicting"] for r in random]) - before["conflicting"]
+    c0, c1 = before["conflicting"], after["conflicting"]
+    print(f"conflicting {c0:.3f} -> {c1:.3f} ({len(cc.channels)} channels); random {random_gain:+.3f}")
+    assert gain > random_gain + 0.05

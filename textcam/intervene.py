@@ -1,0 +1,230 @@
+"""Concept suppression: what the classifier does when it cannot see a concept.
+
+A concept's channels at the target layer are those whose bank direction (:class:`textcam.bank.
+ChannelBank`) is unusually close to the concept's phrase in CLIP space: per channel, the cosine to every
+vocabulary phrase is standardised over the vocabulary (``z``), and a channel belongs to the phrase when
+its ``z`` exceeds the ``1 - alpha`` quantile of the ``z`` of every channel to every *other* phrase, the
+null of a phrase drawn at random from the vocabulary (which would select about ``alpha`` × C channels).
+
+A :class:`Suppression` replaces those channels' activations, by zero or by their mean over the probe
+set, with a forward hook on the target layer; it travels in a checkpoint's config (``suppress``) so that
+:func:`textcam.models.load_model` rebuilds the edited model from the original weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from textcam.layers import get_layer
+
+MODES = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """Channels of ``layer`` whose activations are replaced: by 0 (``zero``) or by ``values`` (``mean``)."""
+
+    layer: str
+    channels: tuple[int, ...]
+    mode: Literal["zero", "mean"] = "zero"
+    values: tuple[float, ...] = ()
+    note: str = ""  # what was suppressed, for people ("circle: water background")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"suppression mode must be one of {MODES}, got {self.mode!r}")
+        if len(set(self.channels)) != len(self.channels) or any(c < 0 for c in self.channels):
+            raise ValueError("suppressed channels must be distinct non-negative indices")
+        if self.mode == "mean" and len(self.values) != len(self.channels):
+            raise ValueError(f"mode 'mean' needs one value per channel ({len(self.channels)})")
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "channels": list(self.channels),
+            "mode": self.mode,
+            "values": list(self.values),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Suppression:
+        missing = {"layer", "channels"} - set(config)
+        if missing:
+            raise ValueError(f"suppression config lacks {sorted(missing)}")
+        return cls(
+            layer=str(config["layer"]),
+            channels=tuple(int(c) for c in config["channels"]),
+            mode=config.get("mode", "zero"),
+            values=tuple(float(v) for v in config.get("values", ())),
+            note=str(config.get("note", "")),
+        )
+
+    def attach(self, module: nn.Module) -> RemovableHandle:
+        """Register the replacement as a forward hook on ``layer``; the handle removes it."""
+        layer = get_layer(module, self.layer)
+        index = torch.tensor(self.channels, dtype=torch.long)
+        values = torch.tensor(self.values if self.mode == "mean" else [0.0] * len(self.channels))
+
+        def hook(_mod: nn.Module, _inp: object, output: torch.Tensor) -> torch.Tensor:
+            # Channels are dim 1 of a feature map (B, C, h, w) and the last dim of tokens (B, N, C).
+            dim = 1 if output.dim() == 4 else output.dim() - 1
+            if index.numel() and int(index.max()) >= output.shape[dim]:
+                raise ValueError(
+                    f"layer {self.layer!r} has {output.shape[dim]} channels; suppression names more"
+                )
+            shape = [1] * output.dim()
+            shape[dim] = -1
+            keep = torch.ones(output.shape[dim], dtype=output.dtype, device=output.device)
+            keep[index.to(output.device)] = 0
+            fill = torch.zeros(output.shape[dim], dtype=output.dtype, device=output.device)
+            fill[index.to(output.device)] = values.to(output.device, output.dtype)
+            return output * keep.view(shape) + fill.view(shape)
+
+        return layer.register_forward_hook(hook)
+
+
+@contextmanager
+def suppressed(module: nn.Module, suppression: Suppression | None) -> Iterator[None]:
+    """Run ``module`` with ``suppression`` attached (None: unchanged)."""
+    handle = suppression.attach(module) if suppression is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def channel_phrase_z(directions: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    """(C, P): each channel's cosine to each phrase, standardised over the phrases (per channel)."""
+    d = torch.nn.functional.normalize(directions.double(), dim=1)
+    t = torch.nn.functional.normalize(text.double(), dim=1)
+    cos = (d @ t.T).numpy()
+    sd = cos.std(axis=1, keepdims=True)
+    return (cos - cos.mean(axis=1, keepdims=True)) / np.where(sd > 1e-12, sd, 1.0)
+
+
+@dataclass(frozen=True)
+class ConceptChannels:
+    """The channels of one phrase, strongest first, and the null they beat."""
+
+    phrase: str
+    channels: tuple[int, ...]
+    z: tuple[float, ...]  # the selected channels' z, same order
+    threshold: float  # the null quantile z had to exceed
+    expected_by_chance: float  # channels a random phrase would get (alpha × C)
+    ranking: tuple[int, ...] = field(repr=False, default=())  # every channel, by z (for fixed-size picks)
+
+
+def concept_channels(
+    directions: torch.Tensor, text: torch.Tensor, phrases: Sequence[str], phrase: str, *, alpha: float = 0.01
+) -> ConceptChannels:
+    """The rule of the module docstring for ``phrase`` (one of ``phrases``, embedded as ``text``)."""
+    if phrase not in phrases:
+        raise KeyError(f"{phrase!r} is not in the vocabulary the bank was described with")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must lie in (0, 1)")
+    if len(phrases) < 3:
+        raise ValueError("concept channels need a vocabulary of at least 3 phrases (the null)")
+    z = channel_phrase_z(directions, text)
+    p = list(phrases).index(phrase)
+    others = np.delete(z, p, axis=1)
+    threshold = float(np.quantile(others, 1.0 - alpha))
+    order = np.argsort(-z[:, p], kind="stable")
+    chosen = order[z[order, p] > threshold]
+    return ConceptChannels(
+        phrase,
+        tuple(int(c) for c in chosen),
+        tuple(float(v) for v in z[chosen, p]),
+        threshold,
+        alpha * z.shape[0],
+        tuple(int(c) for c in order),
+    )
+
+
+@torch.no_grad()
+def layer_features(
+    module: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    *,
+    suppression: Suppression | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, K) and the target layer's global-average-pooled output (N, C), after ``suppression``."""
+    feats: list[torch.Tensor] = []
+
+    def grab(_mod: nn.Module, _inp: object, output: torch.Tensor) -> None:
+        feats.append(output.float().mean(dim=(2, 3)) if output.dim() == 4 else output.float().mean(dim=1))
+
+    logits = []
+    with suppressed(module, suppression):
+        handle = get_layer(module, layer).register_forward_hook(grab)  # after the suppression's hook
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                logits.append(module(x[start : start + batch_size]).float())
+        finally:
+            handle.remove()
+    return torch.cat(logits), torch.cat(feats)
+
+
+def group_accuracy(pred: np.ndarray, labels: np.ndarray, present: np.ndarray, cls: int) -> dict[str, Any]:
+    """Accuracy overall and per group (the class × concept present/absent, the other classes × the
+    same); ``conflicting`` is the class without the concept, ``worst_group`` the lowest group."""
+    ok = pred == labels
+    groups = {
+        "class_with": (labels == cls) & present,
+        "class_without": (labels == cls) & ~present,
+        "others_with": (labels != cls) & present,
+        "others_without": (labels != cls) & ~present,
+    }
+    acc = {k: float(ok[m].mean()) if m.any() else float("nan") for k, m in groups.items()}
+    sizes = {k: int(m.sum()) for k, m in groups.items()}
+    valid = [v for v in acc.values() if v == v]
+    return {
+        "accuracy": float(ok.mean()),
+        "groups": acc,
+        "group_sizes": sizes,
+        "conflicting": acc["class_without"],
+        "worst_group": min(valid) if valid else float("nan"),
+    }
+
+
+def probe_means(module: nn.Module, layer: str, x: torch.Tensor, channels: Sequence[int]) -> tuple[float, ...]:
+    """Each channel's mean activation over the probe images (the ``mean`` mode's replacement)."""
+    _, feats = layer_features(module, layer, x)
+    return tuple(float(v) for v in feats[:, list(channels)].mean(0))
+
+
+def dfr_predictions(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    train_groups: np.ndarray,
+    test_features: np.ndarray,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """Deep Feature Reweighting (Kirichenko et al. 2023): a new last layer, logistic regression on the
+    target layer's pooled features of a group-balanced held-out set (every group cut to the smallest)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    groups = np.unique(train_groups)
+    n = min(int((train_groups == g).sum()) for g in groups)
+    if n < 2:
+        raise ValueError("DFR needs at least two held-out images in every group")
+    pick = np.concatenate([rng.choice(np.flatnonzero(train_groups == g), n, replace=False) for g in groups])
+    scaler = StandardScaler().fit(train_features[pick])
+    clf = LogisticRegression(C=1.0, max_iter=5000).fit(
+        scaler.transform(train_features[pick]), train_labels[pick]
+    )
+    return clf.predict(scaler.transform(test_features))
