@@ -1,0 +1,99 @@
+"""``textcam intervene``: suppress a flagged concept's channels, measure whom it helps, keep the model.
+
+Registered through the ``textcam.commands`` entry point group (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EPILOG = """\
+examples:
+  textcam intervene runs/r1                                  every "for" flag of the run
+  textcam intervene runs/r1 --flag "circle:water background" --mode zero
+  textcam audit --model runs/r1/interventions/circle-water-background.safetensors ...   re-audit it
+
+Accuracy is measured on the run's labelled probe images (the images the bank was calibrated on), with
+concept presence as CLIP sees it. Without labels the channels and the edited model are still written.
+"""
+
+
+def add_intervene_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "intervene",
+        help="suppress a flagged concept's channels: accuracy per group before/after, edited model",
+        description="For each flag of RUN_DIR (or one, --flag CLASS:PHRASE): find the phrase's channels at "
+        "the bank's layer, replace them by their probe mean (or zero), report accuracy overall, per group "
+        "and worst group before and after (and for as many random channels), and save the edited model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an audit run directory with flags")
+    p.add_argument("--flag", metavar="CLASS:PHRASE", help="one flag to act on (default: every 'for' flag)")
+    p.add_argument("--mode", choices=("mean", "zero"), default="mean", help="replacement (default mean)")
+    p.add_argument("--out", help="folder for the edited checkpoints (default RUN_DIR/interventions)")
+    p.set_defaults(func=cmd_intervene)
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    import torch
+
+    from flows.audit import probe_images
+    from tasks.calibrate import PROBE_NAME
+    from tasks.config import load_config
+    from tasks.explain_shard import load_phrases
+    from tasks.intervene import ProbeImages, chosen_flags, intervene
+    from tasks.manifest import read_manifest
+    from textcam.bank import ChannelBank, ProbeSet
+    from textcam.data import iter_batches
+    from textcam.models import load_model
+
+    run_dir = Path(args.run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not an audit run directory (no config.yaml)")
+    flags = chosen_flags(run_dir, args.flag)
+    cfg = load_config(run_dir / "config.yaml")
+    model = load_model(cfg.model, weights=cfg.weights, device="cpu")
+    bank = ChannelBank.load(run_dir / "bank" / "bank.safetensors", model_id=model.model_id)
+    phrases, text = load_phrases(run_dir / "bank" / "phrases.safetensors")
+    if not (run_dir / "bank" / PROBE_NAME).is_file():
+        raise FileNotFoundError(
+            f"{run_dir / 'bank' / PROBE_NAME} not found: re-run the audit to keep the probe set"
+        )
+    probe = ProbeSet.load(run_dir / "bank" / PROBE_NAME)
+    table = probe_images(cfg, read_manifest(cfg.data))
+    keep = probe.indices.numpy()
+    paths = [table.column("path").to_pylist()[i] for i in keep]
+    index = {n: i for i, n in enumerate(model.class_names)}
+    labels = np.array(
+        [index.get(str(v), -1) if v is not None else -1 for v in table.column("label").to_pylist()]
+    )
+    x = torch.cat(
+        [b.tensors[0] for b in iter_batches(paths, [model.preprocess], batch_size=64) if b.indices.numel()]
+    )
+    if x.shape[0] != len(paths):
+        raise ValueError(f"{len(paths) - x.shape[0]} probe images could no longer be read; re-run the audit")
+    images = ProbeImages(x, labels[keep], np.arange(len(keep)))
+    result = intervene(
+        run_dir, model, bank, phrases, text, probe, images, flags, mode=args.mode, out_dir=args.out
+    )
+    if not (images.labels >= 0).any():
+        print("the probe images have no labels: channels and edited models written, accuracy not measured")
+    for r in result.itertuples():
+        line = f"{r.class_name}: {r.phrase!r} - {r.n_channels} channels ({r.mode})"
+        if pd.notna(r.conflicting_before):
+            line += (
+                f"; {r.class_name} without it {r.conflicting_before:.2f} -> {r.conflicting_after:.2f} "
+                f"(random channels {r.random_conflicting_after:.2f}); "
+                f"worst group {r.worst_group_before:.2f} -> {r.worst_group_after:.2f}; "
+                f"accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f} "
+                f"on {r.n_images} labelled probe images"
+            )
+        print(line)
+        print(f"  edited model: {r.checkpoint}")
+    print(f"table: {run_dir / 'interventions.parquet'}")
+    return 0
