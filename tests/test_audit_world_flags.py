@@ -61,3 +61,17 @@ def test_runners_and_resume_agree_on_real_flags(
     phrases = pq.read_table(run_dir / "explanations").column("phrases").to_pylist()
     checked = [p["shown"] for row in phrases for p in row if p["direction"] == "for"]
     assert checked and all(v is not None for v in checked) and any(checked) and not all(checked)
+
+    # textcam intervene on the run: the planted cue's channels, the edited model, bad flags refused.
+    from textcam.cli import main
+
+    assert main(["intervene", str(run_dir), "--flag", "circle:water background"]) == 0
+    (row,) = pq.read_table(run_dir / "interventions.parquet").to_pylist()
+    assert row["n_channels"] > 0 and row["n_images"] > 0
+    assert row["conflicting_after"] > row["random_conflicting_after"]
+    from textcam.models import load_model
+
+    edited = load_model(row["checkpoint"])
+    assert edited.metadata["suppress"]["channels"] == row["channels"]
+    assert main(["intervene", str(run_dir), "--flag", "circle:no such phrase"]) == 2
+    assert main(["intervene", str(run_dir), "--flag", "no-colon"]) == 2
