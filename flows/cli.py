@@ -23,65 +23,92 @@ SCHEDULE_EPILOG = """examples:
 """
 
 
+#: One help line per AuditConfig field: the audit's flags are generated from the fields (a field without a
+#: line here fails tests/test_query_cli.py), so every setting has a flag.
+HELP = {
+    "data": "image folder (one subfolder per class) or CSV/Parquet manifest with a `path` column",
+    "model": "registered model name or .safetensors checkpoint (default resnet18)",
+    "weights": "'default' (pretrained), 'none' (random) or a local state dict",
+    "layer": "target layer (default: the model's)",
+    "clip": "open_clip architecture or local-dir:PATH (default ViT-B-32)",
+    "clip_pretrained": "open_clip tag or local checkpoint file",
+    "vocab": "built-in vocabulary names, phrase files or 'phrase:TEXT' (default: general)",
+    "method": "CAM method for the channel weights (default gradcam)",
+    "top_k": "explain the top-k predicted classes (default 1)",
+    "n_phrases": "phrases per explanation (default 5)",
+    "n_groups": "channel groups (concepts) per explanation (default 3)",
+    "check_phrases": "mark the phrases CLIP sees in each image (a CLIP pass per image; default on)",
+    "classes": "label check: 'model' (the classifier's class names) or a list of names (default off)",
+    "probe": "probe images for the channel bank, folder or manifest (default: the audit data)",
+    "probe_size": "probe images used for calibration (default 500)",
+    "bank_m": "most and least activating probe images per channel, M (default 50; needs 2*M probe images)",
+    "shrinkage": "LDA shrinkage in (0, 1] (default 0.5)",
+    "shard_size": "images per shard (default 256)",
+    "batch_size": "images per model pass (default 32)",
+    "loader_workers": "image-decoding processes per shard (default 2)",
+    "runner": "task runner: default (threads here) or dask",
+    "workers": "Dask worker processes / concurrent shards (default 2)",
+    "scheduler": "existing Dask scheduler address (implies --runner dask)",
+    "torch_threads": "torch threads per process (default: torch's)",
+    "run_dir": "output folder; {run_id} and {date} are filled in (default runs/{run_id})",
+    "cache_dir": "channel-bank and world cache (default $TEXTCAM_CACHE)",
+    "device": "auto, cpu or cuda (default auto)",
+    "fail_on_quarantine": "exit with an error when any shard is quarantined",
+}
+CHOICES = {"runner": ("default", "dask"), "device": ("auto", "cpu", "cuda")}
+METAVARS = {
+    "clip_pretrained": "TAG|FILE",
+    "scheduler": "ADDRESS",
+    "data": "DIR|MANIFEST",
+    "probe": "DIR|MANIFEST",
+    "run_dir": "DIR",
+    "cache_dir": "DIR",
+}
+
+
+def config_fields() -> list[str]:
+    """The AuditConfig fields that have a command-line flag (all but the free-form ``extra``)."""
+    import dataclasses
+
+    from tasks.config import AuditConfig
+
+    return [f.name for f in dataclasses.fields(AuditConfig) if f.name != "extra"]
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per AuditConfig field, typed from the field's annotation."""
+    import typing
+
+    from tasks.config import AuditConfig
+
     p.add_argument("--config", metavar="FILE", help="YAML or TOML audit config; the flags below override it")
-    p.add_argument(
-        "--data",
-        metavar="DIR|MANIFEST",
-        help="image folder (one subfolder per class) or CSV/Parquet manifest with a `path` column",
-    )
-    p.add_argument("--model", help="registered model name or .safetensors checkpoint (default resnet18)")
-    p.add_argument("--weights", help="'default' (pretrained), 'none' (random) or a local state dict")
-    p.add_argument("--layer", help="target layer (default: the model's)")
-    p.add_argument("--clip", help="open_clip architecture or local-dir:PATH (default ViT-B-32)")
-    p.add_argument("--clip-pretrained", metavar="TAG|FILE", help="open_clip tag or local checkpoint file")
-    p.add_argument(
-        "--vocab",
-        nargs="+",
-        metavar="SOURCE",
-        help="built-in vocabulary names, phrase files or 'phrase:TEXT' (default: general)",
-    )
-    p.add_argument("--method", help="CAM method for the channel weights (default gradcam)")
-    p.add_argument("--top-k", type=int, help="explain the top-k predicted classes (default 1)")
-    p.add_argument("--shard-size", type=int, metavar="N", help="images per shard (default 256)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="images per model pass (default 32)")
-    p.add_argument("--runner", choices=("default", "dask"), help="task runner (default: threads here)")
-    p.add_argument("--workers", type=int, metavar="N", help="Dask worker processes / concurrent shards")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler (implies --runner dask)")
-    p.add_argument(
-        "--run-dir",
-        metavar="DIR",
-        help="output folder; {run_id} and {date} are filled in (default runs/{run_id})",
-    )
-    p.add_argument("--cache-dir", metavar="DIR", help="channel-bank cache (default $TEXTCAM_CACHE)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-
-
-_OVERRIDES = (
-    "data",
-    "model",
-    "weights",
-    "layer",
-    "clip",
-    "clip_pretrained",
-    "vocab",
-    "method",
-    "top_k",
-    "shard_size",
-    "batch_size",
-    "runner",
-    "workers",
-    "scheduler",
-    "run_dir",
-    "cache_dir",
-    "device",
-)
+    hints = typing.get_type_hints(AuditConfig)
+    for name in config_fields():
+        hint = hints[name]
+        kwargs: dict[str, Any] = {"help": HELP[name], "dest": name}
+        args = typing.get_args(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif hint is int or (int in args and str not in args):
+            kwargs.update(type=int, metavar="N")
+        elif hint is float:
+            kwargs.update(type=float, metavar="X")
+        elif any(typing.get_origin(a) is tuple for a in (hint, *args)):
+            kwargs.update(nargs="+", metavar="VALUE")
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
+        elif name in METAVARS:
+            kwargs["metavar"] = METAVARS[name]
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+    p.set_defaults(**{name: None for name in config_fields()})
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from tasks.config import load_config
 
-    overrides = {k: getattr(args, k, None) for k in _OVERRIDES}
+    overrides = {k: getattr(args, k, None) for k in config_fields()}
+    if overrides.get("classes") == ["model"]:  # --classes model: the classifier's own names
+        overrides["classes"] = "model"
     return load_config(args.config, overrides)
 
 

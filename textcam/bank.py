@@ -188,7 +188,11 @@ def _centre_blocks(v: torch.Tensor, m: int) -> torch.Tensor:
 def top_bottom(gap: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) GAP scores → (C, M) indices of the M highest and the M lowest images per channel."""
     if gap.shape[0] < 2 * m:
-        raise ValueError(f"the probe set has {gap.shape[0]} images; need at least 2*M = {2 * m}")
+        raise ValueError(
+            f"the probe set has {gap.shape[0]} images; need at least 2*M = {2 * m}: use a smaller M "
+            f"(at most {gap.shape[0] // 2}; `--bank-m`, config key bank_m) or more probe images "
+            "(`--probe`, `--probe-size`)"
+        )
     top = gap.topk(m, dim=0).indices.T.contiguous()
     bottom = gap.topk(m, dim=0, largest=False).indices.T.contiguous()
     return top, bottom

@@ -1,0 +1,58 @@
+"""``textcam audit``'s flags: one per AuditConfig field, typed, with a help line; they override the file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from flows.cli import HELP, add_audit_parsers, config_from_args
+from tasks.config import AuditConfig
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="textcam")
+    add_audit_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_every_setting_has_a_flag_and_a_help_line() -> None:
+    fields = {f.name for f in dataclasses.fields(AuditConfig)} - {"extra"}
+    assert set(HELP) == fields
+    parser = argparse.ArgumentParser(prog="textcam")
+    add_audit_parsers(parser.add_subparsers(dest="command"))
+    text = parser._subparsers._group_actions[0].choices["audit"].format_help()  # type: ignore[union-attr]
+    for name in fields:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_flags_are_typed_and_override_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"data: {tmp_path}\nbank_m: 50\nprobe_size: 500\n")
+    args = parse(
+        [
+            "audit",
+            "--config",
+            str(config),
+            "--bank-m",
+            "20",
+            "--probe-size",
+            "60",
+            "--no-check-phrases",
+            "--classes",
+            "model",
+            "--shrinkage",
+            "0.3",
+            "--vocab",
+            "clevr",
+            "phrase:a logo",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.bank_m, cfg.probe_size, cfg.check_phrases, cfg.classes) == (20, 60, False, "model")
+    assert cfg.shrinkage == 0.3 and cfg.vocab == ("clevr", "phrase:a logo")
+    assert config_from_args(parse(["audit", "--config", str(config)])).bank_m == 50  # the file's value
+    with pytest.raises(SystemExit):
+        parse(["audit", "--bank-m", "many"])
