@@ -253,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # Our own progress at INFO; libraries (Great Expectations' registry notes, httpx's request lines)
+    # only when they warn, unless --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        for name in ("textcam", "tasks", "flows", "reports"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
