@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -301,15 +302,7 @@ class Evidence:
 
 
 def model_evidence(
-    behaviour: ProbeBehaviour,
-    n_classes: int,
-    eligible: np.ndarray,
-    *,
-    alpha: float = 0.01,
-    min_effect: float = 0.2,
-    n_permutations: int = 200,
-    max_steps: int = 8,
-    seed: int = 0,
+    behaviour: ProbeBehaviour, n_classes: int, eligible: np.ndarray, **options: Any
 ) -> pd.DataFrame:
     """The stepwise test of the module docstring, one row per eligible class × phrase × direction.
 
@@ -317,18 +310,9 @@ def model_evidence(
     (the flag rule's conditions on the explanations and the class names). Each row has its first-step
     figures (``z_first``, ``effect_first``), the figures of the step that decided it (``z_model``,
     ``effect``, ``threshold``, ``step``), ``accepted`` and ``given`` (the accepted phrases it was
-    conditioned on). :func:`evidence_grid` gives the same as arrays.
+    conditioned on). ``options`` are :func:`evidence_grid`'s, which gives the same as arrays.
     """
-    return evidence_grid(
-        behaviour,
-        n_classes,
-        eligible,
-        alpha=alpha,
-        min_effect=min_effect,
-        n_permutations=n_permutations,
-        max_steps=max_steps,
-        seed=seed,
-    ).frame()
+    return evidence_grid(behaviour, n_classes, eligible, **options).frame()
 
 
 def evidence_grid(
