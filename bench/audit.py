@@ -133,8 +133,7 @@ def config(work: Path, manifest: Path, model: str, args: argparse.Namespace, run
 
 def prepare(cfg_map: dict[str, Any], run_dir: Path) -> None:
     """Make RUN_DIR/bank/ (bank + phrase embeddings) before timing."""
-    from flows.audit import probe_paths
-    from tasks.calibrate import prepare_bank
+    from tasks.calibrate import prepare_bank, probe_paths
     from tasks.config import from_mapping
     from tasks.manifest import read_manifest
 

@@ -39,7 +39,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.calibrate import BankFiles, prepare_bank
+from tasks.calibrate import BankFiles, prepare_bank, probe_images, probe_paths
 from tasks.config import AuditConfig, ConfigError, from_mapping
 from tasks.explain_shard import (
     AtomicParquetWriter,
@@ -191,17 +191,6 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     writer._writer.write_table(table)
     writer.rows = table.num_rows
     writer.commit()
-
-
-def probe_images(cfg: AuditConfig, manifest: Manifest) -> pa.Table:
-    """The calibration probe set: ``cfg.probe`` or the first ``probe_size`` audit images by image_id."""
-    images = manifest.images if cfg.probe is None else read_manifest(cfg.probe).images
-    return images.sort_by("image_id").slice(0, cfg.probe_size)
-
-
-def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
-    """The probe images' paths, in calibration order."""
-    return probe_images(cfg, manifest).column("path").to_pylist()
 
 
 @task(
@@ -514,6 +503,15 @@ def _class_text(cfg: AuditConfig, run: RunInfo, bank: BankFiles | None) -> Any:
     return ClassText(embeddings=embeddings)
 
 
+@task(name="intervene", cache_policy=NO_CACHE)
+def intervene_task(run: RunInfo) -> int:
+    from tasks.intervene import intervene_run
+
+    frame = intervene_run(run.run_dir)
+    get_run_logger().info("%d interventions: %s", len(frame), Path(run.run_dir) / "interventions.parquet")
+    return len(frame)
+
+
 @task(name="render-report", cache_policy=NO_CACHE)
 def render_report_task(run: RunInfo) -> str:
     from reports import render_report
@@ -627,6 +625,9 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
         build_duckdb_task(run)
     with timer.stage("flags"):
         flags = flag_task(cfg, run, manifest, bank)
+    if cfg.intervene and any(f["direction"] == "for" for f in flags):
+        with timer.stage("intervene"):
+            intervene_task(run)
     report = str(Path(run.run_dir) / "report.html")
     summarise(cfg, run, manifest, bank, outcomes, timer, report, len(flags))  # the report reads it
     with timer.stage("report"):

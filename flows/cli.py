@@ -54,6 +54,7 @@ HELP = {
     "cache_dir": "channel-bank and world cache (default $TEXTCAM_CACHE)",
     "device": "auto, cpu or cuda (default auto)",
     "fail_on_quarantine": "exit with an error when any shard is quarantined",
+    "intervene": "after flagging, suppress each flag's channels, save the edited models (textcam intervene)",
 }
 CHOICES = {"runner": ("default", "dask"), "device": ("auto", "cpu", "cuda")}
 METAVARS = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 EPILOG = """\
@@ -40,48 +39,11 @@ def add_intervene_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_intervene(args: argparse.Namespace) -> int:
-    import torch
-
-    from flows.audit import probe_images
-    from tasks.calibrate import PROBE_NAME
-    from tasks.config import load_config
-    from tasks.explain_shard import load_phrases
-    from tasks.intervene import ProbeImages, chosen_flags, intervene
-    from tasks.manifest import read_manifest
-    from textcam.bank import ChannelBank, ProbeSet
-    from textcam.data import iter_batches
-    from textcam.models import load_model
+    from tasks.intervene import intervene_run
 
     run_dir = Path(args.run_dir).resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not an audit run directory (no config.yaml)")
-    flags = chosen_flags(run_dir, args.flag)
-    cfg = load_config(run_dir / "config.yaml")
-    model = load_model(cfg.model, weights=cfg.weights, device="cpu")
-    bank = ChannelBank.load(run_dir / "bank" / "bank.safetensors", model_id=model.model_id)
-    phrases, text = load_phrases(run_dir / "bank" / "phrases.safetensors")
-    if not (run_dir / "bank" / PROBE_NAME).is_file():
-        raise FileNotFoundError(
-            f"{run_dir / 'bank' / PROBE_NAME} not found: re-run the audit to keep the probe set"
-        )
-    probe = ProbeSet.load(run_dir / "bank" / PROBE_NAME)
-    table = probe_images(cfg, read_manifest(cfg.data))
-    keep = probe.indices.numpy()
-    paths = [table.column("path").to_pylist()[i] for i in keep]
-    index = {n: i for i, n in enumerate(model.class_names)}
-    labels = np.array(
-        [index.get(str(v), -1) if v is not None else -1 for v in table.column("label").to_pylist()]
-    )
-    x = torch.cat(
-        [b.tensors[0] for b in iter_batches(paths, [model.preprocess], batch_size=64) if b.indices.numel()]
-    )
-    if x.shape[0] != len(paths):
-        raise ValueError(f"{len(paths) - x.shape[0]} probe images could no longer be read; re-run the audit")
-    images = ProbeImages(x, labels[keep], np.arange(len(keep)))
-    result = intervene(
-        run_dir, model, bank, phrases, text, probe, images, flags, mode=args.mode, out_dir=args.out
-    )
-    if not (images.labels >= 0).any():
+    result = intervene_run(run_dir, args.flag, mode=args.mode, out_dir=args.out)
+    if not (result["n_images"] > 0).any():
         print("the probe images have no labels: channels and edited models written, accuracy not measured")
     for r in result.itertuples():
         line = f"{r.class_name}: {r.phrase!r} - {r.n_channels} channels ({r.mode})"

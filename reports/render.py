@@ -198,6 +198,20 @@ def _near_misses(con: duckdb.DuckDBPyConnection, per_class: int = 4) -> list[dic
     return frame.to_dict(orient="records")
 
 
+def _interventions(con: duckdb.DuckDBPyConnection, run_dir: Path) -> list[dict[str, Any]]:
+    """``textcam intervene``'s rows (none when the run has no table), with the edited model's link
+    relative to the report when it lies in the run directory."""
+    try:
+        frame = con.sql("SELECT * FROM interventions ORDER BY class_name, phrase").df()
+    except duckdb.CatalogException:
+        return []
+    rows = frame.to_dict(orient="records")
+    for r in rows:
+        path = Path(r["checkpoint"])
+        r["href"] = quote(path.relative_to(run_dir).as_posix()) if path.is_relative_to(run_dir) else None
+    return rows
+
+
 def _evidence(row: pd.Series, phrase: str, root: Path | None) -> dict[str, Any]:
     """Thumbnail, saliency overlay and the phrase's channel-group overlay of one evidence image."""
     real, why = _inside(root, str(row["path"]))
@@ -455,6 +469,7 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         "dataset_root": str(root) if root else None,
         "flags": cards,
         "near_misses": _near_misses(con),
+        "interventions": _interventions(con, run_dir),
         "n_flags": len(flags),
         "plots": _plots(tops, _heatmap_frequencies(con, classes), flags, classes),
         "concept_tables": concept_tables,

@@ -27,6 +27,9 @@ from tasks.config import AuditConfig
 from tasks.explain_shard import load_phrases, save_phrases
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from tasks.manifest import Manifest
     from textcam.bank import ChannelBank
     from textcam.models import LoadedModel
 
@@ -204,3 +207,16 @@ def _add_probe(
     )
     assert fresh.probe is not None  # calibrate() always sets it
     fresh.probe.save(out)
+
+
+def probe_images(cfg: AuditConfig, manifest: Manifest) -> pa.Table:
+    """The calibration probe set: ``cfg.probe`` or the first ``probe_size`` audit images by image_id."""
+    from tasks.manifest import read_manifest
+
+    images = manifest.images if cfg.probe is None else read_manifest(cfg.probe).images
+    return images.sort_by("image_id").slice(0, cfg.probe_size)
+
+
+def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:
+    """The probe images' paths, in calibration order."""
+    return probe_images(cfg, manifest).column("path").to_pylist()

@@ -77,6 +77,9 @@ class AuditConfig:
     """Channel banks and phrase embeddings; default ``$TEXTCAM_CACHE`` or ``~/.cache/textcam``."""
     device: str = "auto"
     fail_on_quarantine: bool = False
+    intervene: bool = False
+    """After flagging: suppress each "for" flag's channels, measure it, save the edited model
+    (``tasks.intervene``; the same as ``textcam intervene RUN_DIR``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings passed to the analytics steps (flags, report); not interpreted here."""
 
@@ -90,6 +93,7 @@ class AuditConfig:
             "run_dir",
             "cache_dir",
             "device",
+            "intervene",
             "loader_workers",
             "batch_size",
             "fail_on_quarantine",

@@ -52,10 +52,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
-from tasks.store import DB_NAME, build_duckdb, create_table_sql, limit_memory
+from tasks.store import DB_NAME, build_duckdb, limit_memory, store_table
 
 log = logging.getLogger(__name__)
 
@@ -371,14 +370,7 @@ def flag_spurious(
             ("flags", flags, FLAGS),
             ("flag_candidates", candidates, FLAG_CANDIDATES),
         ):
-            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-            tmp = run_dir / f".{name}.parquet.tmp"
-            pq.write_table(table, tmp)
-            tmp.replace(run_dir / f"{name}.parquet")
-            con.execute(create_table_sql(name, schema))
-            con.register("_rows", table)
-            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _rows")
-            con.unregister("_rows")
+            store_table(con, run_dir, name, pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
         con.execute("CHECKPOINT")
     finally:
         con.close()

@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from tasks.store import DB_NAME, build_duckdb, store_table
 
 INTERVENTIONS = pa.schema(
     [
@@ -164,7 +167,55 @@ def intervene(
             }
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=INTERVENTIONS)
-    tmp = run_dir / ".interventions.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(run_dir / "interventions.parquet")
+    if not (run_dir / DB_NAME).is_file():
+        build_duckdb(run_dir)
+    con = duckdb.connect(str(run_dir / DB_NAME))
+    try:
+        store_table(con, run_dir, "interventions", table)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
     return table.to_pandas()
+
+
+def intervene_run(
+    run_dir: str | Path, flag: str | None = None, *, mode: str = "mean", out_dir: str | Path | None = None
+) -> pd.DataFrame:
+    """:func:`intervene` on an audit run directory: its config, bank, probe set and flags."""
+    from tasks.calibrate import PROBE_NAME, probe_images
+    from tasks.config import load_config
+    from tasks.explain_shard import load_phrases
+    from tasks.manifest import read_manifest
+    from textcam.bank import ChannelBank, ProbeSet
+    from textcam.data import iter_batches
+    from textcam.models import load_model
+
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not an audit run directory (no config.yaml)")
+    if mode not in ("mean", "zero"):
+        raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
+    flags = chosen_flags(run_dir, flag)
+    cfg = load_config(run_dir / "config.yaml")
+    model = load_model(cfg.model, weights=cfg.weights, device="cpu")
+    bank = ChannelBank.load(run_dir / "bank" / "bank.safetensors", model_id=model.model_id)
+    phrases, text = load_phrases(run_dir / "bank" / "phrases.safetensors")
+    probe_file = run_dir / "bank" / PROBE_NAME
+    if not probe_file.is_file():
+        raise FileNotFoundError(f"{probe_file} not found: re-run the audit to keep the probe set")
+    probe = ProbeSet.load(probe_file)
+    table = probe_images(cfg, read_manifest(cfg.data))
+    keep = probe.indices.numpy()
+    paths = [table.column("path").to_pylist()[i] for i in keep]
+    index = {n: i for i, n in enumerate(model.class_names)}
+    labels = np.array(
+        [index.get(str(v), -1) if v is not None else -1 for v in table.column("label").to_pylist()]
+    )
+    batches = [
+        b.tensors[0] for b in iter_batches(paths, [model.preprocess], batch_size=64) if b.indices.numel()
+    ]
+    x = torch.cat(batches) if batches else torch.empty(0)
+    if x.shape[0] != len(paths):
+        raise ValueError(f"{len(paths) - x.shape[0]} probe images could no longer be read; re-run the audit")
+    images = ProbeImages(x, labels[keep], np.arange(len(keep)))
+    return intervene(run_dir, model, bank, phrases, text, probe, images, flags, mode=mode, out_dir=out_dir)

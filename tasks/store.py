@@ -263,6 +263,22 @@ def limit_memory(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET preserve_insertion_order = false")
 
 
+def store_table(con: duckdb.DuckDBPyConnection, run_dir: Path, name: str, table: pa.Table) -> None:
+    """Write an analytics table twice, from one declared schema: ``RUN_DIR/<name>.parquet`` (temp name,
+    then rename) and the DuckDB table ``name`` (replaced), so a rebuild of the database reloads it."""
+    import pyarrow.parquet as pq
+
+    tmp = run_dir / f".{name}.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(run_dir / f"{name}.parquet")
+    con.execute(create_table_sql(name, table.schema))
+    con.register("_rows", table)
+    try:
+        con.execute(f"INSERT INTO {_ident(name)} BY NAME SELECT * FROM _rows")
+    finally:
+        con.unregister("_rows")
+
+
 def build_duckdb(run_dir: str | Path) -> Path:
     """Build ``RUN_DIR/run.duckdb``: views ``explanations``, ``errors``, ``images``, ``predictions``,
     ``image_phrases`` and tables ``concept_stats`` (see module docstring) and ``flags``.
@@ -275,6 +291,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
     PosixPath('runs/2024-01-01/run.duckdb')
     """
     from tasks.flags import FLAG_CANDIDATES, FLAGS  # local: flags imports this module
+    from tasks.intervene import INTERVENTIONS
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
@@ -294,7 +311,11 @@ def build_duckdb(run_dir: str | Path) -> Path:
         con.execute("SET threads = 1")
         con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
         con.execute(f"SET threads = {int(threads)}")
-        for name, schema in (("flags", FLAGS), ("flag_candidates", FLAG_CANDIDATES)):
+        for name, schema in (
+            ("flags", FLAGS),
+            ("flag_candidates", FLAG_CANDIDATES),
+            ("interventions", INTERVENTIONS),
+        ):
             con.execute(create_table_sql(name, schema))
             if (run_dir / f"{name}.parquet").is_file():
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet('{name}.parquet')")

@@ -75,3 +75,11 @@ def test_runners_and_resume_agree_on_real_flags(
     assert edited.metadata["suppress"]["channels"] == row["channels"]
     assert main(["intervene", str(run_dir), "--flag", "circle:no such phrase"]) == 2
     assert main(["intervene", str(run_dir), "--flag", "no-colon"]) == 2
+    from reports import render_report
+    from tasks.store import build_duckdb, query
+
+    assert query(run_dir, "SELECT count(*) AS n FROM interventions")["n"][0] == 1
+    build_duckdb(run_dir)  # a rebuild keeps the table (reloaded from interventions.parquet)
+    assert query(run_dir, "SELECT phrase FROM interventions")["phrase"].tolist() == ["water background"]
+    html = render_report(run_dir).read_text()
+    assert 'id="interventions"' in html and "“water background”" in html
