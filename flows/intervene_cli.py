@@ -49,6 +49,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         line = f"{r.class_name}: {r.phrase!r} - {r.n_channels} channels ({r.mode})"
         if pd.notna(r.conflicting_before):
             line += (
+                f"; reliance {r.reliance_before:.2f} -> {r.reliance_after:.2f} "
+                f"(random channels {r.random_reliance_after:.2f})"
                 f"; {r.class_name} without it {r.conflicting_before:.2f} -> {r.conflicting_after:.2f} "
                 f"(random channels {r.random_conflicting_after:.2f}); "
                 f"worst group {r.worst_group_before:.2f} -> {r.worst_group_after:.2f}; "

@@ -40,6 +40,10 @@ INTERVENTIONS = pa.schema(
         pa.field("worst_group_before", pa.float64(), nullable=True),
         pa.field("worst_group_after", pa.float64(), nullable=True),
         pa.field("random_conflicting_after", pa.float64(), nullable=True),
+        # P(called the class | concept) - P(called the class | no concept): the shortcut itself
+        pa.field("reliance_before", pa.float64(), nullable=True),
+        pa.field("reliance_after", pa.float64(), nullable=True),
+        pa.field("random_reliance_after", pa.float64(), nullable=True),
         pa.field("checkpoint", pa.string(), nullable=False),
     ],
     metadata={"table": "interventions", "version": "1"},
@@ -153,9 +157,7 @@ def intervene(
                     layer, pick, mode, tuple(float(v) for v in means[list(pick)]) if mode == "mean" else ()
                 )  # type: ignore[arg-type]
                 r_logits, _ = layer_features(model.module, layer, images.x, suppression=r)
-                random.append(
-                    group_accuracy(r_logits.argmax(1).numpy()[labelled], lab, present, cls)["conflicting"]
-                )
+                random.append(group_accuracy(r_logits.argmax(1).numpy()[labelled], lab, present, cls))
             row |= {
                 "accuracy_before": before["accuracy"],
                 "accuracy_after": after["accuracy"],
@@ -163,7 +165,10 @@ def intervene(
                 "conflicting_after": after["conflicting"],
                 "worst_group_before": before["worst_group"],
                 "worst_group_after": after["worst_group"],
-                "random_conflicting_after": float(np.nanmean(random)),
+                "random_conflicting_after": float(np.nanmean([r["conflicting"] for r in random])),
+                "reliance_before": before["reliance"],
+                "reliance_after": after["reliance"],
+                "random_reliance_after": float(np.nanmean([r["reliance"] for r in random])),
             }
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=INTERVENTIONS)

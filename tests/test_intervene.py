@@ -94,6 +94,7 @@ def test_group_accuracy_and_dfr_by_hand() -> None:
         "others_without": 1.0,
     }
     assert acc["conflicting"] == 0.0 and acc["worst_group"] == 0.0 and acc["accuracy"] == pytest.approx(4 / 6)
+    assert acc["reliance"] == pytest.approx(2 / 3)  # with the concept 2 of 3 called class 0, without 0 of 3
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     feats = np.c_[y + 0.1 * rng.standard_normal(400), rng.standard_normal(400)]
@@ -120,14 +121,16 @@ def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_ca
     cc = concept_channels(bank.directions, text, phrases, world.phrases[spec.attribute][spec.value])
     assert cc.channels
     layer = model.target_layer
-    x = to_classifier_tensor(split_batch(world.config, "test").images)
-    x_probe = to_classifier_tensor(split_batch(world.config, "probe").images)
-    records = split_batch(world.config, "test").records
-    labels, present = records["label"].to_numpy(), (records[spec.attribute] == spec.value).to_numpy()
-    cls = list(world.class_names).index(spec.label)
-    s = Suppression(
-        layer, cc.channels, "mean", probe_means(model.module, layer, x_probe, cc.channels), note=str(spec)
+    test = split_batch(world.config, "test")
+    x = to_classifier_tensor(test.images)
+    labels, present = (
+        test.records["label"].to_numpy(),
+        (test.records[spec.attribute] == spec.value).to_numpy(),
     )
+    cls = list(world.class_names).index(spec.label)
+    # Zero: the tiny world's model never learned the circle's shape, so no suppression helps circles
+    # without water; what it can do is stop calling everything on water a circle.
+    s = Suppression(layer, cc.channels, "zero", note=str(spec))
     logits, _ = layer_features(model.module, layer, x, suppression=s)
 
     path = save_edited_checkpoint(model, tmp_path / "edited.safetensors", s)
@@ -140,21 +143,17 @@ def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_ca
     before = group_accuracy(layer_features(model.module, layer, x)[0].argmax(1).numpy(), labels, present, cls)
     after = group_accuracy(logits.argmax(1).numpy(), labels, present, cls)
     rng = np.random.default_rng(0)
-    means = layer_features(model.module, layer, x_probe)[1].mean(0)
     random = []
     for _ in range(5):
         pick = tuple(int(c) for c in rng.choice(bank.directions.shape[0], len(cc.channels), replace=False))
-        r = Suppression(layer, pick, "mean", tuple(float(v) for v in means[list(pick)]))
-        random.append(
-            group_accuracy(
-                layer_features(model.module, layer, x, suppression=r)[0].argmax(1).numpy(),
-                labels,
-                present,
-                cls,
-            )
-        )
-    gain = after["conflicting"] - before["conflicting"]
-    random_gain = np.mean([r["conflicting"] for r in random]) - before["conflicting"]
-    c0, c1 = before["conflicting"], after["conflicting"]
-    print(f"conflicting {c0:.3f} -> {c1:.3f} ({len(cc.channels)} channels); random {random_gain:+.3f}")
-    assert gain > random_gain + 0.05
+        r_logits, _ = layer_features(model.module, layer, x, suppression=Suppression(layer, pick))
+        random.append(group_accuracy(r_logits.argmax(1).numpy(), labels, present, cls))
+    random_reliance = float(np.mean([r["reliance"] for r in random]))
+    print(
+        f"reliance on the cue {before['reliance']:.3f} -> {after['reliance']:.3f} ({len(cc.channels)} "
+        f"channels; random {random_reliance:.3f}); other classes on the cue "
+        f"{before['groups']['others_with']:.3f} -> {after['groups']['others_with']:.3f}"
+    )
+    assert before["reliance"] > 0.5  # the planted shortcut
+    assert after["reliance"] < random_reliance - 0.3
+    assert after["groups"]["others_with"] > max(r["groups"]["others_with"] for r in random) + 0.3

@@ -178,7 +178,8 @@ def layer_features(
 
 def group_accuracy(pred: np.ndarray, labels: np.ndarray, present: np.ndarray, cls: int) -> dict[str, Any]:
     """Accuracy overall and per group (the class × concept present/absent, the other classes × the
-    same); ``conflicting`` is the class without the concept, ``worst_group`` the lowest group."""
+    same); ``conflicting`` is the class without the concept, ``worst_group`` the lowest group, and
+    ``reliance`` P(predicted as the class | concept) − P(predicted as the class | no concept)."""
     ok = pred == labels
     groups = {
         "class_with": (labels == cls) & present,
@@ -189,8 +190,13 @@ def group_accuracy(pred: np.ndarray, labels: np.ndarray, present: np.ndarray, cl
     acc = {k: float(ok[m].mean()) if m.any() else float("nan") for k, m in groups.items()}
     sizes = {k: int(m.sum()) for k, m in groups.items()}
     valid = [v for v in acc.values() if v == v]
+    as_class = pred == cls
+    with_, without = as_class[present], as_class[~present]
+    reliance = float(with_.mean() - without.mean()) if with_.size and without.size else float("nan")
     return {
         "accuracy": float(ok.mean()),
+        # how much more often an image is called the class when it shows the concept: the shortcut itself
+        "reliance": reliance,
         "groups": acc,
         "group_sizes": sizes,
         "conflicting": acc["class_without"],
