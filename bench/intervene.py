@@ -138,13 +138,17 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
             row["zero"] = accuracy_with(Suppression(layer, cc.channels, "zero"), present, cls)
             means = probe_means(module, layer, x_probe, cc.channels)
             row["mean"] = accuracy_with(Suppression(layer, cc.channels, "mean", means), present, cls)
-            draws = []
+            draws, zeros = [], []
             for _ in range(RANDOM_DRAWS):
                 pick = tuple(int(c) for c in rng.choice(n_channels, len(cc.channels), replace=False))
                 values = tuple(float(v) for v in channel_means[list(pick)])
                 draws.append(accuracy_with(Suppression(layer, pick, "mean", values), present, cls))
+                zeros.append(accuracy_with(Suppression(layer, pick, "zero"), present, cls))
             row["random_conflicting"] = float(np.mean([d["conflicting"] for d in draws]))
             row["random_accuracy"] = float(np.mean([d["accuracy"] for d in draws]))
+            row["random_reliance"] = float(np.mean([d["reliance"] for d in draws]))
+            row["random_reliance_zero"] = float(np.mean([d["reliance"] for d in zeros]))
+            row["random_others_with_zero"] = float(np.mean([d["groups"]["others_with"] for d in zeros]))
         row["sizes"] = {
             str(k): accuracy_with(
                 Suppression(
@@ -199,6 +203,17 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "dfr_worst_group": mean([c["dfr"]["worst_group"] for c in cues]),
         "dfr_accuracy": mean([c["dfr"]["accuracy"] for c in cues]),
         "clip_presence_agreement": mean([c["clip_presence_auc"] for c in cues]),
+        # the shortcut itself: P(called the class | cue) - P(called the class | no cue), test split
+        "reliance_before": mean([c["before"]["reliance"] for c in cues]),
+        "reliance_after_zero": mean([c["zero"]["reliance"] for c in with_channels]),
+        "reliance_after_mean": mean([c["mean"]["reliance"] for c in with_channels]),
+        "random_reliance_zero": mean([c["random_reliance_zero"] for c in with_channels]),
+        "random_reliance_mean": mean([c["random_reliance"] for c in with_channels]),
+        # other classes showing the cue, correctly classified (the group a shortcut pulls into the class)
+        "others_with_cue_before": mean([c["before"]["groups"]["others_with"] for c in cues]),
+        "others_with_cue_after_zero": mean([c["zero"]["groups"]["others_with"] for c in with_channels]),
+        "others_with_cue_after_mean": mean([c["mean"]["groups"]["others_with"] for c in with_channels]),
+        "random_others_with_cue_zero": mean([c["random_others_with_zero"] for c in with_channels]),
         "channels_mean": mean([len(c["channels"]) for c in cues]),
         "control_suppression_drop": mean(
             [r["control_suppression_drop"] for r in results if r["kind"] == "control"]
