@@ -18,7 +18,8 @@ examples:
   textcam sql runs/r1 "SHOW TABLES"
 
 tables and views: explanations, errors, images, predictions (one row per image), image_phrases
-(one row per image x selected phrase), concept_stats, flags.
+(one row per image x selected phrase), concept_stats, flags, flag_candidates (each class's strongest
+candidates and the rule that decided), interventions (textcam intervene).
 Only one read-only statement is accepted; files outside the run directory cannot be read.
 """
 
