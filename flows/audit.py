@@ -53,6 +53,7 @@ from tasks.explain_shard import (
 from tasks.manifest import Manifest, read_manifest
 from tasks.quality import ValidationResult, prepare_validation, validate_shard, write_quality_report
 from tasks.shards import Shard, plan_shards
+from textcam.io import TEMP_MARK, write_text
 from textcam.schema import ERRORS
 
 #: Great Expectations' shared context is not thread-safe (building it concurrently fails with
@@ -227,7 +228,7 @@ def _sweep_stale(run_dir: Path, shards: Sequence[Shard]) -> None:
     always moved: its shard was quarantined and is computed again now."""
     planned = {s.shard_id: s for s in shards}
     for folder in ("explanations", "staging", "errors"):
-        for leftover in (run_dir / folder).glob(".shard-*.parquet.tmp*"):
+        for leftover in (run_dir / folder).glob(f".shard-*.parquet{TEMP_MARK}*"):
             leftover.unlink()
         for path in sorted((run_dir / folder).glob("shard-*.parquet")):
             shard_id = path.stem.removesuffix("-validate")
@@ -697,9 +698,7 @@ def summarise(
         "line": line,
     }
     path = Path(run.run_dir) / "summary.json"
-    tmp = path.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(summary, indent=2))
     return summary
 
 

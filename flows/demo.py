@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import AuditConfig
+from textcam.io import atomic_path
 from textcam.synthetic import BiasSpec, World, WorldConfig, build_world
 from textcam.synthetic.config import DEMO_BIAS
 
@@ -49,9 +50,8 @@ def audit_manifest(world: World, split: str) -> Path:
     if not out.is_file():
         frame = pd.read_parquet(source)
         frame = frame.rename(columns={"image_id": "scene_id", "label": "label_index", "label_name": "label"})
-        tmp = out.with_name(f".{out.name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            frame.to_parquet(tmp, index=False)
     return out
 
 

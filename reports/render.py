@@ -29,6 +29,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from tasks.store import DB_NAME, build_duckdb, connect
+from textcam.io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ def render_report(
         **context,
     )
     out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, html)
     return out
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from tasks.config import AuditConfig
 from tasks.explain_shard import load_phrases, save_phrases
+from textcam.io import atomic_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -95,9 +96,8 @@ def bank_key(model_id: str, layer: str, clip_id: str, probe: str, m: int, shrink
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os.PathLike[str]) -> BankFiles:

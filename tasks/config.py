@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from textcam.io import write_text
+
 RUNNERS = ("default", "dask")
 
 
@@ -153,9 +155,7 @@ class AuditConfig:
         """Write the config as YAML (atomically) and return the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     def replace(self, **changes: Any) -> AuditConfig:

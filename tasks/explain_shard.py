@@ -34,6 +34,7 @@ import torch
 from tasks.shards import Shard
 from textcam.data import iter_batch_groups, iter_batches
 from textcam.device import resolve_device
+from textcam.io import atomic_path, fsync_file, temp_path
 from textcam.schema import ERRORS, EXPLANATIONS
 
 if TYPE_CHECKING:
@@ -128,9 +129,8 @@ def save_phrases(
     meta = {"phrases": json.dumps(phrases), "clip_id": clip_id, "class_names": json.dumps(class_names or [])}
     if class_embeddings is not None:
         tensors["class_embeddings"] = class_embeddings.detach().cpu().float().contiguous()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -241,7 +241,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class AtomicParquetWriter:
-    """Write batches to ``.<name>.tmp<pid>``; on :meth:`commit` fsync and rename onto ``path``.
+    """Write batches to a temporary name (:func:`textcam.io.temp_path`); on :meth:`commit` fsync and
+    rename onto ``path``.
 
     A crash at any point leaves either no file at ``path`` or the complete previous one.
     """
@@ -249,7 +250,7 @@ class AtomicParquetWriter:
     def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, metadata: dict[bytes, bytes]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        self.tmp = temp_path(self.path)
         self.schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
         self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         self.rows = 0
@@ -264,8 +265,7 @@ class AtomicParquetWriter:
             for key, value in extra_metadata.items():
                 self._writer.add_key_value_metadata({key: value})
         self._writer.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
         return self.path

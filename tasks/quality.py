@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from textcam.io import write_text
 from textcam.schema import ERRORS, EXPLANATIONS
 
 DIRECTIONS = ("for", "against")
@@ -256,9 +257,7 @@ def write_quality_report(run_dir: str | Path, shard_path: str | Path, result: Va
     """
     out = Path(run_dir) / "quality" / (Path(shard_path).stem + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(result.to_json())
-    tmp.replace(out)
+    write_text(out, result.to_json())
     return out
 
 

@@ -45,6 +45,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from textcam.io import atomic_path, temp_path
 from textcam.schema import ERRORS, EXPLANATIONS, IMAGES
 
 DB_NAME = "run.duckdb"
@@ -268,9 +269,8 @@ def store_table(con: duckdb.DuckDBPyConnection, run_dir: Path, name: str, table:
     then rename) and the DuckDB table ``name`` (replaced), so a rebuild of the database reloads it."""
     import pyarrow.parquet as pq
 
-    tmp = run_dir / f".{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(run_dir / f"{name}.parquet")
+    with atomic_path(run_dir / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
     con.execute(create_table_sql(name, table.schema))
     con.register("_rows", table)
     try:
@@ -297,7 +297,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     target = run_dir / DB_NAME
-    tmp = run_dir / f".{DB_NAME}.tmp"
+    tmp = temp_path(target)
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
     try:

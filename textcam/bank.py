@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from textcam import __version__
 from textcam.data import iter_batches
 from textcam.device import resolve_device
+from textcam.io import atomic_path
 from textcam.layers import TokenGrid, get_layer
 
 if TYPE_CHECKING:
@@ -233,9 +234,8 @@ class ProbeSet:
             "predictions": self.predictions.detach().cpu().long().contiguous(),
             "indices": self.indices.detach().cpu().long().contiguous(),  # type: ignore[union-attr]
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata={"probe_hash": self.probe_hash, "clip_id": self.clip_id})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"probe_hash": self.probe_hash, "clip_id": self.clip_id})
         return path
 
     @classmethod
@@ -360,9 +360,8 @@ class ChannelBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"directions": self.directions.detach().cpu().float().contiguous()}
         meta = {"meta": json.dumps(asdict(self.meta)), "sha256": _digest(tensors["directions"])}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
         path.with_suffix(".json").write_text(
             json.dumps(asdict(self.meta) | {"bank_id": self.bank_id}, indent=2)
         )

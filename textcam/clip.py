@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from textcam.device import resolve_device
+from textcam.io import atomic_path
 
 #: Prompt templates averaged for every phrase (open_clip ``build_zero_shot_classifier`` style).
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a photo showing {}.", "{}")
@@ -110,9 +111,8 @@ class ClipEncoder:
         emb = F.normalize(emb, dim=-1)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            save_file({"embeddings": emb.cpu().contiguous()}, tmp, metadata={"clip_id": self.clip_id})
-            tmp.replace(cache_file)
+            with atomic_path(cache_file) as tmp:
+                save_file({"embeddings": emb.cpu().contiguous()}, tmp, metadata={"clip_id": self.clip_id})
         return emb
 
 

@@ -15,12 +15,13 @@ Otsu cut: 0.91; docs/decisions.md).
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from textcam.io import atomic_path
 
 
 def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
@@ -118,9 +119,8 @@ class PhraseVisibility:
                 for k in ("weights", "means", "sds")
             },
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
         return path
 
     @classmethod

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from textcam.io import atomic_path, write_text
+
 CACHE_ENV = "TEXTCAM_CACHE"
 
 
@@ -32,16 +34,13 @@ def config_hash(obj: Any, length: int = 12) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Atomic ``torch.save`` of a training state (tensors, dicts, numbers only)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path) -> dict[str, Any] | None:

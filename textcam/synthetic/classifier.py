@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from textcam.io import atomic_path
 from textcam.synthetic.bias import BiasSpec
 from textcam.synthetic.cache import load_state, save_state
 
@@ -105,7 +106,6 @@ def checkpoint_config(num_classes: int, class_names: Sequence[str], width: int, 
 def save_classifier(model: nn.Module, path: str | Path, config: dict) -> None:
     """Write the state dict as safetensors with both metadata layouts (see the module docstring)."""
     p = Path(path)
-    tmp = p.with_suffix(".tmp")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     size = int(config["input_size"])
     registry_config = {
@@ -128,8 +128,8 @@ def save_classifier(model: nn.Module, path: str | Path, config: dict) -> None:
         "textcam_arch": ARCH,
         "textcam_config": json.dumps(config, sort_keys=True),
     }
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(p)
+    with atomic_path(p) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from textcam.io import atomic_path
 from textcam.synthetic.cache import load_state, save_state, write_json
 from textcam.synthetic.scenes import (
     SceneConfig,
@@ -427,11 +428,10 @@ def _save_open_clip_dir(model: nn.Module, model_cfg: dict, scene: SceneConfig, o
         "resize_mode": "shortest",
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (CHECKPOINT_NAME + ".tmp")
-    save_file(
-        state,
-        str(tmp),
-        metadata={"textcam_arch": TINY_CLIP_NAME, "open_clip_model_cfg": json.dumps(model_cfg)},
-    )
-    tmp.replace(out / CHECKPOINT_NAME)
+    with atomic_path(out / CHECKPOINT_NAME) as tmp:
+        save_file(
+            state,
+            str(tmp),
+            metadata={"textcam_arch": TINY_CLIP_NAME, "open_clip_model_cfg": json.dumps(model_cfg)},
+        )
     write_json(out / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from textcam.io import atomic_path
 from textcam.synthetic.bias import BiasSpec
 from textcam.synthetic.cache import resolve_cache_dir, write_json
 from textcam.synthetic.classifier import (
@@ -159,16 +160,14 @@ def write_split(batch: SceneBatch, split: str, out: Path) -> SplitPaths:
     for name, img in zip(names, batch.images, strict=True):
         Image.fromarray(img).save(paths.images / name, compress_level=1)
     packed = np.packbits(batch.masks, axis=-1)
-    tmp = out / "masks.tmp.npz"
-    np.savez(tmp, packed=packed, shape=np.array(batch.masks.shape))
-    os.replace(tmp, paths.masks)
+    with atomic_path(paths.masks) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no suffix
+        np.savez(handle, packed=packed, shape=np.array(batch.masks.shape))
     df.insert(0, "image_id", [f"{split}-{i:06d}" for i in df["index"]])
     df.insert(1, "path", [str((paths.images / n).resolve()) for n in names])
     df.insert(2, "split", split)
     df = df.rename(columns={"index": "mask_index"})
-    tmp_m = out / "manifest.tmp.parquet"
-    df.to_parquet(tmp_m, index=False)
-    os.replace(tmp_m, paths.manifest)
+    with atomic_path(paths.manifest) as tmp:
+        df.to_parquet(tmp, index=False)
     return paths
 
 

@@ -1,0 +1,48 @@
+"""Atomic file writes: the one way TextCAM writes a file that a reader might open meanwhile.
+
+``with atomic_path(target) as tmp: write(tmp)`` hands out a unique temporary name beside the target
+(process id and a random suffix, so concurrent writers never collide), then fsyncs it and renames it
+onto the target; on any error the temporary file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_MARK = ".tmp-"  # every temporary name contains it (sweepers glob for it)
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A unique hidden temporary name beside ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; on success fsync it and rename it onto ``path``."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
