@@ -94,7 +94,7 @@ def test_group_accuracy_and_dfr_by_hand() -> None:
         "others_without": 1.0,
     }
     assert acc["conflicting"] == 0.0 and acc["worst_group"] == 0.0 and acc["accuracy"] == pytest.approx(4 / 6)
-    assert acc["reliance"] == pytest.approx(2 / 3)  # with the concept 2 of 3 called class 0, without 0 of 3
+    assert acc["reliance"] == 1.0  # with the concept 3 of 3 are called class 0, without it 0 of 3
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     feats = np.c_[y + 0.1 * rng.standard_normal(400), rng.standard_normal(400)]
