@@ -282,10 +282,12 @@ def permutation_null(
 
     The scores are sparse triplets (image ``rows``, phrase ``cols``, ``scores``); each permutation's class
     sums are one ``bincount`` over the triplets, a chunk of permutations at a time. A chunk holds at most
-    ``max_cells`` class × phrase cells (at least one permutation), so memory stays a few times
-    ``max_cells`` floats at 10 classes or 1000.
+    ``max_cells`` class × phrase cells and ``max_cells`` triplet copies (at least one permutation), so
+    memory stays a few times ``max_cells`` numbers at 10 classes or 1000, 10k images or 1M.
     """
-    chunk = max(1, max_cells // max(1, (int(class_codes.max()) + 1 if class_codes.size else 1) * n_cols))
+    cells = (int(class_codes.max()) + 1 if class_codes.size else 1) * n_cols
+    # Each permutation in a chunk costs K×Q sums and a copy of the triplets' indices: bound both.
+    chunk = max(1, min(max_cells // max(1, cells), max_cells // max(1, rows.shape[0])))
     n_images = class_codes.shape[0]
     k = int(class_codes.max()) + 1 if n_images else 0
     n_class = np.bincount(class_codes, minlength=k)
