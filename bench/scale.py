@@ -262,6 +262,25 @@ def run_stage(stage: str, run_dir: Path, n_classes: int, n_phrases: int, n_cues:
     return out
 
 
+def figures(results: list[dict]) -> dict:
+    """The issue's named figures, for the sizes that ran (``scale_<images>_<classes>_...``)."""
+    out: dict = {}
+    stages = ("duckdb", "flags", "report")
+    for r in results:
+        name = f"scale_{r['images'] // 1000}k_{r['classes']}"
+        ran = [r[s] for s in stages if s in r and "seconds" in r[s]]
+        if ran:
+            out[f"{name}_peak_rss_mb"] = round(max(x["peak_rss_mb"] for x in ran))
+            out[f"{name}_analytics_s"] = round(sum(x["seconds"] for x in ran), 1)
+        if r["classes"] >= 1000 and "report" in r and "report_mb" in r["report"]:
+            out["report_1000_classes_mb"] = round(r["report"]["report_mb"], 2)
+            out["report_load_s"] = r["report"].get("browser", {}).get("load_seconds")
+    out["scale_planted_found"] = all(
+        r.get("flags", {}).get("cues_first") == r.get("cues", 3) for r in results if "flags" in r
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -302,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size} {stage}: {row[stage]}", flush=True)
         results.append(row)
     ok = all(r.get("flags", {}).get("cues_first") == args.cues for r in results if "flags" in r)
-    print(json.dumps({"sizes": results, "cues": args.cues, "cues_first_everywhere": ok}))
+    print(json.dumps({"sizes": results, "cues": args.cues, "cues_first_everywhere": ok, **figures(results)}))
     return 0
 
 
