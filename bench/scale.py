@@ -262,7 +262,7 @@ def run_stage(stage: str, run_dir: Path, n_classes: int, n_phrases: int, n_cues:
     return out
 
 
-def figures(results: list[dict]) -> dict:
+def figures(results: list[dict], cues: int) -> dict:
     """The issue's named figures, for the sizes that ran (``scale_<images>_<classes>_...``)."""
     out: dict = {}
     stages = ("duckdb", "flags", "report")
@@ -276,7 +276,7 @@ def figures(results: list[dict]) -> dict:
             out["report_1000_classes_mb"] = round(r["report"]["report_mb"], 2)
             out["report_load_s"] = r["report"].get("browser", {}).get("load_seconds")
     out["scale_planted_found"] = all(
-        r.get("flags", {}).get("cues_first") == r.get("cues", 3) for r in results if "flags" in r
+        r.get("flags", {}).get("cues_first") == cues for r in results if "flags" in r
     )
     return out
 
@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size} {stage}: {row[stage]}", flush=True)
         results.append(row)
     ok = all(r.get("flags", {}).get("cues_first") == args.cues for r in results if "flags" in r)
-    print(json.dumps({"sizes": results, "cues": args.cues, "cues_first_everywhere": ok, **figures(results)}))
+    print(
+        json.dumps(
+            {"sizes": results, "cues": args.cues, "cues_first_everywhere": ok, **figures(results, args.cues)}
+        )
+    )
     return 0
 
 
