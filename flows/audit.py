@@ -379,26 +379,37 @@ def explain_shards(
         if inline
         else None
     )
+    progress = images_progress(sum(len(s) for s in shards))
     try:
         for i, shard in enumerate(shards, 1):  # a shard is committed as soon as it is explained
             if inline:  # a failure raises the shard's own error here; earlier shards are committed
                 explained = explain_shard_task(spec, shard, run, batch_size, loader_workers, feed)
                 outcomes.append(validate_shard_task(explained, shard, run))
-                logger.info("[%d/%d shards]", i, len(shards))
+                progress.update(len(shard))
+                logger.debug("[%d/%d shards]", i, len(shards))
             else:
                 explained = explain_shard_task.submit(spec, shard, run, batch_size, loader_workers)
                 pairs.append((explained, validate_shard_task.submit(explained, shard, run)))
+        for i, (explained, checked) in enumerate(pairs, 1):
+            # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
+            # validation's result would only say that its upstream did not complete.
+            explained.result()
+            outcomes.append(checked.result())
+            progress.update(len(shards[i - 1]))
+            logger.debug("[%d/%d shards]", i, len(shards))
     finally:
+        progress.close()
         if feed is not None:
             feed.close()
-    for i, (explained, checked) in enumerate(pairs, 1):
-        # The explain result first: a failed shard raises its own error (e.g. ENOSPC), where the
-        # validation's result would only say that its upstream did not complete.
-        explained.result()
-        outcomes.append(checked.result())
-        logger.info("[%d/%d shards]", i, len(shards))
     warm_up.wait()
     return outcomes
+
+
+def images_progress(total: int) -> Any:
+    """One progress bar over the audited images (images/s, ETA) on stderr, updated per finished shard."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="explain", mininterval=1.0, dynamic_ncols=True, leave=True)
 
 
 @task(name="build-duckdb", cache_policy=NO_CACHE)

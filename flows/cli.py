@@ -114,8 +114,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    import logging
+
     from flows.audit import run_audit
 
+    if not getattr(args, "verbose", False):
+        # Task-level lines (a "Finished in state Completed()" per shard task) stay in Prefect's API and UI;
+        # the terminal keeps the flow's stage lines, the progress bar and the summary.
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     cfg = config_from_args(args)
     summary = run_audit(cfg)
     print(summary["line"])

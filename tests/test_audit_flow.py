@@ -340,3 +340,37 @@ def test_shard_feed_gives_each_shard_its_own_batches(reference: dict[str, Any], 
     retried = ShardFeed(spec, shards, batch_size=4, loader_workers=0)
     list(retried.take(shards[0]))
     assert retried.take(shards[0]) is None  # a retry reads on its own
+
+
+def test_the_cli_is_quiet_and_shows_progress(world: dict[str, Any], prefect_api: str, tmp_path: Path) -> None:
+    """`textcam audit` on a small folder: a progress bar, the reconciled summary, no library chatter."""
+    import yaml
+
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in world.items() if k != "extra"}))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "textcam.cli",
+            "audit",
+            "--config",
+            str(config),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
+    bars = [line for line in lines if "img/s" in line or "img]" in line]
+    print(f"{len(lines)} lines:\n" + "\n".join(lines[-40:]))
+    assert proc.returncode == 0, out[-2000:]
+    assert bars and any("reconciled" in line for line in lines)
+    assert not [line for line in lines if "HTTP Request" in line or "Skipping registering" in line]
+    shown = len([line for line in out.splitlines() if line.strip()])  # a bar redrawn in place is one line
+    assert shown <= 30
