@@ -211,7 +211,8 @@ def intervene_run(
     probe = ProbeSet.load(probe_file)
     table = probe_images(cfg, read_manifest(cfg.data))
     keep = probe.indices.numpy()
-    paths = [table.column("path").to_pylist()[i] for i in keep]
+    all_paths = table.column("path").to_pylist()
+    paths = [all_paths[i] for i in keep]
     index = {n: i for i, n in enumerate(model.class_names)}
     labels = np.array(
         [index.get(str(v), -1) if v is not None else -1 for v in table.column("label").to_pylist()]
