@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import AuditConfig
+from tasks.rundir import RunDir
 from textcam.io import atomic_path
 from textcam.synthetic import BiasSpec, World, WorldConfig, build_world
 from textcam.synthetic.config import DEMO_BIAS
@@ -90,7 +91,7 @@ def set_aside_stale_run(cfg: AuditConfig) -> Path | None:
     from tasks.config import load_config
 
     run_dir = Path(cfg.run_dir)
-    saved = run_dir / "config.yaml"
+    saved = RunDir(run_dir).config
     if not saved.is_file() or load_config(saved).fingerprint() == cfg.fingerprint():
         return None
     n = 1
@@ -117,7 +118,7 @@ def describe_run(title: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
     import pandas as pd
 
     run_dir = Path(summary["run_dir"])
-    flags = pd.read_parquet(run_dir / "flags.parquet")
+    flags = pd.read_parquet(RunDir(run_dir).table("flags"))
     print(f"\n== {title}")
     print(f"   {summary['line']}")
     if flags.empty:
@@ -138,7 +139,7 @@ def check(biased: dict[str, Any], control: dict[str, Any] | None, bias: BiasSpec
     from tasks.store import query
 
     phrase = world.phrases[bias.attribute][bias.value]
-    tops = first_flags(Path(biased["run_dir"]) / "flags.parquet")
+    tops = first_flags(RunDir(biased["run_dir"]).table("flags"))
     top = tops.get(bias.label, {}).get("phrase")
     ok_bias = top == phrase
     print(

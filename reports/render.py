@@ -28,7 +28,8 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from tasks.store import DB_NAME, build_duckdb, connect
+from tasks.rundir import RunDir
+from tasks.store import build_duckdb, connect
 from textcam.io import write_text
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,11 @@ def render_report(
     PosixPath('runs/r1/report.html')
     """
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / DB_NAME).is_file():
+    run = RunDir(run_dir)
+    if not run.database.is_file():
         build_duckdb(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    config = _read_yaml(run_dir / "config.yaml")
+    summary = _read_json(run.summary)
+    config = _read_yaml(run.config)
     root = _dataset_root(dataset_root, summary, config)
 
     con = connect(run_dir)
@@ -89,7 +91,7 @@ def render_report(
         script_hash="sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
         **context,
     )
-    out = run_dir / "report.html"
+    out = run.report
     write_text(out, html)
     return out
 
@@ -499,7 +501,7 @@ def _quality(run_dir: Path) -> list[dict[str, Any]]:
     """One row per shard report in quality/ and quarantine/ (written by tasks.quality / the flow)."""
     rows = []
     for folder in ("quality", "quarantine"):
-        for path in sorted((run_dir / folder).glob("*.json")):
+        for path in sorted(RunDir(run_dir).folder(folder).glob("*.json")):
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
@@ -535,13 +537,14 @@ def _quality(run_dir: Path) -> list[dict[str, Any]]:
 def _links(run_dir: Path) -> list[dict[str, str]]:
     """Relative links to the run's data files (clickable next to report.html); shard folders as one
     line each (a million-image run has thousands of shards)."""
+    run = RunDir(run_dir)
     files = [
-        run_dir / "run.duckdb",
-        run_dir / "flags.parquet",
-        run_dir / "flag_candidates.parquet",
-        run_dir / "images.parquet",
-        run_dir / "summary.json",
-        run_dir / "config.yaml",
+        run.database,
+        run.table("flags"),
+        run.table("flag_candidates"),
+        run.images,
+        run.summary,
+        run.config,
     ]
     links = [
         {
@@ -553,7 +556,7 @@ def _links(run_dir: Path) -> list[dict[str, str]]:
         if p.is_file()
     ]
     for folder in ("explanations", "errors"):
-        shards = sorted((run_dir / folder).glob("*.parquet"))
+        shards = run.shard_files(folder)
         if len(shards) == 1:
             links.append(
                 {

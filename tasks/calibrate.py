@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from tasks.config import AuditConfig
 from tasks.explain_shard import load_phrases, save_phrases
+from tasks.rundir import PROBE_NAME, VISIBILITY_NAME, RunDir
 from textcam.io import atomic_path
 
 if TYPE_CHECKING:
@@ -35,11 +36,6 @@ if TYPE_CHECKING:
     from textcam.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-PROBE_NAME = "probe.safetensors"  # next to bank.safetensors in RUN_DIR/bank/
-VISIBILITY_NAME = (
-    "visibility.safetensors"  # per-phrase presence models fitted on the probe (textcam.visibility)
-)
 
 
 @dataclass(frozen=True)
@@ -107,8 +103,8 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
     from textcam.vocab import load_vocabulary
 
     t0 = time.perf_counter()
-    folder = Path(run_dir) / "bank"
-    bank_path, phrases_path = folder / "bank.safetensors", folder / "phrases.safetensors"
+    run = RunDir(run_dir)
+    bank_path, phrases_path = run.bank_file, run.phrases_file
     device = cfg.device
 
     model = load_model(cfg.model, weights=cfg.weights, device=device)

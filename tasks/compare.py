@@ -12,33 +12,14 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from tasks.flags import FLAGS
-
-#: One row per flag present in either run.
-COMPARISON = pa.schema(
-    [
-        pa.field("status", pa.string(), nullable=False),  # appeared | vanished | changed | same
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
-        pa.field("z_lift_a", pa.float64(), nullable=True),
-        pa.field("z_lift_b", pa.float64(), nullable=True),
-        pa.field("delta_z", pa.float64(), nullable=True),
-        pa.field("rank_a", pa.int32(), nullable=True),
-        pa.field("rank_b", pa.int32(), nullable=True),
-        pa.field("p_value_a", pa.float64(), nullable=True),
-        pa.field("p_value_b", pa.float64(), nullable=True),
-        pa.field("frequency_a", pa.float64(), nullable=True),
-        pa.field("frequency_b", pa.float64(), nullable=True),
-    ],
-    metadata={"table": "flag_comparison", "version": "1"},
-)
+from tasks.rundir import RunDir
+from textcam.schema import COMPARISON, FLAGS
 
 _STATUS_ORDER = "CASE status WHEN 'appeared' THEN 0 WHEN 'vanished' THEN 1 WHEN 'changed' THEN 2 ELSE 3 END"
 
 
 def _flags_table(run_dir: str | Path) -> pa.Table:
-    path = Path(run_dir) / "flags.parquet"
+    path = RunDir(run_dir).table("flags")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the audit (or tasks.flags.flag_spurious) first")
     import pyarrow.parquet as pq

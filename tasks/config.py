@@ -6,7 +6,7 @@
 Example::
 
     cfg = load_config("audit.yaml", overrides={"shard_size": 64, "runner": "dask"})
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(RunDir(run_dir).config)
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ class AuditConfig:
         """Stable 16-hex digest of :meth:`content`."""
         blob = json.dumps(self.content(), sort_keys=True, default=str).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def trained_clip(self) -> bool:
+        """CLIP weights from a file, a pretrained tag or a local dir; random weights see nothing."""
+        return self.clip_pretrained is not None or self.clip.startswith("local-dir:")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

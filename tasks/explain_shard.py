@@ -31,13 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tasks.rundir import RunDir
 from tasks.shards import Shard
 from textcam.data import iter_batch_groups, iter_batches
 from textcam.device import resolve_device
 from textcam.io import atomic_path, fsync_file, temp_path
-from textcam.schema import ERRORS, EXPLANATIONS
+from textcam.schema import ERRORS, EXPLANATIONS, error_row
 
 if TYPE_CHECKING:
+    from tasks.calibrate import BankFiles
+    from tasks.config import AuditConfig
     from textcam.clip import ClipEncoder
     from textcam.explain import Explainer
     from textcam.models import LoadedModel
@@ -67,6 +70,27 @@ class RuntimeSpec:
     visibility_path: str | None = None
     clip: str | None = None
     clip_pretrained: str | None = None
+
+    @classmethod
+    def for_run(cls, cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
+        """The explainer of ``cfg`` over the run's bank; phrases checked with CLIP only when its weights
+        are trained (random weights see nothing)."""
+        check = cfg.check_phrases and cfg.trained_clip
+        return cls(
+            model=cfg.model,
+            weights=cfg.weights,
+            bank_path=bank.bank_path,
+            phrases_path=bank.phrases_path,
+            method=cfg.method,
+            top_k=cfg.top_k,
+            n_phrases=cfg.n_phrases,
+            n_groups=cfg.n_groups,
+            device=cfg.device,
+            torch_threads=cfg.torch_threads,
+            visibility_path=bank.visibility_path if check else None,
+            clip=cfg.clip if check else None,
+            clip_pretrained=cfg.clip_pretrained if check else None,
+        )
 
 
 @dataclass
@@ -368,11 +392,11 @@ def _explain(runtime: Runtime, pixels: torch.Tensor, clip_pixels: Sequence[torch
 def finished_file(shard: Shard, run_dir: str | os.PathLike[str]) -> Path | None:
     """The shard's finished explanations file (validated in ``explanations/``, or written to
     ``staging/``) with its errors file, or ``None`` when the shard must be computed."""
-    run_dir = Path(run_dir)
-    if not is_finished(run_dir / "errors" / f"{shard.shard_id}.parquet", shard):
+    run = RunDir(run_dir)
+    if not is_finished(run.shard("errors", shard.shard_id), shard):
         return None
     for folder in ("explanations", "staging"):
-        candidate = run_dir / folder / f"{shard.shard_id}.parquet"
+        candidate = run.shard(folder, shard.shard_id)
         if is_finished(candidate, shard):
             return candidate
     return None
@@ -397,9 +421,8 @@ def explain_shard(
     Unreadable images become rows of the errors file (stage ``explain``); any other exception
     propagates, so the task fails (and is retried) without leaving a partial file behind.
     """
-    run_dir = Path(run_dir)
-    staged = run_dir / "staging" / f"{shard.shard_id}.parquet"
-    errors_path = run_dir / "errors" / f"{shard.shard_id}.parquet"
+    run = RunDir(run_dir)
+    staged, errors_path = run.shard("staging", shard.shard_id), run.shard("errors", shard.shard_id)
     t0 = time.perf_counter()
     done = finished_file(shard, run_dir)
     if done is not None:
@@ -439,16 +462,8 @@ def explain_shard(
         for batch in batches:
             for index, reason in batch.failed:
                 ref = shard.images[index]
-                error_rows.append(
-                    {
-                        "run_id": run_id,
-                        "image_id": ref.image_id,
-                        "path": ref.path,
-                        "stage": "explain",
-                        "reason": reason,
-                        "row": json.dumps({"image_id": ref.image_id, "path": ref.path, "label": ref.label}),
-                    }
-                )
+                record = {"image_id": ref.image_id, "path": ref.path, "label": ref.label}
+                error_rows.append(error_row(run_id, ref.image_id, ref.path, "explain", reason, record))
             if not batch.indices.numel():
                 continue
             pixels = batch.tensors[0].to(runtime.device, non_blocking=True)

@@ -54,80 +54,12 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
-from tasks.store import DB_NAME, build_duckdb, limit_memory, store_table
+from tasks.store import open_writable, store_table
+from textcam.schema import FLAG_CANDIDATES, FLAGS
 
 log = logging.getLogger(__name__)
 
-#: One row per flagged class × phrase × direction (``RUN_DIR/flags.parquet`` and the DuckDB table ``flags``).
-FLAGS = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("class_index", pa.int32(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),  # 1 = strongest flag of the class
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),  # "for" | "against"
-        pa.field("z_lift", pa.float64(), nullable=False),
-        pa.field("lift", pa.float64(), nullable=False),
-        pa.field("threshold", pa.float64(), nullable=False),  # the class's null 99th percentile
-        pa.field("p_value", pa.float64(), nullable=False),
-        pa.field("n_permutations", pa.int32(), nullable=False),
-        pa.field("n_class", pa.int64(), nullable=False),
-        pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("frequency", pa.float64(), nullable=False),
-        pa.field("frequency_other", pa.float64(), nullable=True),
-        # CLIP text similarity to the nearest class of the task (name or vocabulary); null: unknown
-        pa.field("class_similarity", pa.float64(), nullable=True),
-        pa.field("similarity_threshold", pa.float64(), nullable=True),
-        # phi between where CLIP sees the phrase and a text-close class name (probe); null: not measured
-        pa.field("class_agreement", pa.float64(), nullable=True),
-        # the phrase in the probe images predicted as the class (tasks.cooccurrence); null: unknown
-        pa.field("n_probe_class", pa.int64(), nullable=True),
-        pa.field("data_lift", pa.float64(), nullable=True),
-        pa.field("data_z", pa.float64(), nullable=True),
-        pa.field("data_threshold", pa.float64(), nullable=True),
-        pa.field("n_misclassified", pa.int64(), nullable=False),
-        pa.field("frequency_misclassified", pa.float64(), nullable=True),
-        pa.field("frequency_correct", pa.float64(), nullable=True),
-        # (k_mis + .5)/(n_mis + 1) ÷ (k_cor + .5)/(n_cor + 1); null without misclassified images
-        pa.field("misclassified_enrichment", pa.float64(), nullable=True),
-        pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
-        # what the model does (tasks.behaviour); null when the run has no probe behaviour
-        pa.field("z_model", pa.float64(), nullable=True),
-        pa.field("effect", pa.float64(), nullable=True),
-        pa.field("model_threshold", pa.float64(), nullable=True),
-        pa.field("step", pa.int32(), nullable=True),
-        pa.field("given", pa.string(), nullable=True),
-    ],
-    metadata={"table": "flags", "version": "4"},
-)
 
-#: Every class's strongest candidates, flagged or not, and the rule that decided (``flag_candidates``).
-FLAG_CANDIDATES = pa.schema(
-    [
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("class_index", pa.int32(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
-        pa.field("flagged", pa.bool_(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("frequency", pa.float64(), nullable=True),
-        pa.field("frequency_other", pa.float64(), nullable=True),
-        pa.field("lift", pa.float64(), nullable=True),
-        pa.field("z_lift", pa.float64(), nullable=True),
-        pa.field("z_first", pa.float64(), nullable=True),
-        pa.field("effect_first", pa.float64(), nullable=True),
-        pa.field("z_model", pa.float64(), nullable=True),
-        pa.field("effect", pa.float64(), nullable=True),
-        pa.field("model_threshold", pa.float64(), nullable=True),
-        pa.field("min_effect", pa.float64(), nullable=True),
-        pa.field("given", pa.string(), nullable=True),
-        pa.field("class_similarity", pa.float64(), nullable=True),
-        pa.field("similarity_threshold", pa.float64(), nullable=True),
-        pa.field("class_agreement", pa.float64(), nullable=True),
-    ],
-    metadata={"table": "flag_candidates", "version": "2"},
-)
 N_CANDIDATES = 5  # near misses kept per class and direction
 
 
@@ -351,12 +283,8 @@ def flag_spurious(
     if not -1.0 <= min_class_agreement <= 1.0:
         raise ValueError("min_class_agreement must lie in [-1, 1]")
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / DB_NAME).is_file():
-        build_duckdb(run_dir)
-    con = duckdb.connect(str(run_dir / DB_NAME))
+    con = open_writable(run_dir)
     try:
-        con.execute(f"SET file_search_path = '{str(run_dir).replace(chr(39), chr(39) * 2)}'")
-        limit_memory(con)
         rule = FlagRule(
             n_permutations,
             quantile,

@@ -13,41 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.store import DB_NAME, build_duckdb, store_table
+from tasks.rundir import RunDir
+from tasks.store import open_writable, store_table
+from textcam.schema import INTERVENTIONS
 
-INTERVENTIONS = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("mode", pa.string(), nullable=False),  # "mean" | "zero"
-        pa.field("n_channels", pa.int32(), nullable=False),
-        pa.field("channels", pa.list_(pa.int32()), nullable=False),
-        pa.field("null_threshold", pa.float64(), nullable=False),
-        pa.field("expected_by_chance", pa.float64(), nullable=False),
-        pa.field("n_images", pa.int64(), nullable=False),  # labelled probe images evaluated
-        pa.field("accuracy_before", pa.float64(), nullable=True),
-        pa.field("accuracy_after", pa.float64(), nullable=True),
-        pa.field("conflicting_before", pa.float64(), nullable=True),  # the class, concept absent
-        pa.field("conflicting_after", pa.float64(), nullable=True),
-        pa.field("worst_group_before", pa.float64(), nullable=True),
-        pa.field("worst_group_after", pa.float64(), nullable=True),
-        pa.field("random_conflicting_after", pa.float64(), nullable=True),
-        # P(called the class | concept) - P(called the class | no concept): the shortcut itself
-        pa.field("reliance_before", pa.float64(), nullable=True),
-        pa.field("reliance_after", pa.float64(), nullable=True),
-        pa.field("random_reliance_after", pa.float64(), nullable=True),
-        pa.field("checkpoint", pa.string(), nullable=False),
-    ],
-    metadata={"table": "interventions", "version": "1"},
-)
 RANDOM_DRAWS = 5
 
 
@@ -70,7 +45,7 @@ def parse_flag(text: str) -> tuple[str, str]:
 
 def chosen_flags(run_dir: Path, flag: str | None) -> pd.DataFrame:
     """The run's "for" flags, or the one named ``CLASS:PHRASE`` (an error lists the run's flags)."""
-    path = run_dir / "flags.parquet"
+    path = RunDir(run_dir).table("flags")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the audit first")
     flags = pq.read_table(path).to_pandas()
@@ -113,7 +88,7 @@ def intervene(
             f"the bank was calibrated at layer {bank.layer!r}, the model explains {model.target_layer!r}: "
             "suppression needs the bank's layer"
         )
-    out = Path(out_dir) if out_dir is not None else run_dir / "interventions"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).interventions
     out.mkdir(parents=True, exist_ok=True)
     layer = bank.layer
     logits, feats = layer_features(model.module, layer, images.x)
@@ -172,9 +147,7 @@ def intervene(
             }
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=INTERVENTIONS)
-    if not (run_dir / DB_NAME).is_file():
-        build_duckdb(run_dir)
-    con = duckdb.connect(str(run_dir / DB_NAME))
+    con = open_writable(run_dir)
     try:
         store_table(con, run_dir, "interventions", table)
         con.execute("CHECKPOINT")
@@ -187,7 +160,7 @@ def intervene_run(
     run_dir: str | Path, flag: str | None = None, *, mode: str = "mean", out_dir: str | Path | None = None
 ) -> pd.DataFrame:
     """:func:`intervene` on an audit run directory: its config, bank, probe set and flags."""
-    from tasks.calibrate import PROBE_NAME, probe_images
+    from tasks.calibrate import probe_images
     from tasks.config import load_config
     from tasks.explain_shard import load_phrases
     from tasks.manifest import read_manifest
@@ -196,16 +169,17 @@ def intervene_run(
     from textcam.models import load_model
 
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.yaml").is_file():
+    run = RunDir(run_dir)
+    if not run.config.is_file():
         raise FileNotFoundError(f"{run_dir} is not an audit run directory (no config.yaml)")
     if mode not in ("mean", "zero"):
         raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
     flags = chosen_flags(run_dir, flag)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run.config)
     model = load_model(cfg.model, weights=cfg.weights, device="cpu")
-    bank = ChannelBank.load(run_dir / "bank" / "bank.safetensors", model_id=model.model_id)
-    phrases, text = load_phrases(run_dir / "bank" / "phrases.safetensors")
-    probe_file = run_dir / "bank" / PROBE_NAME
+    bank = ChannelBank.load(run.bank_file, model_id=model.model_id)
+    phrases, text = load_phrases(run.phrases_file)
+    probe_file = run.probe_file
     if not probe_file.is_file():
         raise FileNotFoundError(f"{probe_file} not found: re-run the audit to keep the probe set")
     probe = ProbeSet.load(probe_file)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from textcam.data import IMAGE_EXTENSIONS
-from textcam.schema import ERRORS, IMAGES
+from textcam.schema import ERRORS, IMAGES, error_row
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
@@ -208,16 +208,7 @@ def _validate(
     seen: dict[str, int] = {}
 
     def reject(i: int, row: dict[str, Any], reason: str, path: str = "", image_id: str = "") -> None:
-        bad.append(
-            {
-                "run_id": run_id,
-                "image_id": image_id,
-                "path": path,
-                "stage": STAGE,
-                "reason": f"row {i}: {reason}",
-                "row": _row_json(row),
-            }
-        )
+        bad.append(error_row(run_id, image_id, path, STAGE, f"row {i}: {reason}", _row_json(row)))
 
     for i, row in enumerate(records):
         raw = row.get("path")

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.rundir import RunDir
 from textcam.io import write_text
 from textcam.schema import ERRORS, EXPLANATIONS
 
@@ -255,7 +256,7 @@ def write_quality_report(run_dir: str | Path, shard_path: str | Path, result: Va
     Quarantined shards keep their report next to them in ``RUN_DIR/quarantine/`` (the flow's job); writing it
     here as well keeps one place listing every shard's outcome.
     """
-    out = Path(run_dir) / "quality" / (Path(shard_path).stem + ".json")
+    out = RunDir(run_dir).folder("quality") / (Path(shard_path).stem + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, result.to_json())
     return out

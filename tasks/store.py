@@ -45,35 +45,16 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from tasks.rundir import RunDir
 from textcam.io import atomic_path, temp_path
-from textcam.schema import ERRORS, EXPLANATIONS, IMAGES
-
-DB_NAME = "run.duckdb"
-
-#: Per class × phrase × direction statistics (the DuckDB table ``concept_stats``).
-CONCEPT_STATS = pa.schema(
-    [
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("class_index", pa.int32(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
-        pa.field("n_class", pa.int64(), nullable=False),  # images predicted as the class
-        pa.field("n_images", pa.int64(), nullable=False),  # ... whose explanation selected the phrase
-        pa.field("frequency", pa.float64(), nullable=False),  # n_images / n_class
-        pa.field("frequency_other", pa.float64(), nullable=True),  # same share among other classes' images
-        pa.field("mean_score", pa.float64(), nullable=False),  # mean s(x, p) over the class, 0 if unselected
-        pa.field("mean_score_selected", pa.float64(), nullable=True),  # mean over images that selected it
-        pa.field("mean_score_other", pa.float64(), nullable=True),
-        # mean_score / the class's largest mean_score in this direction (1 = the class's main phrase)
-        pa.field("relative_score", pa.float64(), nullable=True),
-        pa.field("lift", pa.float64(), nullable=True),  # standard units of the phrase's score
-        pa.field("z_lift", pa.float64(), nullable=True),  # lift standardised within class × direction
-        pa.field("n_misclassified", pa.int64(), nullable=False),  # labelled, predicted c, label != c
-        pa.field("n_correct", pa.int64(), nullable=False),
-        pa.field("frequency_misclassified", pa.float64(), nullable=True),
-        pa.field("frequency_correct", pa.float64(), nullable=True),
-    ],
-    metadata={"table": "concept_stats", "version": "2"},
+from textcam.schema import (
+    CONCEPT_STATS,
+    ERRORS,
+    EXPLANATIONS,
+    FLAG_CANDIDATES,
+    FLAGS,
+    IMAGES,
+    INTERVENTIONS,
 )
 
 # Arrow -> DuckDB for the types our schemas use; float16 has no DuckDB type and Parquet reads it as FLOAT.
@@ -140,14 +121,11 @@ def _source_sql(
 
 def _table_files(run_dir: Path) -> dict[str, tuple[list[Path], pa.Schema, bool]]:
     """Parquet files behind each view, their declared schema, and whether extra columns are kept."""
+    run = RunDir(run_dir)
     tables: dict[str, tuple[list[Path], pa.Schema, bool]] = {
-        "explanations": (sorted((run_dir / "explanations").glob("*.parquet")), EXPLANATIONS, False),
-        "errors": (sorted((run_dir / "errors").glob("*.parquet")), ERRORS, False),
-        "images": (
-            [run_dir / "images.parquet"] if (run_dir / "images.parquet").is_file() else [],
-            IMAGES,
-            True,
-        ),
+        "explanations": (run.shard_files("explanations"), EXPLANATIONS, False),
+        "errors": (run.shard_files("errors"), ERRORS, False),
+        "images": ([run.images] if run.images.is_file() else [], IMAGES, True),
     }
     return tables
 
@@ -269,7 +247,7 @@ def store_table(con: duckdb.DuckDBPyConnection, run_dir: Path, name: str, table:
     then rename) and the DuckDB table ``name`` (replaced), so a rebuild of the database reloads it."""
     import pyarrow.parquet as pq
 
-    with atomic_path(run_dir / f"{name}.parquet") as tmp:
+    with atomic_path(RunDir(run_dir).table(name)) as tmp:
         pq.write_table(table, tmp)
     con.execute(create_table_sql(name, table.schema))
     con.register("_rows", table)
@@ -290,13 +268,11 @@ def build_duckdb(run_dir: str | Path) -> Path:
     >>> build_duckdb("runs/2024-01-01")  # doctest: +SKIP
     PosixPath('runs/2024-01-01/run.duckdb')
     """
-    from tasks.flags import FLAG_CANDIDATES, FLAGS  # local: flags imports this module
-    from tasks.intervene import INTERVENTIONS
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    target = run_dir / DB_NAME
+    target = RunDir(run_dir).database
     tmp = temp_path(target)
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
@@ -317,13 +293,29 @@ def build_duckdb(run_dir: str | Path) -> Path:
             ("interventions", INTERVENTIONS),
         ):
             con.execute(create_table_sql(name, schema))
-            if (run_dir / f"{name}.parquet").is_file():
+            if RunDir(run_dir).table(name).is_file():
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet('{name}.parquet')")
         con.execute("CHECKPOINT")
     finally:
         con.close()
     tmp.replace(target)
     return target
+
+
+def open_writable(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """The run's database for a step that adds tables (flags, interventions): built first if absent,
+    relative paths resolved in the run directory, memory capped."""
+    run_dir = Path(run_dir).resolve()
+    if not RunDir(run_dir).database.is_file():
+        build_duckdb(run_dir)
+    con = duckdb.connect(str(RunDir(run_dir).database))
+    try:
+        con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
+        limit_memory(con)
+    except Exception:
+        con.close()
+        raise
+    return con
 
 
 def connect(
@@ -335,7 +327,7 @@ def connect(
     locks the configuration, so queries cannot read ``/etc/passwd`` or re-enable access.
     """
     run_dir = Path(run_dir).resolve()
-    db = run_dir / DB_NAME
+    db = RunDir(run_dir).database
     if not db.is_file():
         raise FileNotFoundError(f"{db} not found; build it first (tasks.store.build_duckdb)")
     if sandbox and not read_only:

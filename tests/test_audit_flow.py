@@ -100,9 +100,9 @@ def test_end_to_end_tables_and_summary(reference: dict[str, Any], world: dict[st
 
 
 def test_probe_set_is_kept_for_the_data_check(reference: dict[str, Any]) -> None:
-    from flows.audit import _cooccurrence
     from tasks.calibrate import BankFiles
     from tasks.cooccurrence import cooccurrence
+    from tasks.flag_inputs import cooccurrence as run_cooccurrence
     from tasks.store import query
     from textcam.bank import ChannelBank, ProbeSet
 
@@ -120,7 +120,7 @@ def test_probe_set_is_kept_for_the_data_check(reference: dict[str, Any]) -> None
     bank = ChannelBank.load(bank_dir / "bank.safetensors")
     paths = (bank_dir / "bank.safetensors", bank_dir / "phrases.safetensors")
     files = BankFiles.describe(bank, *paths, n_phrases=24, source="run_dir", t0=0.0)
-    table = _cooccurrence(files)
+    table = run_cooccurrence(files)
     phrases, embeddings = load_phrases(files.phrases_path)
     assert table.equals(cooccurrence(probe, phrases, embeddings))
     assert len(table) == len(set(probe.predictions.tolist())) * 24
@@ -310,9 +310,8 @@ def _tiny_tensor(img: Any) -> Any:
 
 
 def test_shard_feed_gives_each_shard_its_own_batches(reference: dict[str, Any], world: dict) -> None:
-    from flows.audit import runtime_spec
     from tasks.calibrate import BankFiles
-    from tasks.explain_shard import ShardFeed, _batches, get_runtime
+    from tasks.explain_shard import RuntimeSpec, ShardFeed, _batches, get_runtime
     from tasks.shards import plan_shards
     from textcam.bank import ChannelBank
 
@@ -320,7 +319,7 @@ def test_shard_feed_gives_each_shard_its_own_batches(reference: dict[str, Any], 
     bank_dir = run_dir / "bank"
     paths = (bank_dir / "bank.safetensors", bank_dir / "phrases.safetensors")
     files = BankFiles.describe(ChannelBank.load(paths[0]), *paths, n_phrases=24, source="run_dir", t0=0.0)
-    spec = runtime_spec(from_mapping(world), files)
+    spec = RuntimeSpec.for_run(from_mapping(world), files)
     shards = plan_shards(pq.read_table(run_dir / "images.parquet"), 11, run_id=reference["run_id"])
     runtime = get_runtime(spec)
 

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import OWN, class_text_embeddings, make_run
 
-from tasks.flags import FLAGS, ClassText, _load_scores, flag_spurious, z_lift_matrix
+from tasks.flags import ClassText, _load_scores, flag_spurious, z_lift_matrix
 from tasks.store import build_duckdb, query
+from textcam.schema import FLAGS
 
 
 @pytest.fixture(scope="module")

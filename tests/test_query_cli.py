@@ -14,8 +14,9 @@ from auditdata import class_text_embeddings, make_run
 
 from flows.query_cli import add_query_parsers
 from tasks.compare import compare_runs
-from tasks.flags import FLAGS, ClassText, flag_spurious
+from tasks.flags import ClassText, flag_spurious
 from tasks.store import build_duckdb
+from textcam.schema import FLAGS
 
 
 def cli(argv: list[str]) -> int:

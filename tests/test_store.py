@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import make_run
 
-from tasks.store import CONCEPT_STATS, UnsafeQueryError, build_duckdb, connect, query, run_sql
+from tasks.store import UnsafeQueryError, build_duckdb, connect, query, run_sql
+from textcam.schema import CONCEPT_STATS
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             for g in rec["groups"]:
                 g.pop("map")
             records.append(rec)
-    (out_dir / "explanations.json").write_text(json.dumps(records, indent=2))
+    from textcam.io import write_text
+
+    write_text(out_dir / "explanations.json", json.dumps(records, indent=2))
     print(f"overlays and explanations.json written to {out_dir}")
     return 0
 

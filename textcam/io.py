@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TEMP_MARK = ".tmp-"  # every temporary name contains it (sweepers glob for it)
 
@@ -39,6 +40,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_parquet(path: str | os.PathLike[str], table: Any) -> Path:
+    """Atomically write an Arrow table to ``path`` (zstd), creating its folder."""
+    import pyarrow.parquet as pq
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -6,6 +6,8 @@ declarations, so a column cannot drift between them.
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
 PHRASE = pa.struct(
@@ -78,6 +80,20 @@ ERRORS = pa.schema(
     metadata={"table": "errors", "version": "1"},
 )
 
+
+def error_row(run_id: str, image_id: str, path: str, stage: str, reason: str, row: str | dict) -> dict:
+    """One ERRORS row; ``row`` is the manifest row (a mapping, or already its JSON text)."""
+    text = row if isinstance(row, str) else json.dumps(row)
+    return {
+        "run_id": run_id,
+        "image_id": image_id,
+        "path": path,
+        "stage": stage,
+        "reason": reason,
+        "row": text,
+    }
+
+
 #: The manifest after validation: one row per input image; extra metadata columns follow these.
 IMAGES = pa.schema(
     [
@@ -87,4 +103,153 @@ IMAGES = pa.schema(
         pa.field("split", pa.string(), nullable=True),
     ],
     metadata={"table": "images", "version": "1"},
+)
+
+
+#: Per class × phrase × direction statistics (the DuckDB table ``concept_stats``).
+CONCEPT_STATS = pa.schema(
+    [
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("n_class", pa.int64(), nullable=False),  # images predicted as the class
+        pa.field("n_images", pa.int64(), nullable=False),  # ... whose explanation selected the phrase
+        pa.field("frequency", pa.float64(), nullable=False),  # n_images / n_class
+        pa.field("frequency_other", pa.float64(), nullable=True),  # same share among other classes' images
+        pa.field("mean_score", pa.float64(), nullable=False),  # mean s(x, p) over the class, 0 if unselected
+        pa.field("mean_score_selected", pa.float64(), nullable=True),  # mean over images that selected it
+        pa.field("mean_score_other", pa.float64(), nullable=True),
+        # mean_score / the class's largest mean_score in this direction (1 = the class's main phrase)
+        pa.field("relative_score", pa.float64(), nullable=True),
+        pa.field("lift", pa.float64(), nullable=True),  # standard units of the phrase's score
+        pa.field("z_lift", pa.float64(), nullable=True),  # lift standardised within class × direction
+        pa.field("n_misclassified", pa.int64(), nullable=False),  # labelled, predicted c, label != c
+        pa.field("n_correct", pa.int64(), nullable=False),
+        pa.field("frequency_misclassified", pa.float64(), nullable=True),
+        pa.field("frequency_correct", pa.float64(), nullable=True),
+    ],
+    metadata={"table": "concept_stats", "version": "2"},
+)
+
+
+#: One row per flagged class × phrase × direction (``RUN_DIR/flags.parquet`` and the DuckDB table ``flags``).
+FLAGS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = strongest flag of the class
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),  # "for" | "against"
+        pa.field("z_lift", pa.float64(), nullable=False),
+        pa.field("lift", pa.float64(), nullable=False),
+        pa.field("threshold", pa.float64(), nullable=False),  # the class's null 99th percentile
+        pa.field("p_value", pa.float64(), nullable=False),
+        pa.field("n_permutations", pa.int32(), nullable=False),
+        pa.field("n_class", pa.int64(), nullable=False),
+        pa.field("n_images", pa.int64(), nullable=False),
+        pa.field("frequency", pa.float64(), nullable=False),
+        pa.field("frequency_other", pa.float64(), nullable=True),
+        # CLIP text similarity to the nearest class of the task (name or vocabulary); null: unknown
+        pa.field("class_similarity", pa.float64(), nullable=True),
+        pa.field("similarity_threshold", pa.float64(), nullable=True),
+        # phi between where CLIP sees the phrase and a text-close class name (probe); null: not measured
+        pa.field("class_agreement", pa.float64(), nullable=True),
+        # the phrase in the probe images predicted as the class (tasks.cooccurrence); null: unknown
+        pa.field("n_probe_class", pa.int64(), nullable=True),
+        pa.field("data_lift", pa.float64(), nullable=True),
+        pa.field("data_z", pa.float64(), nullable=True),
+        pa.field("data_threshold", pa.float64(), nullable=True),
+        pa.field("n_misclassified", pa.int64(), nullable=False),
+        pa.field("frequency_misclassified", pa.float64(), nullable=True),
+        pa.field("frequency_correct", pa.float64(), nullable=True),
+        # (k_mis + .5)/(n_mis + 1) ÷ (k_cor + .5)/(n_cor + 1); null without misclassified images
+        pa.field("misclassified_enrichment", pa.float64(), nullable=True),
+        pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
+        # what the model does (tasks.behaviour); null when the run has no probe behaviour
+        pa.field("z_model", pa.float64(), nullable=True),
+        pa.field("effect", pa.float64(), nullable=True),
+        pa.field("model_threshold", pa.float64(), nullable=True),
+        pa.field("step", pa.int32(), nullable=True),
+        pa.field("given", pa.string(), nullable=True),
+    ],
+    metadata={"table": "flags", "version": "4"},
+)
+
+
+#: Every class's strongest candidates, flagged or not, and the rule that decided (``flag_candidates``).
+FLAG_CANDIDATES = pa.schema(
+    [
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("flagged", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("frequency", pa.float64(), nullable=True),
+        pa.field("frequency_other", pa.float64(), nullable=True),
+        pa.field("lift", pa.float64(), nullable=True),
+        pa.field("z_lift", pa.float64(), nullable=True),
+        pa.field("z_first", pa.float64(), nullable=True),
+        pa.field("effect_first", pa.float64(), nullable=True),
+        pa.field("z_model", pa.float64(), nullable=True),
+        pa.field("effect", pa.float64(), nullable=True),
+        pa.field("model_threshold", pa.float64(), nullable=True),
+        pa.field("min_effect", pa.float64(), nullable=True),
+        pa.field("given", pa.string(), nullable=True),
+        pa.field("class_similarity", pa.float64(), nullable=True),
+        pa.field("similarity_threshold", pa.float64(), nullable=True),
+        pa.field("class_agreement", pa.float64(), nullable=True),
+    ],
+    metadata={"table": "flag_candidates", "version": "2"},
+)
+
+
+INTERVENTIONS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # "mean" | "zero"
+        pa.field("n_channels", pa.int32(), nullable=False),
+        pa.field("channels", pa.list_(pa.int32()), nullable=False),
+        pa.field("null_threshold", pa.float64(), nullable=False),
+        pa.field("expected_by_chance", pa.float64(), nullable=False),
+        pa.field("n_images", pa.int64(), nullable=False),  # labelled probe images evaluated
+        pa.field("accuracy_before", pa.float64(), nullable=True),
+        pa.field("accuracy_after", pa.float64(), nullable=True),
+        pa.field("conflicting_before", pa.float64(), nullable=True),  # the class, concept absent
+        pa.field("conflicting_after", pa.float64(), nullable=True),
+        pa.field("worst_group_before", pa.float64(), nullable=True),
+        pa.field("worst_group_after", pa.float64(), nullable=True),
+        pa.field("random_conflicting_after", pa.float64(), nullable=True),
+        # P(called the class | concept) - P(called the class | no concept): the shortcut itself
+        pa.field("reliance_before", pa.float64(), nullable=True),
+        pa.field("reliance_after", pa.float64(), nullable=True),
+        pa.field("random_reliance_after", pa.float64(), nullable=True),
+        pa.field("checkpoint", pa.string(), nullable=False),
+    ],
+    metadata={"table": "interventions", "version": "1"},
+)
+
+
+#: One row per flag present in either run.
+COMPARISON = pa.schema(
+    [
+        pa.field("status", pa.string(), nullable=False),  # appeared | vanished | changed | same
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("z_lift_a", pa.float64(), nullable=True),
+        pa.field("z_lift_b", pa.float64(), nullable=True),
+        pa.field("delta_z", pa.float64(), nullable=True),
+        pa.field("rank_a", pa.int32(), nullable=True),
+        pa.field("rank_b", pa.int32(), nullable=True),
+        pa.field("p_value_a", pa.float64(), nullable=True),
+        pa.field("p_value_b", pa.float64(), nullable=True),
+        pa.field("frequency_a", pa.float64(), nullable=True),
+        pa.field("frequency_b", pa.float64(), nullable=True),
+    ],
+    metadata={"table": "flag_comparison", "version": "1"},
 )

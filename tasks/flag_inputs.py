@@ -1,0 +1,115 @@
+"""What :func:`tasks.flags.flag_spurious` needs from an audit run: the class names' and phrases' CLIP text
+embeddings, how visible each phrase is in each class's probe images, and the classifier's behaviour on the
+probe set. Read from the run's bank files and config; None where the run cannot provide it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.calibrate import BankFiles, probe_images
+from tasks.config import AuditConfig
+from tasks.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def flag_run(cfg: AuditConfig, run_dir: str, manifest: Manifest, bank: BankFiles | None) -> pd.DataFrame:
+    """The run's flags (written to ``flags.parquet`` and the run's DuckDB)."""
+    from tasks.flags import flag_spurious
+
+    settings = cfg.extra.get("flags", {})
+    return flag_spurious(
+        run_dir,
+        class_text(cfg, run_dir, bank),
+        cooccurrence(bank),
+        behaviour=behaviour(cfg, manifest, bank),
+        **settings,
+    )
+
+
+def _probe(bank: BankFiles | None, purpose: str) -> Any:
+    """The probe set kept with the bank, if it was embedded by the bank's CLIP."""
+    from textcam.bank import ProbeSet
+
+    if bank is None or bank.probe_path is None:
+        return None
+    probe = ProbeSet.load(bank.probe_path)
+    if probe.clip_id != bank.clip_id:  # not the CLIP the phrases were embedded with
+        log.warning("probe set %s is from another CLIP: no %s", bank.probe_path, purpose)
+        return None
+    return probe
+
+
+def cooccurrence(bank: BankFiles | None) -> pd.DataFrame | None:
+    """How visible each phrase is in the probe images of each predicted class (None: no probe set kept)."""
+    from tasks.cooccurrence import cooccurrence as visible_per_class
+    from tasks.explain_shard import load_phrases
+
+    probe = _probe(bank, "data check")
+    if probe is None:
+        return None
+    phrases, embeddings = load_phrases(bank.phrases_path)
+    return visible_per_class(probe, phrases, embeddings)
+
+
+def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> Any:
+    """What CLIP sees in each probe image, with the classifier's prediction and the true label where the
+    manifest has one (:mod:`tasks.behaviour`); None without a probe set or with random CLIP weights."""
+    from tasks.behaviour import probe_behaviour
+    from tasks.explain_shard import load_phrases
+    from textcam.clip import load_clip
+    from textcam.models import load_model
+
+    if not cfg.trained_clip:
+        return None  # random CLIP weights see nothing: no behaviour evidence
+    probe = _probe(bank, "behaviour evidence")
+    if probe is None:
+        return None
+    phrases, embeddings = load_phrases(bank.phrases_path)
+    names = load_model(cfg.model, weights=cfg.weights, device="cpu").class_names
+    index = {n: i for i, n in enumerate(names)}
+    column = probe_images(cfg, manifest).column("label").to_pylist()
+    labels = [index.get(str(v), -1) if v is not None else -1 for v in column]
+    known = np.asarray(labels, dtype=np.int64)[probe.indices.numpy()]
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+    class_embeddings = clip.encode_texts(
+        list(names), cache_dir=cfg.resolved_cache_dir() if clip.cacheable else False
+    )
+    return probe_behaviour(
+        probe.embeddings,
+        probe.predictions,
+        phrases,
+        embeddings,
+        known if (known >= 0).any() else None,
+        class_embeddings=class_embeddings.cpu().to(probe.embeddings.dtype),
+    )
+
+
+def class_text(cfg: AuditConfig, run_dir: str, bank: BankFiles | None) -> Any:
+    """CLIP text embeddings of the phrases (saved with the bank) and the predicted class names.
+
+    The class names are encoded here, only those predicted in the run. With random CLIP weights a new
+    process cannot reproduce the CLIP the phrases were embedded with, so the similarity test is switched
+    off (``None``) rather than computed against an unrelated embedding space.
+    """
+    from tasks.explain_shard import load_text_embeddings
+    from tasks.flags import ClassText
+    from tasks.store import query
+    from textcam.clip import load_clip
+
+    if bank is None:  # nothing was explained: no phrases to judge
+        return None
+    if not cfg.trained_clip:
+        log.warning("random CLIP weights: phrases that describe their class are not excluded")
+        return None
+    names = query(run_dir, "SELECT DISTINCT pred_name FROM explanations ORDER BY 1")["pred_name"].tolist()
+    embeddings = {text: emb.numpy() for text, emb in load_text_embeddings(bank.phrases_path).items()}
+    if names:
+        clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+        encoded = clip.encode_texts(names, cache_dir=cfg.resolved_cache_dir() if clip.cacheable else False)
+        embeddings.update(zip(names, encoded.cpu().numpy(), strict=True))
+    return ClassText(embeddings=embeddings)
