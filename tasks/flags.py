@@ -52,6 +52,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
 from tasks.store import open_writable, store_table
@@ -122,12 +123,24 @@ class ClassText:
 
     def class_similarity(self, class_name: str, phrases: Sequence[str]) -> np.ndarray:
         """max cosine similarity of each phrase to the class name and its own vocabulary (NaN: unknown)."""
-        refs = [t for t in [class_name, *self.own_vocabulary.get(class_name, ())] if t in self.embeddings]
-        out = np.full(len(phrases), np.nan)
+        return self.class_similarities([class_name], phrases)[0]
+
+    def class_similarities(self, class_names: Sequence[str], phrases: Sequence[str]) -> np.ndarray:
+        """(K, P) :meth:`class_similarity` for every class, the phrases normalised once."""
+        out = np.full((len(class_names), len(phrases)), np.nan)
         known = [i for i, p in enumerate(phrases) if p in self.embeddings]
-        if refs and known:
-            sims = self._unit([phrases[i] for i in known]) @ self._unit(refs).T
-            out[known] = sims.max(axis=1)
+        refs = [
+            (k, t)
+            for k, c in enumerate(class_names)
+            for t in dict.fromkeys([c, *self.own_vocabulary.get(c, ())])
+            if t in self.embeddings
+        ]
+        if not refs or not known:
+            return out
+        sims = self._unit([phrases[i] for i in known]) @ self._unit([t for _, t in refs]).T  # (P', R)
+        owner = np.array([k for k, _ in refs])
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # refs come grouped by class
+        out[np.ix_(owner[starts], known)] = np.maximum.reduceat(sims, starts, axis=1).T
         return out
 
 
@@ -171,31 +184,62 @@ def z_lift_matrix(
 
     ``n_class`` (K,) class sizes, ``total`` (Q,) score sums, ``sd_all`` (Q,) population sd over all images,
     ``direction_groups`` (Q,) int labels: z is standardised within class × group by the median and
-    max(scaled MAD, permutation standard error), exactly as ``concept_stats.z_lift``.
+    max(scaled MAD, permutation standard error), exactly as ``concept_stats.z_lift``. Computed in the
+    dtype of ``sums``.
     """
+    order, bounds = _column_blocks(sd_all, direction_groups)
+    z = np.full(sums.shape, np.nan, dtype=sums.dtype)
+    z[..., order] = _z_blocks(sums[..., order], n_class, total[order], sd_all[order], bounds)
+    return z
+
+
+def _column_blocks(sd_all: np.ndarray, direction_groups: np.ndarray) -> tuple[np.ndarray, list[slice]]:
+    """The columns that get a z, grouped so each direction group is one contiguous block: a lift is NaN
+    only where its phrase has no spread at all (the same column in every class and permutation), and a
+    group needs three columns for a median and MAD."""
+    blocks = [
+        np.flatnonzero((direction_groups == g) & (sd_all > 1e-12)) for g in np.unique(direction_groups)
+    ]
+    blocks = [b for b in blocks if b.size >= 3]
+    order = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+    ends = np.cumsum([b.size for b in blocks])
+    return order, [slice(e - b.size, e) for e, b in zip(ends, blocks, strict=True)]
+
+
+def _z_blocks(
+    sums: np.ndarray, n_class: np.ndarray, total: np.ndarray, sd_all: np.ndarray, bounds: list[slice]
+) -> np.ndarray:
+    """z for columns already ordered in :func:`_column_blocks`' blocks, in place over one array."""
+    dtype = sums.dtype
     n = n_class.sum()
     n_c = n_class[None, :, None].astype(np.float64)
-    mean_c = sums / n_c
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_o = (total[None, None, :] - sums) / (n - n_c)
-        lift = np.where(sd_all > 1e-12, (mean_c - mean_o) / sd_all, np.nan)
-    with np.errstate(divide="ignore"):
-        se = np.sqrt(n / (n - 1) * (1 / n_c + 1 / (n - n_c)))  # permutation standard error of a lift
-    z = np.full_like(lift, np.nan)
-    for g in np.unique(direction_groups):  # two groups: "for" and "against"
-        # A lift is NaN only where its phrase has no spread at all, the same column in every class and
-        # permutation: drop those columns and take plain medians (partition, not a masked sort).
-        cols = np.flatnonzero((direction_groups == g) & (sd_all > 1e-12))
-        if cols.size < 3:
-            continue
-        x = lift[..., cols]
-        with warnings.catch_warnings():  # a single class (no "other" images): NaN throughout
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.median(x, axis=-1, keepdims=True)
-            scale = np.maximum(1.4826 * np.median(np.abs(x - med), axis=-1, keepdims=True), se)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z[..., cols] = np.where(scale > 1e-12, (x - med) / scale, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a single class (no "other" images): NaN
+        in_class = (1 / n_c + 1 / (n - n_c)).astype(dtype)
+        elsewhere = (1 / (n - n_c)).astype(dtype)
+        se = np.sqrt(n / (n - 1) * (1 / n_c + 1 / (n - n_c))).astype(dtype)  # a lift's permutation SE
+        # lift = (mean in class - mean elsewhere) / sd
+        z = sums * in_class
+        z -= total.astype(dtype) * elsewhere
+        z *= (1 / sd_all).astype(dtype)
+        for block in bounds:
+            x = z[..., block]  # a view: standardised in place
+            med = _median(x)
+            scale = np.maximum(1.4826 * _median(np.abs(x - med)), se)
+            x -= med
+            x /= np.where(scale > 1e-12, scale, np.nan)
     return z
+
+
+def _median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis (kept as length 1), bit-identical to ``np.median`` without its NaN scan:
+    the callers drop the columns that can be NaN."""
+    m = x.shape[-1]
+    hi = m // 2
+    part = np.partition(x, hi, axis=-1)
+    upper = part[..., hi : hi + 1]
+    # the lower middle of an even count is the largest value left of the upper one
+    lower = upper if m % 2 else part[..., :hi].max(axis=-1, keepdims=True)
+    return (lower + upper) * 0.5
 
 
 def permutation_null(
@@ -228,17 +272,25 @@ def permutation_null(
     sd_all = np.sqrt(np.maximum(total2 / n_images - (total / n_images) ** 2, 0.0))
     rng = np.random.default_rng(seed)
     out = np.full((n_permutations, k), np.nan)
+    # Sums only for the columns that get a z, laid out in their direction blocks.
+    order, bounds = _column_blocks(sd_all, direction_groups)
+    if order.size == 0:
+        return out
+    position = np.full(n_cols, -1)
+    position[order] = np.arange(order.size)
+    kept = position[cols] >= 0
+    rows, q, n_q = rows[kept], position[cols[kept]], order.size
+    # float32 sums and z: the null's maxima need no more, and it halves the memory traffic.
+    weights = torch.from_numpy(scores[kept].astype(np.float32))
+    total_q, sd_q = total[order], sd_all[order]
     for start in range(0, n_permutations, chunk):  # loop over permutation chunks, not rows
         b = min(chunk, n_permutations - start)
         perm = np.stack([rng.permutation(class_codes) for _ in range(b)])  # (b, N)
-        flat = ((np.arange(b)[:, None] * k + perm[:, rows]) * n_cols + cols[None, :]).ravel()
-        sums = np.bincount(flat, weights=np.tile(scores, b), minlength=b * k * n_cols).reshape(b, k, n_cols)
-        z = z_lift_matrix(sums, n_class, total, sd_all, direction_groups)
-        with np.errstate(invalid="ignore"):
-            all_nan = np.isnan(z).all(-1)
-            out[start : start + b] = np.where(
-                all_nan, np.nan, np.nanmax(np.where(np.isnan(z), -np.inf, z), -1)
-            )
+        flat = ((np.arange(b)[:, None] * k + perm[:, rows]) * n_q + q[None, :]).ravel()
+        sums = torch.zeros(b * k * n_q, dtype=torch.float32)
+        sums.index_add_(0, torch.from_numpy(flat), weights.repeat(b))
+        z = _z_blocks(sums.numpy().reshape(b, k, n_q), n_class, total_q, sd_q, bounds)
+        out[start : start + b] = np.fmax.reduce(z, axis=-1)  # NaN only where the whole row is
     return out
 
 
@@ -652,7 +704,7 @@ def _describes(
             missing[:5],
             unknown[:5],
         )
-    text = np.stack([class_text.class_similarity(c, phrases) for c in class_names])  # (K, P)
+    text = class_text.class_similarities(class_names, phrases)  # (K, P)
     close = np.nan_to_num(text, nan=-np.inf) >= threshold
     agreement = np.full(text.shape, np.nan)
     phi = behaviour.class_agreement() if behaviour is not None else None

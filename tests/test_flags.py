@@ -371,3 +371,30 @@ def test_null_and_p_values_do_not_depend_on_the_chunk_size(planted: Path, flags)
     for f in flags.itertuples():
         null = full[:, classes.index(f.class_name)]
         assert f.p_value == pytest.approx((1 + (null >= f.z_lift).sum()) / 201)
+
+
+def test_class_similarities_match_one_class_at_a_time() -> None:
+    """The batched (K, P) similarities equal a plain per-class computation, unknown texts NaN."""
+    rng = np.random.default_rng(3)
+    texts = ["cat", "dog", "kitten", "puppy", "grass", "sand", "water"]
+    text = ClassText(
+        embeddings={t: rng.standard_normal(8) for t in texts},
+        own_vocabulary={"cat": ["kitten"], "dog": ["puppy", "dog"]},
+    )
+    classes, phrases = ["cat", "dog", "bird"], ["grass", "sand", "unknown", "water"]
+    got = text.class_similarities(classes, phrases)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
+    mean = np.mean([unit(text.embeddings[t]) for t in texts], axis=0)
+    for k, c in enumerate(classes):
+        refs = [t for t in [c, *text.own_vocabulary.get(c, [])] if t in text.embeddings]
+        for j, p in enumerate(phrases):
+            if not refs or p not in text.embeddings:
+                assert np.isnan(got[k, j])
+                continue
+            want = max(
+                unit(unit(text.embeddings[p]) - mean) @ unit(unit(text.embeddings[r]) - mean) for r in refs
+            )
+            assert got[k, j] == pytest.approx(want, abs=1e-12)
