@@ -220,6 +220,14 @@ def browser_load(html: Path, n_classes: int) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ``getrusage``: Linux carries the parent's peak across
+    fork and exec into ``ru_maxrss``, so every stage would report at least the simulator's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -266,15 +274,28 @@ def figures(results: list[dict], cues: int) -> dict:
     """The issue's named figures, for the sizes that ran (``scale_<images>_<classes>_...``)."""
     out: dict = {}
     stages = ("duckdb", "flags", "report")
+    peaks: dict[tuple[int, int], float] = {}
     for r in results:
-        name = f"scale_{r['images'] // 1000}k_{r['classes']}"
+        images = f"{r['images'] // 1_000_000}m" if r["images"] % 1_000_000 == 0 else f"{r['images'] // 1000}k"
+        name = f"scale_{images}_{r['classes']}"
         ran = [r[s] for s in stages if s in r and "seconds" in r[s]]
         if ran:
             out[f"{name}_peak_rss_mb"] = round(max(x["peak_rss_mb"] for x in ran))
+            peaks[r["images"], r["classes"]] = max(x["peak_rss_mb"] for x in ran)
             out[f"{name}_analytics_s"] = round(sum(x["seconds"] for x in ran), 1)
         if r["classes"] >= 1000 and "report" in r and "report_mb" in r["report"]:
             out["report_1000_classes_mb"] = round(r["report"]["report_mb"], 2)
             out["report_load_s"] = r["report"].get("browser", {}).get("load_seconds")
+    # Memory must not grow with the number of images: the 1M run's peak over the 100k run's, per shape.
+    ratios = {
+        k: peaks[1_000_000, k] / peaks[100_000, k]
+        for (n, k) in peaks
+        if n == 1_000_000 and (100_000, k) in peaks
+    }
+    for k, ratio in ratios.items():
+        out[f"scale_rss_ratio_1m_vs_100k_{k}"] = round(ratio, 3)
+    if ratios:
+        out["scale_rss_ratio_1m_vs_100k"] = round(max(ratios.values()), 3)
     out["scale_planted_found"] = all(
         r.get("flags", {}).get("cues_first") == cues for r in results if "flags" in r
     )

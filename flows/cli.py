@@ -24,7 +24,7 @@ SCHEDULE_EPILOG = """examples:
 
 
 #: One help line per AuditConfig field: the audit's flags are generated from the fields (a field without a
-#: line here fails tests/test_query_cli.py), so every setting has a flag.
+#: line here fails tests/test_audit_cli.py), so every setting has a flag.
 HELP = {
     "data": "image folder (one subfolder per class) or CSV/Parquet manifest with a `path` column",
     "model": "registered model name or .safetensors checkpoint (default resnet18)",
@@ -55,6 +55,16 @@ HELP = {
     "device": "auto, cpu or cuda (default auto)",
     "fail_on_quarantine": "exit with an error when any shard is quarantined",
     "intervene": "after flagging, suppress each flag's channels, save the edited models (textcam intervene)",
+    # the ``flags`` section (tasks.config.FlagRule), as --flag-<name>
+    "flags.n_permutations": "label permutations of the explanations' and the model test's nulls (default 200)",
+    "flags.quantile": "null quantile a z_lift must pass without probe behaviour (default 0.99)",
+    "flags.min_images": "explanations that must name a phrase for its row to count (default 3)",
+    "flags.min_relative_score": "score relative to the class's main phrase, without behaviour (default 0.5)",
+    "flags.n_examples": "example images kept per flag (default 6)",
+    "flags.seed": "seed of the permutations (default 0)",
+    "flags.alpha": "family-wise error of the model test (default 0.01)",
+    "flags.min_effect": "smallest risk difference a flagged cue must make to predictions (default 0.2)",
+    "flags.min_class_agreement": "phi between phrase and class name for the phrase to name it (default 0.5)",
 }
 CHOICES = {"runner": ("default", "dask"), "device": ("auto", "cpu", "cuda")}
 METAVARS = {
@@ -67,25 +77,26 @@ METAVARS = {
 }
 
 
-def config_fields() -> list[str]:
-    """The AuditConfig fields that have a command-line flag (all but the free-form ``extra``)."""
-    import dataclasses
+def config_fields() -> dict[str, Any]:
+    """Every setting with a command-line flag: AuditConfig's fields, and its ``flags`` section's as
+    ``flags.<name>``; each with its type annotation."""
+    from tasks.config import AuditConfig, FlagRule
 
-    from tasks.config import AuditConfig
+    fields = {name: f.annotation for name, f in AuditConfig.model_fields.items() if name != "flags"}
+    fields.update({f"flags.{name}": f.annotation for name, f in FlagRule.model_fields.items()})
+    return fields
 
-    return [f.name for f in dataclasses.fields(AuditConfig) if f.name != "extra"]
+
+def _option(name: str) -> str:
+    return "--" + name.replace("flags.", "flag-").replace("_", "-")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """``--config`` and one flag per AuditConfig field, typed from the field's annotation."""
+    """``--config`` and one flag per setting, typed from the field's annotation."""
     import typing
 
-    from tasks.config import AuditConfig
-
     p.add_argument("--config", metavar="FILE", help="YAML or TOML audit config; the flags below override it")
-    hints = typing.get_type_hints(AuditConfig)
-    for name in config_fields():
-        hint = hints[name]
+    for name, hint in config_fields().items():
         kwargs: dict[str, Any] = {"help": HELP[name], "dest": name}
         args = typing.get_args(hint)
         if hint is bool:
@@ -100,14 +111,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = CHOICES[name]
         elif name in METAVARS:
             kwargs["metavar"] = METAVARS[name]
-        p.add_argument("--" + name.replace("_", "-"), **kwargs)
-    p.set_defaults(**{name: None for name in config_fields()})
+        p.add_argument(_option(name), **kwargs)
+    p.set_defaults(**dict.fromkeys(config_fields()))
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from tasks.config import load_config
 
-    overrides = {k: getattr(args, k, None) for k in config_fields()}
+    given = {k: getattr(args, k, None) for k in config_fields()}
+    overrides = {k: v for k, v in given.items() if not k.startswith("flags.")}
+    overrides["flags"] = {k.removeprefix("flags."): v for k, v in given.items() if k.startswith("flags.")}
     if overrides.get("classes") == ["model"]:  # --classes model: the classifier's own names
         overrides["classes"] = "model"
     return load_config(args.config, overrides)

@@ -1,7 +1,8 @@
-"""The audit configuration: one typed dataclass, loaded from YAML or TOML plus CLI overrides.
+"""The audit configuration: one typed pydantic model, loaded from YAML or TOML plus CLI overrides.
 
-``AuditConfig`` is the only input of the ``audit`` flow. It is saved next to the results as
-``RUN_DIR/config.yaml`` so a run can be reproduced (or resumed) from its own directory.
+``AuditConfig`` is the only input of the ``audit`` flow, validated before any model loads. It is saved
+next to the results as ``RUN_DIR/config.yaml`` so a run can be reproduced (or resumed) from its own
+directory. The flag rule's settings are the typed section ``flags`` (:class:`FlagRule`).
 
 Example::
 
@@ -11,18 +12,17 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from textcam.io import write_text
 
@@ -33,8 +33,24 @@ class ConfigError(ValueError):
     """The configuration file or an override is invalid; the message names the key."""
 
 
-@dataclass(frozen=True)
-class AuditConfig:
+class FlagRule(BaseModel):
+    """The flag rule's settings (:func:`tasks.flags.flag_spurious`; the config's ``flags`` section)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_permutations: int = Field(200, ge=1)
+    quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    min_images: int = Field(3, ge=1)
+    min_relative_score: float = Field(0.5, ge=0.0, le=1.0)
+    n_examples: int = Field(6, ge=0)
+    seed: int = 0
+    alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    min_effect: float = 0.2
+    #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
+    min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
+
+
+class AuditConfig(BaseModel):
     """Everything an audit run depends on.
 
     Fields that change the explanations (model, layer, CLIP, vocabulary, method, ...) make up
@@ -42,37 +58,39 @@ class AuditConfig:
     audit run with the default runner or on Dask produces the same ``run_id`` and the same tables.
     """
 
-    data: str
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field(min_length=1)
     """Image folder (class-per-subfolder) or a CSV/Parquet manifest with a ``path`` column."""
     model: str = "resnet18"
     weights: str = "default"
     layer: str | None = None
     clip: str = "ViT-B-32"
     clip_pretrained: str | None = None
-    vocab: tuple[str, ...] = ("general",)
+    vocab: tuple[str, ...] = Field(("general",), min_length=1)
     method: str = "gradcam"
-    top_k: int = 1
-    n_phrases: int = 5
-    n_groups: int = 3
+    top_k: int = Field(1, ge=1)
+    n_phrases: int = Field(5, ge=1)
+    n_groups: int = Field(3, ge=1)
     check_phrases: bool = True
     """Mark each explanation's phrases that CLIP sees in the image (a CLIP pass per image)."""
     classes: str | tuple[str, ...] | None = None
     """Label check: ``None`` (off), ``"model"`` (the classifier's class names), or a list of names."""
     probe: str | None = None
     """Probe images for calibrating the channel bank (folder or manifest); default: the audit data."""
-    probe_size: int = 500
-    bank_m: int = 50
-    shrinkage: float = 0.5
-    shard_size: int = 256
-    batch_size: int = 32
-    loader_workers: int = 2
+    probe_size: int = Field(500, ge=1)
+    bank_m: int = Field(50, ge=1)
+    shrinkage: float = Field(0.5, ge=0.0, le=1.0)
+    shard_size: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    loader_workers: int = Field(2, ge=0)
     """DataLoader worker processes per shard (image decoding overlaps the model passes)."""
-    runner: str = "default"
-    workers: int = 2
+    runner: Literal["default", "dask"] = "default"
+    workers: int = Field(2, ge=1)
     """Dask worker processes (``runner: dask``) or concurrent shard tasks (default runner)."""
     scheduler: str | None = None
     """Address of an existing Dask scheduler (``tcp://host:8786``); implies ``runner: dask``."""
-    torch_threads: int | None = None
+    torch_threads: int | None = Field(None, ge=1)
     run_dir: str = "runs/{run_id}"
     """Where results go; ``{run_id}`` and ``{date}`` (UTC, YYYYMMDD) are filled in at run time."""
     cache_dir: str | None = None
@@ -82,8 +100,8 @@ class AuditConfig:
     intervene: bool = False
     """After flagging: suppress each "for" flag's channels, measure it, save the edited model
     (``tasks.intervene``; the same as ``textcam intervene RUN_DIR``)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form settings passed to the analytics steps (flags, report); not interpreted here."""
+    flags: FlagRule = FlagRule()
+    """The flag rule's settings."""
 
     #: Fields that do not change any row of any table.
     EXECUTION_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
@@ -102,29 +120,35 @@ class AuditConfig:
         }
     )
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        if self.runner not in RUNNERS:
-            raise ConfigError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
-        positive = (
-            "top_k",
-            "n_phrases",
-            "n_groups",
-            "probe_size",
-            "bank_m",
-            "shard_size",
-            "batch_size",
-            "workers",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.loader_workers < 0:
-            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
-        if not 0.0 <= self.shrinkage <= 1.0:
-            raise ConfigError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
-        if not self.vocab:
-            raise ConfigError("vocab needs at least one source (a built-in name, a file or a phrase)")
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        """CLI and file spellings: "none" for an optional value, "a,b" for a list; a scheduler implies
+        the Dask runner."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            if info is None or not isinstance(value, str):
+                continue
+            args = typing.get_args(info.annotation)
+            if value.lower() in ("none", "null", "") and type(None) in args:
+                out[name] = None
+            elif typing.get_origin(info.annotation) is tuple:
+                out[name] = tuple(v.strip() for v in value.split(",") if v.strip())
+        if out.get("scheduler"):
+            out["runner"] = "dask"
+        return out
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from textcam.cams import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown CAM method; choose one of {sorted(METHODS)}")
+        return value
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -150,11 +174,7 @@ class AuditConfig:
     # -- (de)serialisation ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return self.model_dump(mode="json")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the config as YAML (atomically) and return the path."""
@@ -167,88 +187,31 @@ class AuditConfig:
         return from_mapping({**self.to_dict(), **changes})
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(AuditConfig)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is tuple:
-        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _check_types(cfg: AuditConfig) -> None:
-    hints = _field_types()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not _matches(value, hints[f.name]):
-            raise ConfigError(
-                f"config key {f.name!r}: expected {hints[f.name]}, got {type(value).__name__} {value!r}"
-            )
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Lists become tuples; strings from the CLI become ints/floats/bools/None where the type asks."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, str):
-        args = set(typing.get_args(tp)) or {tp}
-        if value.lower() in ("none", "null", "") and type(None) in args:
-            return None
-        if int in args and str not in args:
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(f"config key {name!r}: expected an integer, got {value!r}") from None
-        if float in args and str not in args:
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"config key {name!r}: expected a number, got {value!r}") from None
-        if bool in args and str not in args:
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ConfigError(f"config key {name!r}: expected true/false, got {value!r}")
-        is_tuple = typing.get_origin(tp) is tuple or any(typing.get_origin(a) is tuple for a in args)
-        if is_tuple and str not in args:
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-    return value
-
-
 def from_mapping(data: dict[str, Any]) -> AuditConfig:
     """Build a config from a plain mapping; unknown keys are an error (typos must not pass silently)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping of keys to values, got {type(data).__name__}")
-    hints = _field_types()
-    known = {f.name for f in dataclasses.fields(AuditConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
     if not data.get("data"):
         raise ConfigError("config needs `data`: an image folder or a CSV/Parquet manifest")
-    values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
-    if values.get("scheduler"):
-        values["runner"] = "dask"
     try:
-        return AuditConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
+        return AuditConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: pydantic.ValidationError) -> str:
+    """One line per invalid key, each naming it; unknown keys listed with the known ones."""
+    unknown = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "extra_forbidden"]
+    lines = []
+    if unknown:
+        nested = {f"flags.{k}" for k in FlagRule.model_fields}
+        known = sorted(set(AuditConfig.model_fields) | nested)
+        lines.append(f"unknown config key(s) {unknown}; known keys: {known}")
+    for e in exc.errors():
+        if e["type"] != "extra_forbidden":
+            key = ".".join(map(str, e["loc"])) or "config"
+            lines.append(f"config key {key!r}: {e['msg']}, got {e['input']!r}")
+    return "; ".join(lines)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -286,5 +249,12 @@ def load_config(
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 data[key] = str(base / value)
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):  # a section: override its keys, keep the file's others
+            base = data.get(key) if isinstance(data.get(key), dict) else {}
+            value = {**base, **{k: v for k, v in value.items() if v is not None}}
+            if not value:
+                continue
+        if value is not None:
+            data[key] = value
     return from_mapping(data)

@@ -21,13 +21,12 @@ def flag_run(cfg: AuditConfig, run_dir: str, manifest: Manifest, bank: BankFiles
     """The run's flags (written to ``flags.parquet`` and the run's DuckDB)."""
     from tasks.flags import flag_spurious
 
-    settings = cfg.extra.get("flags", {})
     return flag_spurious(
         run_dir,
         class_text(cfg, run_dir, bank),
         cooccurrence(bank),
         behaviour=behaviour(cfg, manifest, bank),
-        **settings,
+        rule=cfg.flags,
     )
 
 

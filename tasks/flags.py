@@ -47,6 +47,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -55,6 +56,7 @@ import pyarrow as pa
 import torch
 
 from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
+from tasks.config import FlagRule
 from tasks.store import open_writable, store_table
 from textcam.schema import FLAG_CANDIDATES, FLAGS
 
@@ -299,20 +301,14 @@ def flag_spurious(
     class_text: ClassText | None = None,
     cooccurrence: pd.DataFrame | None = None,
     *,
-    n_permutations: int = 200,
-    quantile: float = 0.99,
-    min_images: int = 3,
-    min_relative_score: float = 0.5,
-    n_examples: int = 6,
-    seed: int = 0,
     behaviour: ProbeBehaviour | None = None,
-    alpha: float = 0.01,
-    min_effect: float = 0.2,
-    min_class_agreement: float = 0.5,
+    rule: FlagRule | None = None,
+    **settings: Any,
 ) -> pd.DataFrame:
     """Flag spurious-correlation candidates of a run; write ``flags.parquet`` and the DuckDB table ``flags``.
 
-    With ``behaviour`` (:func:`tasks.behaviour.probe_behaviour` of the run's probe set) a flag needs what
+    ``rule`` (or its fields as keywords: ``n_permutations``, ``alpha``, ...) is :class:`FlagRule`. With
+    ``behaviour`` (:func:`tasks.behaviour.probe_behaviour` of the run's probe set) a flag needs what
     the model does (:func:`tasks.behaviour.model_evidence`, ``alpha`` and ``min_effect``) instead of the
     explanation-only z_lift threshold; ``flag_candidates.parquet`` and the table ``flag_candidates``
     say, for every class's strongest candidates, which rule decided and the value it saw.
@@ -326,28 +322,11 @@ def flag_spurious(
     >>> text = ClassText.from_encoder(clip.encode_text, names, phrases, vocab)  # doctest: +SKIP
     >>> flag_spurious("runs/r1", text)  # doctest: +SKIP
     """
-    if n_permutations < 1:
-        raise ValueError("n_permutations must be at least 1")
-    if not 0.0 < quantile < 1.0:
-        raise ValueError("quantile must lie in (0, 1)")
-    if not 0.0 <= min_relative_score <= 1.0:
-        raise ValueError("min_relative_score must lie in [0, 1]")
-    if not -1.0 <= min_class_agreement <= 1.0:
-        raise ValueError("min_class_agreement must lie in [-1, 1]")
+    rule = FlagRule.model_validate({**(rule.model_dump() if rule else {}), **settings})
     run_dir = Path(run_dir).resolve()
     con = open_writable(run_dir)
     try:
-        rule = FlagRule(
-            n_permutations,
-            quantile,
-            min_images,
-            min_relative_score,
-            seed,
-            alpha,
-            min_effect,
-            min_class_agreement,
-        )
-        flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule, n_examples)
+        flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule)
         for name, frame, schema in (
             ("flags", flags, FLAGS),
             ("flag_candidates", candidates, FLAG_CANDIDATES),
@@ -359,28 +338,12 @@ def flag_spurious(
     return flags
 
 
-@dataclass(frozen=True)
-class FlagRule:
-    """The flag rule's settings (see :func:`flag_spurious`)."""
-
-    n_permutations: int = 200
-    quantile: float = 0.99
-    min_images: int = 3
-    min_relative_score: float = 0.5
-    seed: int = 0
-    alpha: float = 0.01
-    min_effect: float = 0.2
-    #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
-    min_class_agreement: float = 0.5
-
-
 def _compute_flags(
     con: duckdb.DuckDBPyConnection,
     class_text: ClassText | None,
     cooccurrence: pd.DataFrame | None,
     behaviour: ProbeBehaviour | None,
     rule: FlagRule,
-    n_examples: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     empty = pa.Table.from_pylist([], schema=FLAGS).to_pandas()
     no_candidates = pa.Table.from_pylist([], schema=FLAG_CANDIDATES).to_pandas()
@@ -460,7 +423,7 @@ def _compute_flags(
     flags["n_permutations"] = rule.n_permutations
     flags["run_id"] = con.execute("SELECT coalesce(min(run_id), '') FROM explanations").fetchall()[0][0]
     flags = flags.merge(
-        _examples(con, flags, n_examples), on=["class_name", "phrase", "direction"], how="left"
+        _examples(con, flags, rule.n_examples), on=["class_name", "phrase", "direction"], how="left"
     )
     # A flag the explanations never name has no example images (the merge leaves NaN).
     flags["example_image_ids"] = flags["example_image_ids"].apply(

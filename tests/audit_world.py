@@ -111,5 +111,5 @@ def make_world(root: Path, n_per_class: int = 14) -> dict[str, Any]:
         "workers": 1,
         "device": "cpu",
         "cache_dir": str(root / "cache"),
-        "extra": {"flags": {"n_permutations": 20, "min_images": 2}},
+        "flags": {"n_permutations": 20, "min_images": 2},
     }

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from flows.cli import HELP, add_audit_parsers, config_from_args
-from tasks.config import AuditConfig
+from tasks.config import AuditConfig, FlagRule
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -19,13 +18,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_every_setting_has_a_flag_and_a_help_line() -> None:
-    fields = {f.name for f in dataclasses.fields(AuditConfig)} - {"extra"}
+    fields = set(AuditConfig.model_fields) - {"flags"}
+    fields |= {f"flags.{name}" for name in FlagRule.model_fields}
     assert set(HELP) == fields
     parser = argparse.ArgumentParser(prog="textcam")
     add_audit_parsers(parser.add_subparsers(dest="command"))
     text = parser._subparsers._group_actions[0].choices["audit"].format_help()  # type: ignore[union-attr]
     for name in fields:
-        assert "--" + name.replace("_", "-") in text
+        assert "--" + name.replace("flags.", "flag-").replace("_", "-") in text
 
 
 def test_flags_are_typed_and_override_the_config_file(tmp_path: Path) -> None:
@@ -56,3 +56,20 @@ def test_flags_are_typed_and_override_the_config_file(tmp_path: Path) -> None:
     assert config_from_args(parse(["audit", "--config", str(config)])).bank_m == 50  # the file's value
     with pytest.raises(SystemExit):
         parse(["audit", "--bank-m", "many"])
+
+
+def test_flag_settings_are_a_typed_section_merged_with_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"data: {tmp_path}\nflags:\n  alpha: 0.05\n  min_effect: 0.3\n")
+    cfg = config_from_args(parse(["audit", "--config", str(config), "--flag-min-effect", "0.4"]))
+    assert (cfg.flags.alpha, cfg.flags.min_effect, cfg.flags.n_permutations) == (0.05, 0.4, 200)
+    with pytest.raises(ValueError, match=r"flags\.alpha"):
+        config_from_args(parse(["audit", "--config", str(config), "--flag-alpha", "2"]))
+    config.write_text(f"data: {tmp_path}\nflags:\n  alpah: 0.05\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['flags.alpah'\]"):
+        config_from_args(parse(["audit", "--config", str(config)]))
+
+
+def test_a_bad_method_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        config_from_args(parse(["audit", "--data", str(tmp_path), "--method", "gradcan"]))

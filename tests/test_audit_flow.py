@@ -346,7 +346,7 @@ def test_the_cli_is_quiet_and_shows_progress(world: dict[str, Any], prefect_api:
     import yaml
 
     config = tmp_path / "audit.yaml"
-    config.write_text(yaml.safe_dump({k: v for k, v in world.items() if k != "extra"}))
+    config.write_text(yaml.safe_dump({k: v for k, v in world.items() if k != "flags"}))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     proc = subprocess.run(
         [

@@ -212,4 +212,6 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs `data`"):
         load_config(None, {})
     with pytest.raises(ConfigError, match="runner"):
+        load_config(None, {"data": "x", "runner": "spark"})
+    with pytest.raises(ValueError, match="runner"):  # built directly: pydantic's own error
         AuditConfig(data="x", runner="spark")
