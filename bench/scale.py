@@ -1,6 +1,6 @@
 """Analytics at ImageNet scale (issue 14): each stage on simulated run directories, in its own process.
 
-    .venv/bin/python bench/scale.py [--sizes 100000x10x37,10000x1000x5505] [--stages duckdb,flags,report]
+    .venv/bin/python bench/scale.py [--sizes 100000x10x37,1000000x1000x5505] [--stages duckdb,flags,report]
 
 A size is images × classes × phrases. The simulated run directory holds what the explain stage writes:
 explanation shards with the declared schema (``textcam.schema.EXPLANATIONS``; the first shard is passed
@@ -12,7 +12,10 @@ elsewhere), and on the simulated probe the model predicts the class whenever CLI
 Each stage (``build_duckdb``, ``flag_spurious`` with the probe behaviour, ``render_report``) runs in a
 fresh process: seconds and peak RSS are that process's own. The flag stage also reports whether every
 planted cue is its class's first flag: scaling must not change results. Cold numbers only: every stage
-is a one-off in an audit. Last line: one JSON object.
+is a one-off in an audit. Where the explanations' null runs on a stratified sample (runs above
+``FlagRule.null_images``), the ``nullcheck`` stage compares its per-class thresholds with the null on
+every image, beside the full null's own difference between two permutation seeds. Last line: one JSON
+object.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tasks.config import FlagRule  # noqa: E402
 from textcam.schema import EXPLANATIONS, IMAGES  # noqa: E402
 
 SHARD_ROWS = 50_000
@@ -219,6 +224,32 @@ def browser_load(html: Path, n_classes: int) -> dict:
     return {"load_seconds": seconds, "last_class_reachable": bool(found and shown)}
 
 
+def null_check(run_dir: Path) -> dict:
+    """The explanations' null on its stratified sample against the null on every image: the per-class
+    thresholds' mean absolute difference, beside the difference between two permutation seeds of the
+    full null (the Monte Carlo noise the sample is measured against)."""
+    from tasks.config import FlagRule
+    from tasks.flags import explanation_null
+    from tasks.store import connect
+
+    rule = FlagRule()
+    con = connect(run_dir)
+    try:
+        sample, full, seed_1 = (
+            pd.Series(explanation_null(con, r)[0].thresholds(rule.quantile))
+            for r in (rule, rule.model_copy(update={"null_images": None}), FlagRule(null_images=None, seed=1))
+        )
+    finally:
+        con.close()
+    return {
+        "null_images": rule.null_images,
+        "threshold_mean_sample": round(float(sample.mean()), 3),
+        "threshold_mean_full": round(float(full.mean()), 3),
+        "mean_abs_diff_sample_vs_full": round(float((sample - full).abs().mean()), 3),
+        "mean_abs_diff_full_seed_0_vs_1": round(float((seed_1 - full).abs().mean()), 3),
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM). Not ``getrusage``: Linux carries the parent's peak across
     fork and exec into ``ru_maxrss``, so every stage would report at least the simulator's size."""
@@ -255,6 +286,8 @@ def run_stage(stage: str, run_dir: Path, n_classes: int, n_phrases: int, n_cues:
         words, names = vocabulary(n_phrases), class_names(n_classes)
         out["cues_first"] = sum(first.get(names[k]) == words[cue_phrase(k, n_phrases)] for k in range(n_cues))
         out["n_flags"] = len(flags)
+    elif stage == "nullcheck":
+        out.update(null_check(run_dir))
     elif stage == "report":
         from reports import render_report
 
@@ -296,6 +329,10 @@ def figures(results: list[dict], cues: int) -> dict:
         out[f"scale_rss_ratio_1m_vs_100k_{k}"] = round(ratio, 3)
     if ratios:
         out["scale_rss_ratio_1m_vs_100k"] = round(max(ratios.values()), 3)
+    checks = [r["nullcheck"] for r in results if "mean_abs_diff_sample_vs_full" in r.get("nullcheck", {})]
+    if checks:  # the sampled null against the full one, beside the full null's own seed-to-seed noise
+        out["null_sample_vs_full_threshold_diff"] = max(c["mean_abs_diff_sample_vs_full"] for c in checks)
+        out["null_seed_vs_seed_threshold_diff"] = max(c["mean_abs_diff_full_seed_0_vs_1"] for c in checks)
     out["scale_planted_found"] = all(
         r.get("flags", {}).get("cues_first") == cues for r in results if "flags" in r
     )
@@ -307,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sizes", default="100000x10x37,10000x1000x5505", help="images x classes x phrases, comma-separated"
     )
-    ap.add_argument("--stages", default="validate,duckdb,flags,report")
+    ap.add_argument("--stages", default="validate,duckdb,flags,report,nullcheck")
     ap.add_argument("--cues", type=int, default=3, help="classes with a planted cue")
     ap.add_argument("--work", type=Path, help="where the simulated runs go (default: a temporary directory)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
@@ -332,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             "simulate_seconds": round(time.perf_counter() - t0, 1),
         }
         for stage in args.stages.split(","):
+            if stage == "nullcheck" and n <= (FlagRule().null_images or n):
+                row[stage] = {"skipped": "the null already uses every image"}
+                continue
             cmd = [sys.executable, __file__, "--stage", stage, "--run", str(run_dir), "--shape", f"{k}x{p}"]
             cmd += ["--cues", str(args.cues)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -56,7 +56,8 @@ HELP = {
     "fail_on_quarantine": "exit with an error when any shard is quarantined",
     "intervene": "after flagging, suppress each flag's channels, save the edited models (textcam intervene)",
     # the ``flags`` section (tasks.config.FlagRule), as --flag-<name>
-    "flags.n_permutations": "label permutations of the explanations' and the model test's nulls (default 200)",
+    "flags.n_permutations": "label permutations of the explanations' and model test's nulls (default 200)",
+    "flags.null_images": "images the explanations' null uses at most, a stratified sample (default 100000)",
     "flags.quantile": "null quantile a z_lift must pass without probe behaviour (default 0.99)",
     "flags.min_images": "explanations that must name a phrase for its row to count (default 3)",
     "flags.min_relative_score": "score relative to the class's main phrase, without behaviour (default 0.5)",

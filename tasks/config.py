@@ -24,7 +24,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from textcam.io import write_text
+from textcam.io import cache_root, write_text
 
 RUNNERS = ("default", "dask")
 
@@ -39,6 +39,8 @@ class FlagRule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     n_permutations: int = Field(200, ge=1)
+    #: images the explanations' permutation null uses at most (a class-stratified sample above it)
+    null_images: int | None = Field(100_000, ge=100)
     quantile: float = Field(0.99, gt=0.0, lt=1.0)
     min_images: int = Field(3, ge=1)
     min_relative_score: float = Field(0.5, ge=0.0, le=1.0)
@@ -169,7 +171,7 @@ class AuditConfig(BaseModel):
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get("TEXTCAM_CACHE", Path.home() / ".cache" / "textcam"))
+        return cache_root()
 
     # -- (de)serialisation ------------------------------------------------------------------------
 

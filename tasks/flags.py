@@ -146,13 +146,34 @@ class ClassText:
         return out
 
 
-def _load_scores(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Images (with class codes), phrase × direction columns, and the sparse score triplets."""
+#: Images a class keeps in the null's sample: the null maximum of z_lift depends on the class size while
+#: classes are small (sparse phrases, skewed sums), and stops depending on it once they are large
+#: (bench/scale.py's null check; docs/decisions.md).
+NULL_FLOOR = 1000
+
+
+def _load_scores(
+    con: duckdb.DuckDBPyConnection, max_images: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Images (with class codes), phrase × direction columns, and the sparse score triplets.
+
+    ``max_images``: above it, the images of a class-stratified sample of about that size (each class keeps
+    its share, and at least ``min(its size, NULL_FLOOR)``; chosen by a hash of the image id, so the same on
+    every run), which keeps the null's memory flat in the number of images."""
+    n = con.execute("SELECT count(*) FROM predictions").fetchall()[0][0]
+    keep = "true"
+    if max_images is not None and n > max_images:
+        keep = f"_r <= greatest(ceil(_n * {max_images / n!r}), least(_n, {NULL_FLOOR}))"
     images = con.sql(
-        """
-        SELECT image_id, class_name, (dense_rank() OVER (ORDER BY class_name) - 1)::INTEGER AS k,
-               (row_number() OVER (ORDER BY image_id) - 1)::INTEGER AS i
-        FROM predictions ORDER BY i
+        f"""
+        SELECT image_id, class_name, k, (row_number() OVER (ORDER BY image_id) - 1)::INTEGER AS i
+        FROM (
+            SELECT image_id, class_name, (dense_rank() OVER (ORDER BY class_name) - 1)::INTEGER AS k,
+                   row_number() OVER (PARTITION BY class_name ORDER BY hash(image_id), image_id) AS _r,
+                   count(*) OVER (PARTITION BY class_name) AS _n
+            FROM predictions
+        ) WHERE {keep}
+        ORDER BY i
         """
     ).df()
     cols = con.sql(
@@ -199,9 +220,7 @@ def _column_blocks(sd_all: np.ndarray, direction_groups: np.ndarray) -> tuple[np
     """The columns that get a z, grouped so each direction group is one contiguous block: a lift is NaN
     only where its phrase has no spread at all (the same column in every class and permutation), and a
     group needs three columns for a median and MAD."""
-    blocks = [
-        np.flatnonzero((direction_groups == g) & (sd_all > 1e-12)) for g in np.unique(direction_groups)
-    ]
+    blocks = [np.flatnonzero((direction_groups == g) & (sd_all > 1e-12)) for g in np.unique(direction_groups)]
     blocks = [b for b in blocks if b.size >= 3]
     order = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
     ends = np.cumsum([b.size for b in blocks])
@@ -338,6 +357,49 @@ def flag_spurious(
     return flags
 
 
+@dataclass(frozen=True)
+class ExplanationNull:
+    """Per class, the maxima of z_lift over phrases under permuted class labels (the explanations' null)."""
+
+    classes: list[str]  # column order of ``maxima``
+    maxima: np.ndarray  # (n_permutations, K); NaN where a class has no z at all
+
+    def thresholds(self, quantile: float) -> dict[str, float]:
+        with np.errstate(invalid="ignore"):
+            q = np.nanquantile(np.where(np.isnan(self.maxima), -np.inf, self.maxima), quantile, axis=0)
+        return dict(zip(self.classes, q, strict=True))
+
+    def p_values(self, class_names: pd.Series, z: np.ndarray) -> np.ndarray:
+        """(1 + #maxima >= z) / (1 + n): a binary search in each class's sorted maxima (NaN maxima count as
+        never exceeding), no (permutations × rows) array."""
+        n = self.maxima.shape[0]
+        k_of = class_names.map({c: i for i, c in enumerate(self.classes)}).to_numpy()
+        ranked = np.sort(np.where(np.isnan(self.maxima), -np.inf, self.maxima), axis=0)
+        below = np.empty(len(z), dtype=np.int64)
+        for k in np.unique(k_of):  # one binary search per class
+            rows = np.flatnonzero(k_of == k)
+            below[rows] = np.searchsorted(ranked[:, k], z[rows], side="left")
+        return (1 + np.where(np.isnan(z), n, n - below)) / (1 + n)
+
+
+def explanation_null(con: duckdb.DuckDBPyConnection, rule: FlagRule) -> tuple[ExplanationNull, pd.DataFrame]:
+    """The explanations' permutation null of a run (on its stratified sample above ``rule.null_images``),
+    with the phrase × direction columns it was computed over."""
+    images, cols, trip = _load_scores(con, rule.null_images)
+    maxima = permutation_null(
+        images["k"].to_numpy(np.int64),
+        trip["i"].to_numpy(np.int64),
+        trip["q"].to_numpy(np.int64),
+        trip["score"].to_numpy(np.float64),
+        len(cols),
+        (cols["direction"] == "against").to_numpy().astype(np.int64),
+        n_permutations=rule.n_permutations,
+        seed=rule.seed,
+    )
+    classes = images.drop_duplicates("class_name").sort_values("k")["class_name"].tolist()
+    return ExplanationNull(classes, maxima), cols
+
+
 def _compute_flags(
     con: duckdb.DuckDBPyConnection,
     class_text: ClassText | None,
@@ -345,28 +407,11 @@ def _compute_flags(
     behaviour: ProbeBehaviour | None,
     rule: FlagRule,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    empty = pa.Table.from_pylist([], schema=FLAGS).to_pandas()
-    no_candidates = pa.Table.from_pylist([], schema=FLAG_CANDIDATES).to_pandas()
     classes = con.sql("SELECT DISTINCT class_name, class_index FROM concept_stats ORDER BY class_name").df()
     if classes.empty:
-        return empty, no_candidates
-    images, cols, trip = _load_scores(con)
-    groups = (cols["direction"] == "against").to_numpy().astype(np.int64)
-    null_max = permutation_null(
-        images["k"].to_numpy(np.int64),
-        trip["i"].to_numpy(np.int64),
-        trip["q"].to_numpy(np.int64),
-        trip["score"].to_numpy(np.float64),
-        len(cols),
-        groups,
-        n_permutations=rule.n_permutations,
-        seed=rule.seed,
-    )
-    del trip
-    class_order = images.drop_duplicates("class_name").sort_values("k")["class_name"].tolist()
-    with np.errstate(invalid="ignore"):
-        thresholds = np.nanquantile(np.where(np.isnan(null_max), -np.inf, null_max), rule.quantile, axis=0)
-    threshold_of = dict(zip(class_order, thresholds, strict=True))
+        return _empty(FLAGS), _empty(FLAG_CANDIDATES)
+    null, cols = explanation_null(con, rule)
+    threshold_of = null.thresholds(rule.quantile)
     text = _describes(
         sorted(set(cols["phrase"])),
         dict(zip(classes["class_name"], classes["class_index"], strict=True)),
@@ -377,18 +422,7 @@ def _compute_flags(
     evidence = None if behaviour is None else _evidence(classes, cols, text, behaviour, rule)
     stats = _rows(con, rule, threshold_of, evidence)
     stats["threshold"] = stats["class_name"].map(threshold_of)
-    # p-value against the class's null maxima: the count of maxima >= z by binary search in each class's
-    # sorted maxima (NaN maxima count as never exceeding), no (permutations × rows) array.
-    k_of = stats["class_name"].map({c: i for i, c in enumerate(class_order)}).to_numpy()
-    z = stats["z_lift"].to_numpy(np.float64)
-    ranked = np.sort(np.where(np.isnan(null_max), -np.inf, null_max), axis=0)  # (n_permutations, K)
-    below = np.empty(len(z), dtype=np.int64)
-    for k in np.unique(k_of):  # one binary search per class
-        rows = np.flatnonzero(k_of == k)
-        below[rows] = np.searchsorted(ranked[:, k], z[rows], side="left")
-    exceed = np.where(np.isnan(z), rule.n_permutations, rule.n_permutations - below)
-    stats["p_value"] = (1 + exceed) / (1 + rule.n_permutations)
-
+    stats["p_value"] = null.p_values(stats["class_name"], stats["z_lift"].to_numpy(np.float64))
     stats = _with_cooccurrence(stats, cooccurrence, warn=behaviour is None)
     stats = stats.join(text, on="phrase")
     stats["in_explanations"] = (stats["lift"] > 0) & (stats["n_images"] >= rule.min_images)
@@ -401,10 +435,20 @@ def _compute_flags(
     else:
         stats, keep = _model_rule(stats, evidence, rule)
     candidates = _candidates(stats, keep, rule)
-    flags = stats[keep].copy()
-    if flags.empty:
-        return empty, candidates
-    if behaviour is not None:
+    if not keep.any():
+        return _empty(FLAGS), candidates
+    return _ranked_flags(con, stats[keep].copy(), rule, by_behaviour=behaviour is not None), candidates
+
+
+def _empty(schema: pa.Schema) -> pd.DataFrame:
+    return pa.Table.from_pylist([], schema=schema).to_pandas()
+
+
+def _ranked_flags(
+    con: duckdb.DuckDBPyConnection, flags: pd.DataFrame, rule: FlagRule, by_behaviour: bool
+) -> pd.DataFrame:
+    """The flags in the FLAGS columns, ranked within each class, with example images."""
+    if by_behaviour:
         # Per class: cues *for* it first (a cue for another class counting against this one is the same
         # finding seen from the other side), then in the order they were accepted, strongest first.
         flags["_against"] = flags["direction"] == "against"
@@ -430,7 +474,7 @@ def _compute_flags(
         lambda v: list(v) if isinstance(v, list | np.ndarray) else []
     )
     flags["step"] = flags["step"].astype("Int32")
-    return flags[FLAGS.names].reset_index(drop=True), candidates
+    return flags[FLAGS.names].reset_index(drop=True)
 
 
 def _evidence(

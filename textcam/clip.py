@@ -22,26 +22,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from textcam.device import resolve_device
-from textcam.io import atomic_path
+from textcam.io import atomic_path, cache_root, file_digest
 
 #: Prompt templates averaged for every phrase (open_clip ``build_zero_shot_classifier`` style).
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a photo showing {}.", "{}")
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def default_cache_dir() -> Path:
-    """``$TEXTCAM_CACHE`` or ``~/.cache/textcam``."""
-    return Path(os.environ.get("TEXTCAM_CACHE", Path.home() / ".cache" / "textcam"))
-
-
-def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
-    """SHA-256 of a file's bytes, shortened; identifies local checkpoints by content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
 
 
 @dataclass
@@ -81,7 +67,7 @@ class ClipEncoder:
     ) -> torch.Tensor:
         """Phrases → (P, D) unit-norm embeddings, averaged over prompt templates.
 
-        Cached on disk under ``cache_dir`` (default: :func:`default_cache_dir`; ``False`` disables)
+        Cached on disk under ``cache_dir`` (default: :func:`textcam.io.cache_root`; ``False`` disables)
         keyed by ``clip_id`` and a hash of phrases and templates.
         """
         texts = list(texts)
@@ -92,7 +78,7 @@ class ClipEncoder:
             key = hashlib.sha256(
                 json.dumps([self.clip_id, list(templates), texts]).encode("utf-8")
             ).hexdigest()[:20]
-            root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+            root = Path(cache_dir) if cache_dir not in (None, True) else cache_root()
             cache_file = root / "text-embeddings" / f"{key}.safetensors"
             if cache_file.exists():
                 return load_file(cache_file)["embeddings"].to(self.device)

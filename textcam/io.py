@@ -7,6 +7,7 @@ onto the target; on any error the temporary file is removed and the target is un
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -40,6 +41,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def cache_root() -> Path:
+    """Where TextCAM caches what it computes (banks, text embeddings, generated worlds):
+    ``$TEXTCAM_CACHE``, else ``~/.cache/textcam``."""
+    return Path(os.environ.get("TEXTCAM_CACHE", Path.home() / ".cache" / "textcam"))
+
+
+def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
+    """SHA-256 of a file's bytes, shortened; identifies local checkpoints by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
 
 
 def write_parquet(path: str | os.PathLike[str], table: Any) -> Path:

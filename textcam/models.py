@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from textcam.device import resolve_device
+from textcam.io import file_digest
 from textcam.layers import TokenGrid, resolve_layer_name
 
 __all__ = [
@@ -443,14 +443,6 @@ def _load_state(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def _file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -560,7 +552,7 @@ def load_model(
         raise ValueError(f"{cfg.name} has no default target layer; pass target_layer=")
     spec = cfg.preprocess.with_overrides(meta_config.get("preprocess"))
     if checkpoint is not None:
-        model_id = f"{cfg.name}:{checkpoint.stem}@{_file_id(checkpoint)}"
+        model_id = f"{cfg.name}:{checkpoint.stem}@{file_digest(checkpoint, 12)}"
     else:
         model_id = f"{cfg.name}:{cfg.weights}" if pretrained else f"{cfg.name}:random"
     return LoadedModel(

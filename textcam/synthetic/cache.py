@@ -8,17 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from textcam.io import atomic_path, write_text
-
-CACHE_ENV = "TEXTCAM_CACHE"
+from textcam.io import cache_root, write_text
 
 
 def default_cache_dir() -> Path:
-    """``$TEXTCAM_CACHE/world`` when the variable is set, else ``~/.cache/textcam/world``."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "textcam") / "world"
+    """``<cache root>/world`` (:func:`textcam.io.cache_root`)."""
+    return cache_root() / "world"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -35,16 +30,3 @@ def config_hash(obj: Any, length: int = 12) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomic ``torch.save`` of a training state (tensors, dicts, numbers only)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any] | None:
-    """Load a training state saved by :func:`save_state`, or ``None`` when there is none."""
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)

@@ -21,9 +21,9 @@ Checkpoints are safetensors whose header describes the model twice over:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from textcam.io import atomic_path
 from textcam.synthetic.bias import BiasSpec
-from textcam.synthetic.cache import load_state, save_state
+from textcam.synthetic.training import train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,6 @@ def train_classifier(
 
     Returns the trained model (eval mode) and the seconds spent training (summed over resumes).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -224,44 +222,26 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
     )
-    state_path = out / "train_state.pt"
-    start, elapsed = 0, 0.0
-    state = load_state(state_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, elapsed = int(state["epoch"]), float(state["elapsed_s"])
-        log.info("resuming classifier from epoch %d", start)
     x_all = to_classifier_tensor(train_images)
     y_all = torch.as_tensor(np.array(train_labels, dtype=np.int64))
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"classifier epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for i in bar:
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        elapsed += time.perf_counter() - t0
-        save_state(
-            state_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch + 1,
-                "elapsed_s": elapsed,
-            },
-        )
+
+    @functools.lru_cache(maxsize=1)
+    def order(epoch: int) -> torch.Tensor:  # the epoch's shuffle, from its own seed
+        return torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+    def loss_at(epoch: int, i: int) -> torch.Tensor:
+        idx = order(epoch)[i * batch_size : (i + 1) * batch_size]
+        return F.cross_entropy(model(x_all[idx]), y_all[idx])
+
+    elapsed = train_epochs(
+        model,
+        opt,
+        loss_at,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        state_path=out / "train_state.pt",
+        name="classifier",
+        scheduler=sched,
+        progress=progress,
+    )
     return model.eval(), elapsed

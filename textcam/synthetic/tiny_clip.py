@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -42,7 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from textcam.io import atomic_path
-from textcam.synthetic.cache import load_state, save_state, write_json
+from textcam.synthetic.cache import write_json
 from textcam.synthetic.scenes import (
     SceneConfig,
     caption,
@@ -52,6 +51,7 @@ from textcam.synthetic.scenes import (
     sample_codes,
     split_code,
 )
+from textcam.synthetic.training import train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,6 @@ def train_tiny_clip(
     an unfinished one resumes from ``train_state.pt`` (saved after every epoch).
     """
     import open_clip
-    from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,49 +358,28 @@ def train_tiny_clip(
     )
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
 
-    state_path = out / "train_state.pt"
-    start_epoch, elapsed = 0, 0.0
-    state = load_state(state_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed_s"])
-        log.info("resuming tiny CLIP from epoch %d", start_epoch)
-
     total = train.epochs * train.steps_per_epoch
-    for epoch in range(start_epoch, train.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        bar = tqdm(
-            range(train.steps_per_epoch),
-            desc=f"tiny CLIP epoch {epoch + 1}/{train.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for i in bar:
-            step = epoch * train.steps_per_epoch + i
-            images, caps, codes, keep = training_pairs(scene, train, step, train.seed)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, train)
-            img = F.normalize(model.encode_image(to_clip_tensor(images)), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
-            loss = soft_clip_loss(
-                img, txt, model.logit_scale.exp().clamp(max=100), compatibility(codes, keep)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        elapsed += time.perf_counter() - t0
-        save_state(
-            state_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "elapsed_s": elapsed,
-            },
-        )
+
+    def loss_at(epoch: int, i: int) -> torch.Tensor:
+        step = epoch * train.steps_per_epoch + i
+        images, caps, codes, keep = training_pairs(scene, train, step, train.seed)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, train)
+        img = F.normalize(model.encode_image(to_clip_tensor(images)), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
+        return soft_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), compatibility(codes, keep))
+
+    state_path = out / "train_state.pt"
+    elapsed = train_epochs(
+        model,
+        opt,
+        loss_at,
+        epochs=train.epochs,
+        steps_per_epoch=train.steps_per_epoch,
+        state_path=state_path,
+        name="tiny CLIP",
+        progress=progress,
+    )
 
     eval_batch = generate(scene, train.eval_images, train.seed, "clip-eval")
     zs = zero_shot_accuracy(model, tokenizer, scene, eval_batch.images, eval_batch.records)
