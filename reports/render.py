@@ -182,21 +182,33 @@ def _grid(values: Any, h: int, w: int) -> np.ndarray | None:
     return arr.reshape(h, w) if h > 0 and w > 0 and arr.size == h * w else None
 
 
-def _near_misses(con: duckdb.DuckDBPyConnection, per_class: int = 4) -> list[dict[str, Any]]:
+NEAR_MISS_ROWS = 400  # a 4,000-row table alone took 2 s to lay out in Chromium (1000 classes)
+
+
+def _near_misses(con: duckdb.DuckDBPyConnection, per_class: int = 4) -> tuple[list[dict[str, Any]], int]:
     """Each class's strongest "for" candidates from ``flag_candidates`` (flagged ones included), for the
-    report's table; an old run database without the table gives none."""
+    report's table: classes with a flag first, then by their strongest candidate, at most
+    :data:`NEAR_MISS_ROWS` rows; with the number of rows there are. An old run database without the table
+    gives none."""
     try:
         frame = con.sql(
             f"""
-            SELECT * FROM flag_candidates WHERE direction = 'for'
-            QUALIFY row_number() OVER (PARTITION BY class_name ORDER BY flagged DESC, z_lift DESC NULLS LAST)
-                    <= {int(per_class)}
-            ORDER BY class_name, flagged DESC, z_lift DESC NULLS LAST
+            WITH top AS (
+                SELECT *, max(flagged::INTEGER) OVER (PARTITION BY class_name) AS _has_flag,
+                       max(z_lift) OVER (PARTITION BY class_name) AS _best
+                FROM flag_candidates WHERE direction = 'for'
+                QUALIFY row_number() OVER (
+                    PARTITION BY class_name ORDER BY flagged DESC, z_lift DESC NULLS LAST) <= {int(per_class)}
+            )
+            SELECT * EXCLUDE (_has_flag, _best), count(*) OVER () AS _total FROM top
+            ORDER BY _has_flag DESC, _best DESC NULLS LAST, class_name, flagged DESC, z_lift DESC NULLS LAST
+            LIMIT {NEAR_MISS_ROWS}
             """
         ).df()
     except duckdb.CatalogException:
-        return []
-    return frame.to_dict(orient="records")
+        return [], 0
+    total = int(frame["_total"].iloc[0]) if len(frame) else 0
+    return frame.drop(columns="_total").to_dict(orient="records"), total
 
 
 def _interventions(con: duckdb.DuckDBPyConnection, run_dir: Path) -> list[dict[str, Any]]:
@@ -404,7 +416,45 @@ def _class_index(tops: pd.DataFrame, sizes: pd.DataFrame, flags: pd.DataFrame) -
 def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: dict) -> dict[str, Any]:
     tops = _top_phrases(con, CONCEPTS_PER_CLASS)
     flags = con.sql("SELECT * FROM flags ORDER BY z_lift - threshold DESC, class_name, phrase").df()
-    counts = (
+    run_id = (
+        summary.get("run_id")
+        or con.sql("SELECT coalesce(min(run_id), '') AS r FROM explanations").df()["r"][0]
+    )
+    errors = con.sql(
+        "SELECT stage, reason, count(*) AS n FROM errors GROUP BY ALL ORDER BY n DESC, stage, reason LIMIT 25"
+    ).df()
+    class_sizes = con.sql(
+        "SELECT class_name, count(*) AS n FROM predictions GROUP BY 1 ORDER BY n DESC, 1"
+    ).df()
+    flagged = flags["class_name"].drop_duplicates().tolist()
+    classes = list(dict.fromkeys(flagged + class_sizes["class_name"].tolist()))[:MAX_CLASSES]
+    near_misses, n_near_misses = _near_misses(con)
+    quality = _quality(run_dir)
+    return {
+        "run_id": run_id,
+        "summary_items": _flatten(summary),
+        "config_items": _flatten(config),
+        "counts": _counts(con),
+        "dataset_root": str(root) if root else None,
+        "flags": _flag_cards(con, flags.head(MAX_FLAGS), root),
+        "near_misses": near_misses,
+        "n_near_misses": n_near_misses,
+        "interventions": _interventions(con, run_dir),
+        "n_flags": len(flags),
+        "plots": _plots(tops, _heatmap_frequencies(con, classes), flags, classes),
+        "concept_tables": _concept_tables(tops, classes),
+        "n_classes": len(class_sizes),
+        "class_index": _class_index(tops, class_sizes, flags),
+        "quality": [q for q in quality if not q["ok"]],
+        "quality_passed": [q["shard"] for q in quality if q["ok"]],
+        "quality_rows": sum(q["rows"] or 0 for q in quality if q["ok"]),
+        "errors": errors.to_dict("records"),
+        "links": _links(run_dir),
+    }
+
+
+def _counts(con: Any) -> dict[str, Any]:
+    return (
         con.sql(
             """
         SELECT (SELECT count(*) FROM images) AS images,
@@ -419,21 +469,10 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         .iloc[0]
         .to_dict()
     )
-    run_id = (
-        summary.get("run_id")
-        or con.sql("SELECT coalesce(min(run_id), '') AS r FROM explanations").df()["r"][0]
-    )
-    errors = con.sql(
-        "SELECT stage, reason, count(*) AS n FROM errors GROUP BY ALL ORDER BY n DESC, stage, reason LIMIT 25"
-    ).df()
 
-    class_sizes = con.sql(
-        "SELECT class_name, count(*) AS n FROM predictions GROUP BY 1 ORDER BY n DESC, 1"
-    ).df()
-    flagged = flags["class_name"].drop_duplicates().tolist()
-    classes = list(dict.fromkeys(flagged + class_sizes["class_name"].tolist()))[:MAX_CLASSES]
 
-    shown = flags.head(MAX_FLAGS)
+def _flag_cards(con: Any, shown: pd.DataFrame, root: Path | None) -> list[dict[str, Any]]:
+    """One card per shown flag, with its example images' evidence."""
     ids = sorted({i for v in shown["example_image_ids"] for i in list(v)[:EVIDENCE_PER_FLAG]})
     evidence_rows = pd.DataFrame()
     if ids:
@@ -452,36 +491,18 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
             if i in evidence_rows.index
         ]
         cards.append({**{k: f[k] for k in f.index if k != "example_image_ids"}, "evidence": ev})
+    return cards
 
-    concept_tables = []
+
+def _concept_tables(tops: pd.DataFrame, classes: list[str]) -> list[dict[str, Any]]:
     by_class = {c: g for c, g in tops.groupby("class_name", sort=False)}
+    tables = []
     for cname in classes:
         rows = by_class.get(cname, tops.iloc[:0])
         tops_by_dir = {d: rows[rows["direction"] == d].to_dict("records") for d in ("for", "against")}
         n = int(rows["n_class"].iloc[0]) if len(rows) else 0
-        concept_tables.append({"class_name": cname, "n": n, "tops": tops_by_dir})
-
-    quality = _quality(run_dir)
-    return {
-        "run_id": run_id,
-        "summary_items": _flatten(summary),
-        "config_items": _flatten(config),
-        "counts": counts,
-        "dataset_root": str(root) if root else None,
-        "flags": cards,
-        "near_misses": _near_misses(con),
-        "interventions": _interventions(con, run_dir),
-        "n_flags": len(flags),
-        "plots": _plots(tops, _heatmap_frequencies(con, classes), flags, classes),
-        "concept_tables": concept_tables,
-        "n_classes": len(class_sizes),
-        "class_index": _class_index(tops, class_sizes, flags),
-        "quality": [q for q in quality if not q["ok"]],
-        "quality_passed": [q["shard"] for q in quality if q["ok"]],
-        "quality_rows": sum(q["rows"] or 0 for q in quality if q["ok"]),
-        "errors": errors.to_dict("records"),
-        "links": _links(run_dir),
-    }
+        tables.append({"class_name": cname, "n": n, "tops": tops_by_dir})
+    return tables
 
 
 def _flatten(d: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:

@@ -45,6 +45,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, z_tolerance: float = 0
     if z_tolerance < 0:
         raise ValueError("z_tolerance must be >= 0")
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     try:
         con.register("a", _flags_table(run_a))
         con.register("b", _flags_table(run_b))

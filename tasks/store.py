@@ -232,6 +232,14 @@ ORDER BY class_name, direction, z_lift DESC NULLS LAST, phrase
 """
 
 
+def _open(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Every connection to a run database: without DuckDB's progress bar, which would draw on the
+    user's terminal from inside the flags and report steps."""
+    con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def limit_memory(con: duckdb.DuckDBPyConnection) -> None:
     """Bound DuckDB's memory (``TEXTCAM_DUCKDB_MEMORY``, default 2GB), spilling to the system's temporary
     directory: a million-image run must not take the machine's memory (DuckDB's default is 80 % of it)."""
@@ -275,7 +283,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
     target = RunDir(run_dir).database
     tmp = temp_path(target)
     tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    con = _open(tmp)
     try:
         con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
         limit_memory(con)
@@ -308,7 +316,7 @@ def open_writable(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     run_dir = Path(run_dir).resolve()
     if not RunDir(run_dir).database.is_file():
         build_duckdb(run_dir)
-    con = duckdb.connect(str(RunDir(run_dir).database))
+    con = _open(RunDir(run_dir).database)
     try:
         con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
         limit_memory(con)
@@ -332,7 +340,7 @@ def connect(
         raise FileNotFoundError(f"{db} not found; build it first (tasks.store.build_duckdb)")
     if sandbox and not read_only:
         raise ValueError("sandbox=True needs read_only=True")
-    con = duckdb.connect(str(db), read_only=read_only)
+    con = _open(db, read_only=read_only)
     try:
         con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
         if sandbox:

@@ -470,10 +470,39 @@ def load_model(
         UnknownModelError: unknown name (close matches listed) or not a checkpoint.
         WeightsUnavailableError: pretrained weights need a network that is not there.
     """
-    source = Path(name_or_path)
+    cfg, checkpoint, meta_config = _resolve_source(name_or_path, weights)
+    pretrained = checkpoint is None and weights == "default"
+    names = _class_names(cfg, class_names, num_classes, meta_config, pretrained)
+    module = _build_module(cfg, len(names), pretrained, checkpoint, meta_config, resolve_device(device))
+    layer = target_layer or meta_config.get("target_layer") or cfg.target_layer
+    if layer is None:
+        raise ValueError(f"{cfg.name} has no default target layer; pass target_layer=")
+    spec = cfg.preprocess.with_overrides(meta_config.get("preprocess"))
+    if checkpoint is not None:
+        model_id = f"{cfg.name}:{checkpoint.stem}@{file_digest(checkpoint, 12)}"
+    else:
+        model_id = f"{cfg.name}:{cfg.weights}" if pretrained else f"{cfg.name}:random"
+    return LoadedModel(
+        model_id=model_id,
+        module=module,
+        target_layer=resolve_layer_name(module, layer),
+        preprocess=spec.build(),
+        class_names=names,
+        output=meta_config.get("output", cfg.output),
+        token_grid=cfg.token_grid or TokenGrid.detect(module),
+        input_size=(spec.crop, spec.crop),
+        config=cfg,
+        metadata=meta_config,
+    )
+
+
+def _resolve_source(
+    name_or_path: str | Path, weights: str | Path | None
+) -> tuple[ModelConfig, Path | None, dict[str, Any]]:
+    """The registered config, the checkpoint file to load (if any) and its recorded metadata."""
+    source, name = Path(name_or_path), str(name_or_path)
     meta_config: dict[str, Any] = {}
     checkpoint: Path | None = None
-    name = str(name_or_path)
     if name in MODELS:
         cfg = MODELS[name]
     elif source.suffix == ".safetensors":
@@ -500,15 +529,23 @@ def load_model(
             f"unknown model {name!r}.{hint} Registered: {', '.join(list_models())}; "
             "or pass a .safetensors checkpoint"
         )
-
     if checkpoint is None and weights not in ("default", "none", None):
         checkpoint = Path(weights)
         if checkpoint.suffix == ".safetensors":
             meta_config = read_checkpoint_metadata(checkpoint)[1]
     if checkpoint is not None and not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
-    pretrained = checkpoint is None and weights == "default"
+    return cfg, checkpoint, meta_config
 
+
+def _class_names(
+    cfg: ModelConfig,
+    class_names: Sequence[str] | None,
+    num_classes: int | None,
+    meta_config: dict[str, Any],
+    pretrained: bool,
+) -> list[str]:
+    """The output classes' names: given, recorded in the checkpoint, ImageNet's, or ``class_<i>``."""
     names = list(class_names) if class_names is not None else meta_config.get("class_names")
     n_classes = num_classes or meta_config.get("num_classes") or (len(names) if names else cfg.num_classes)
     if n_classes is None:
@@ -527,7 +564,18 @@ def load_model(
             f"the pretrained {cfg.name} weights have {cfg.num_classes} classes, not {n_classes}; "
             "use weights='none' or a local checkpoint"
         )
+    return list(names)
 
+
+def _build_module(
+    cfg: ModelConfig,
+    n_classes: int,
+    pretrained: bool,
+    checkpoint: Path | None,
+    meta_config: dict[str, Any],
+    device: torch.device,
+) -> nn.Module:
+    """The network in eval mode with its weights; an edited checkpoint gets its suppression attached."""
     cfg_for_build = dataclasses.replace(
         cfg, model_kwargs={**cfg.model_kwargs, **meta_config.get("model_kwargs", {})}
     )
@@ -541,29 +589,9 @@ def load_model(
         ) from exc
     if checkpoint is not None:
         _load_state(module, checkpoint)
-    module = module.to(resolve_device(device)).eval()
+    module = module.to(device).eval()
     if "suppress" in meta_config:  # an edited model (textcam.intervene): the same weights, channels replaced
         from textcam.intervene import Suppression
 
         Suppression.from_config(meta_config["suppress"]).attach(module)
-
-    layer = target_layer or meta_config.get("target_layer") or cfg.target_layer
-    if layer is None:
-        raise ValueError(f"{cfg.name} has no default target layer; pass target_layer=")
-    spec = cfg.preprocess.with_overrides(meta_config.get("preprocess"))
-    if checkpoint is not None:
-        model_id = f"{cfg.name}:{checkpoint.stem}@{file_digest(checkpoint, 12)}"
-    else:
-        model_id = f"{cfg.name}:{cfg.weights}" if pretrained else f"{cfg.name}:random"
-    return LoadedModel(
-        model_id=model_id,
-        module=module,
-        target_layer=resolve_layer_name(module, layer),
-        preprocess=spec.build(),
-        class_names=names,
-        output=meta_config.get("output", cfg.output),
-        token_grid=cfg.token_grid or TokenGrid.detect(module),
-        input_size=(spec.crop, spec.crop),
-        config=cfg,
-        metadata=meta_config,
-    )
+    return module
