@@ -412,85 +412,37 @@ def explain_shard(
     loader_workers: int = 2,
     feed: ShardFeed | None = None,
 ) -> ShardResult:
-    """Explain every image of ``shard`` and write its explanations and errors files.
+    """Explain every image of ``shard`` and write its explanations and errors files (``feed``: read the
+    images from a :class:`ShardFeed` when it holds them next).
 
-    ``feed``: read the shard's images from a :class:`ShardFeed` when it holds them next.
-
-    Skips the work when a finished file for this shard (same fingerprint) already exists in
-    ``explanations/`` (validated earlier) or in ``staging/`` (written, not yet validated).
-    Unreadable images become rows of the errors file (stage ``explain``); any other exception
-    propagates, so the task fails (and is retried) without leaving a partial file behind.
-    """
+    Skips the work when a finished file for this shard (same fingerprint) exists in ``explanations/``
+    (validated) or ``staging/`` (not yet validated). Unreadable images become rows of the errors file
+    (stage ``explain``); any other exception propagates, so the task fails (and is retried) without
+    leaving a partial file behind."""
     run = RunDir(run_dir)
     staged, errors_path = run.shard("staging", shard.shard_id), run.shard("errors", shard.shard_id)
     t0 = time.perf_counter()
     done = finished_file(shard, run_dir)
     if done is not None:
         counts = read_counts(done)
+        n = (counts.get(k, 0) for k in ("n_explained", "n_rows", "n_errors"))
         return ShardResult(
-            shard.shard_id,
-            str(done),
-            str(errors_path),
-            len(shard),
-            counts.get("n_explained", 0),
-            counts.get("n_rows", 0),
-            counts.get("n_errors", 0),
-            time.perf_counter() - t0,
-            reused=True,
+            shard.shard_id, str(done), str(errors_path), len(shard), *n, time.perf_counter() - t0, reused=True
         )
-
     runtime = get_runtime(spec)
     meta = {
         FINGERPRINT_KEY: shard.fingerprint.encode(),
         b"textcam.shard_id": shard.shard_id.encode(),
         b"textcam.run_id": run_id.encode(),
     }
-    constant = {
-        "run_id": run_id,
-        "model_id": runtime.model.model_id,
-        "layer": runtime.layer,
-        "bank_id": runtime.bank_id,
-        "clip_id": runtime.clip_id,
-    }
     writer = AtomicParquetWriter(staged, EXPLANATIONS, meta)
-    error_rows: list[dict[str, Any]] = []
-    explained = 0
     try:
         batches = (feed.take(shard) if feed is not None else None) or _batches(
             shard, runtime, batch_size, loader_workers
         )
-        for batch in batches:
-            for index, reason in batch.failed:
-                ref = shard.images[index]
-                record = {"image_id": ref.image_id, "path": ref.path, "label": ref.label}
-                error_rows.append(error_row(run_id, ref.image_id, ref.path, "explain", reason, record))
-            if not batch.indices.numel():
-                continue
-            pixels = batch.tensors[0].to(runtime.device, non_blocking=True)
-            with runtime.lock:
-                explanations = _explain(runtime, pixels, batch.tensors[1:])
-            per_image = len(explanations) // batch.indices.numel()
-            rows = []
-            for k, expl in enumerate(explanations):
-                ref = shard.images[int(batch.indices[k // per_image])]
-                rows.append(
-                    {
-                        **constant,
-                        "image_id": ref.image_id,
-                        "path": ref.path,
-                        "label": ref.label,
-                        **expl.to_record(),
-                    }
-                )
-            writer.write(rows)
-            explained += batch.indices.numel()
-        counts = {
-            "n_images": len(shard),
-            "n_explained": explained,
-            "n_rows": writer.rows,
-            "n_errors": len(error_rows),
-        }
-        blob = {COUNTS_KEY: json.dumps(counts).encode()}
+        explained, error_rows = _write_explanations(runtime, shard, run_id, batches, writer)
+        counts = {"n_images": len(shard), "n_explained": explained, "n_rows": writer.rows}
+        blob = {COUNTS_KEY: json.dumps({**counts, "n_errors": len(error_rows)}).encode()}
         # Errors first: the explanations file is the commit point that marks the shard as done.
         err_writer = AtomicParquetWriter(errors_path, ERRORS, meta)
         err_writer.write(error_rows)
@@ -510,3 +462,45 @@ def explain_shard(
         time.perf_counter() - t0,
         reused=False,
     )
+
+
+def _write_explanations(
+    runtime: Runtime, shard: Shard, run_id: str, batches: Iterator[Any], writer: AtomicParquetWriter
+) -> tuple[int, list[dict[str, Any]]]:
+    """Explain each batch and write its rows; returns the images explained and the error rows of the
+    images that could not be read."""
+    constant = {
+        "run_id": run_id,
+        "model_id": runtime.model.model_id,
+        "layer": runtime.layer,
+        "bank_id": runtime.bank_id,
+        "clip_id": runtime.clip_id,
+    }
+    error_rows: list[dict[str, Any]] = []
+    explained = 0
+    for batch in batches:
+        for index, reason in batch.failed:
+            ref = shard.images[index]
+            record = {"image_id": ref.image_id, "path": ref.path, "label": ref.label}
+            error_rows.append(error_row(run_id, ref.image_id, ref.path, "explain", reason, record))
+        if not batch.indices.numel():
+            continue
+        pixels = batch.tensors[0].to(runtime.device, non_blocking=True)
+        with runtime.lock:
+            explanations = _explain(runtime, pixels, batch.tensors[1:])
+        per_image = len(explanations) // batch.indices.numel()
+        rows = []
+        for k, expl in enumerate(explanations):
+            ref = shard.images[int(batch.indices[k // per_image])]
+            rows.append(
+                {
+                    **constant,
+                    "image_id": ref.image_id,
+                    "path": ref.path,
+                    "label": ref.label,
+                    **expl.to_record(),
+                }
+            )
+        writer.write(rows)
+        explained += batch.indices.numel()
+    return explained, error_rows

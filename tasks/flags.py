@@ -158,21 +158,22 @@ def _load_scores(
     """Images (with class codes), phrase × direction columns, and the sparse score triplets.
 
     ``max_images``: above it, the images of a class-stratified sample of about that size (each class keeps
-    its share, and at least ``min(its size, NULL_FLOOR)``; chosen by a hash of the image id, so the same on
-    every run), which keeps the null's memory flat in the number of images."""
+    about its share, and about ``min(its size, NULL_FLOOR)`` at least; chosen by a hash of the image id, so
+    the same on every run), which keeps the null's memory flat in the number of images."""
     n = con.execute("SELECT count(*) FROM predictions").fetchall()[0][0]
-    keep = "true"
-    if max_images is not None and n > max_images:
-        keep = f"_r <= greatest(ceil(_n * {max_images / n!r}), least(_n, {NULL_FLOOR}))"
+    share = 1.0 if max_images is None or n <= max_images else max_images / n
+    # A class keeps an image with probability max(share, floor / its size), decided by a hash of the
+    # image id: a streaming filter, no sort over the run's images.
     images = con.sql(
         f"""
-        SELECT image_id, class_name, k, (row_number() OVER (ORDER BY image_id) - 1)::INTEGER AS i
-        FROM (
-            SELECT image_id, class_name, (dense_rank() OVER (ORDER BY class_name) - 1)::INTEGER AS k,
-                   row_number() OVER (PARTITION BY class_name ORDER BY hash(image_id), image_id) AS _r,
-                   count(*) OVER (PARTITION BY class_name) AS _n
-            FROM predictions
-        ) WHERE {keep}
+        WITH classes AS (
+            SELECT class_name, (row_number() OVER (ORDER BY class_name) - 1)::INTEGER AS k,
+                   greatest({share!r}, least(1.0, {NULL_FLOOR} / count(*))) AS keep
+            FROM predictions GROUP BY class_name
+        )
+        SELECT p.image_id, p.class_name, c.k, (row_number() OVER (ORDER BY p.image_id) - 1)::INTEGER AS i
+        FROM predictions p JOIN classes c USING (class_name)
+        WHERE c.keep >= 1.0 OR hash(p.image_id) % 1000003 < c.keep * 1000003
         ORDER BY i
         """
     ).df()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,8 +79,7 @@ def intervene(
 ) -> pd.DataFrame:
     """One row per flag (the :data:`INTERVENTIONS` columns); writes the edited checkpoints and
     ``RUN_DIR/interventions.parquet``. ``probe`` is the bank's :class:`textcam.bank.ProbeSet`."""
-    from textcam.intervene import Suppression, concept_channels, group_accuracy, layer_features
-    from textcam.models import save_edited_checkpoint
+    from textcam.intervene import layer_features
     from textcam.visibility import PhraseVisibility
 
     run_dir = Path(run_dir)
@@ -97,55 +97,11 @@ def intervene(
     labelled = images.labels >= 0
     means = feats.mean(0)
     rng = np.random.default_rng(seed)
-    rows = []
-    for f in flags.itertuples():
-        cc = concept_channels(bank.directions, text, phrases, f.phrase)
-        values = tuple(float(v) for v in means[list(cc.channels)]) if mode == "mean" else ()
-        s = Suppression(layer, cc.channels, mode, values, note=f"{f.class_name}: {f.phrase}")  # type: ignore[arg-type]
-        safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
-        checkpoint = save_edited_checkpoint(model, out / f"{safe}.safetensors", s)
-        row = {
-            "run_id": run_dir.name,
-            "class_name": f.class_name,
-            "phrase": f.phrase,
-            "mode": mode,
-            "n_channels": len(cc.channels),
-            "channels": list(cc.channels),
-            "null_threshold": cc.threshold,
-            "expected_by_chance": cc.expected_by_chance,
-            "n_images": int(labelled.sum()),
-            "checkpoint": str(checkpoint),
-        }
-        if labelled.any() and cc.channels:
-            p = list(phrases).index(f.phrase)
-            cls = int(f.class_index)
-            lab, present = images.labels[labelled], presence[labelled, p]
-            before = group_accuracy(pred0[labelled], lab, present, cls)
-            after_logits, _ = layer_features(model.module, layer, images.x, suppression=s)
-            after = group_accuracy(after_logits.argmax(1).numpy()[labelled], lab, present, cls)
-            random = []
-            for _ in range(RANDOM_DRAWS):
-                pick = tuple(
-                    int(c) for c in rng.choice(bank.directions.shape[0], len(cc.channels), replace=False)
-                )
-                r = Suppression(
-                    layer, pick, mode, tuple(float(v) for v in means[list(pick)]) if mode == "mean" else ()
-                )  # type: ignore[arg-type]
-                r_logits, _ = layer_features(model.module, layer, images.x, suppression=r)
-                random.append(group_accuracy(r_logits.argmax(1).numpy()[labelled], lab, present, cls))
-            row |= {
-                "accuracy_before": before["accuracy"],
-                "accuracy_after": after["accuracy"],
-                "conflicting_before": before["conflicting"],
-                "conflicting_after": after["conflicting"],
-                "worst_group_before": before["worst_group"],
-                "worst_group_after": after["worst_group"],
-                "random_conflicting_after": float(np.nanmean([r["conflicting"] for r in random])),
-                "reliance_before": before["reliance"],
-                "reliance_after": after["reliance"],
-                "random_reliance_after": float(np.nanmean([r["reliance"] for r in random])),
-            }
-        rows.append(row)
+    base = _Baseline(images, pred0, presence, labelled, means, layer, mode)
+    rows = [
+        _flag_row(f, model, bank, phrases, text, base, out, rng) | {"run_id": run_dir.name}
+        for f in flags.itertuples()
+    ]
     table = pa.Table.from_pylist(rows, schema=INTERVENTIONS)
     con = open_writable(run_dir)
     try:
@@ -154,6 +110,95 @@ def intervene(
     finally:
         con.close()
     return table.to_pandas()
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """The unedited model on the labelled probe images, and how suppression is done."""
+
+    images: ProbeImages
+    pred: np.ndarray
+    presence: np.ndarray
+    labelled: np.ndarray
+    means: torch.Tensor
+    layer: str
+    mode: str
+
+
+def _flag_row(
+    f: Any,
+    model: Any,
+    bank: Any,
+    phrases: Sequence[str],
+    text: torch.Tensor,
+    base: _Baseline,
+    out: Path,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One flag: its channels, the edited checkpoint, and the group accuracies before and after (beside
+    as many random channels)."""
+    from textcam.intervene import concept_channels, group_accuracy, layer_features
+    from textcam.models import save_edited_checkpoint
+
+    cc = concept_channels(bank.directions, text, phrases, f.phrase)
+    s = _suppression(base.layer, cc.channels, base.mode, base.means, note=f"{f.class_name}: {f.phrase}")
+    safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
+    row = {
+        "class_name": f.class_name,
+        "phrase": f.phrase,
+        "mode": base.mode,
+        "n_channels": len(cc.channels),
+        "channels": list(cc.channels),
+        "null_threshold": cc.threshold,
+        "expected_by_chance": cc.expected_by_chance,
+        "n_images": int(base.labelled.sum()),
+        "checkpoint": str(save_edited_checkpoint(model, out / f"{safe}.safetensors", s)),
+    }
+    if not (base.labelled.any() and cc.channels):
+        return row
+    lab = base.labelled
+    groups = (base.images.labels[lab], base.presence[lab, list(phrases).index(f.phrase)], int(f.class_index))
+
+    def accuracy(suppression: Any) -> dict[str, float]:
+        logits, _ = layer_features(model.module, base.layer, base.images.x, suppression=suppression)
+        return group_accuracy(logits.argmax(1).numpy()[lab], *groups)
+
+    n_all, k = bank.directions.shape[0], len(cc.channels)
+    random = [
+        accuracy(
+            _suppression(
+                base.layer, tuple(int(c) for c in rng.choice(n_all, k, replace=False)), base.mode, base.means
+            )
+        )
+        for _ in range(RANDOM_DRAWS)
+    ]
+    return row | _figures(group_accuracy(base.pred[lab], *groups), accuracy(s), random)
+
+
+def _suppression(
+    layer: str, channels: tuple[int, ...], mode: str, means: torch.Tensor, note: str = ""
+) -> Any:
+    """Zero the channels, or hold them at their probe mean."""
+    from textcam.intervene import Suppression
+
+    values = tuple(float(v) for v in means[list(channels)]) if mode == "mean" else ()
+    return Suppression(layer, channels, mode, values, note=note)  # type: ignore[arg-type]
+
+
+def _figures(before: dict, after: dict, random: list[dict]) -> dict[str, float]:
+    """The INTERVENTIONS columns of one flag: before and after suppression, and the random channels."""
+    return {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "conflicting_before": before["conflicting"],
+        "conflicting_after": after["conflicting"],
+        "worst_group_before": before["worst_group"],
+        "worst_group_after": after["worst_group"],
+        "random_conflicting_after": float(np.nanmean([r["conflicting"] for r in random])),
+        "reliance_before": before["reliance"],
+        "reliance_after": after["reliance"],
+        "random_reliance_after": float(np.nanmean([r["reliance"] for r in random])),
+    }
 
 
 def intervene_run(

@@ -206,73 +206,69 @@ def _validate(
     good: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-
-    def reject(i: int, row: dict[str, Any], reason: str, path: str = "", image_id: str = "") -> None:
-        bad.append(error_row(run_id, image_id, path, STAGE, f"row {i}: {reason}", _row_json(row)))
-
     for i, row in enumerate(records):
-        raw = row.get("path")
-        if _is_missing(raw) or (isinstance(raw, str) and not raw.strip()):
-            reject(i, row, "no path")
-            continue
-        if not isinstance(raw, str):
-            reject(i, row, f"path must be a string, got {type(raw).__name__} {raw!r}", path=str(raw))
-            continue
-        if "\x00" in raw:
-            reject(i, row, "path contains a NUL byte", path=raw.replace("\x00", "\\0"))
-            continue
-        column = _not_utf8(row)
-        if column is not None:
-            # Parquet stores UTF-8 only; an escaped name would not open the file, a guessed decoding
-            # might open another one. The row is recorded, the file must be renamed.
-            reject(i, row, f"{column!r} is not valid UTF-8: {_printable(row[column])}", _printable(raw))
-            continue
-        text = raw.strip().replace("\\", "/")
-        full = Path(posixpath.normpath(text)) if posixpath.isabs(text) else root / normalise_path(text)
         try:
-            rel = full.relative_to(root).as_posix()
-        except ValueError:
-            rel = full.as_posix()  # outside the root: the absolute path is the identity
-        image_id = image_id_for(rel)
-        path = full.as_posix()
-        if image_id in seen:
-            reject(i, row, f"duplicate of row {seen[image_id]} (same normalised path)", path, image_id)
+            checked = _checked_row(row, root, class_set, check_files, seen)
+        except _Rejected as r:
+            bad.append(error_row(run_id, r.image_id, r.path, STAGE, f"row {i}: {r.reason}", _row_json(row)))
             continue
-        label, reason = _as_label(row.get("label"))
-        if reason:
-            reject(i, row, reason, path, image_id)
-            continue
-        if class_set is not None and label is not None and label not in class_set:
-            reject(i, row, f"label {label!r} is not one of the {len(class_set)} classes", path, image_id)
-            continue
-        split = row.get("split")
-        if _is_missing(split):
-            split = None
-        elif not isinstance(split, str):
-            reject(i, row, f"split must be a string, got {type(split).__name__} {split!r}", path, image_id)
-            continue
-        if check_files:
-            try:
-                if not full.is_file():
-                    reject(i, row, _missing_reason(full), path, image_id)
-                    continue
-            except OSError as exc:  # e.g. a name too long for the file system
-                reject(i, row, f"cannot check file: {exc.strerror or exc}", path, image_id)
-                continue
-        seen[image_id] = i
-        good.append(
-            {
-                "image_id": image_id,
-                "path": path,
-                "label": label,
-                "split": split,
-                **{c: row[c] for c in meta_columns},
-            }
-        )
-
+        seen[checked["image_id"]] = i
+        good.append({**checked, **{c: row[c] for c in meta_columns}})
     images = _images_table(good, frame, meta_columns)
     errors = pa.Table.from_pylist(bad, schema=ERRORS)
     return Manifest(root=root, images=images, errors=errors, n_rows=len(records))
+
+
+class _Rejected(Exception):
+    """A manifest row that cannot be audited, with why."""
+
+    def __init__(self, reason: str, path: str = "", image_id: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.path, self.image_id = reason, path, image_id
+
+
+def _checked_row(
+    row: dict[str, Any], root: Path, class_set: set[str] | None, check_files: bool, seen: dict[str, int]
+) -> dict[str, Any]:
+    """The row's image id, normalised path, label and split; raises :class:`_Rejected`."""
+    raw = row.get("path")
+    if _is_missing(raw) or (isinstance(raw, str) and not raw.strip()):
+        raise _Rejected("no path")
+    if not isinstance(raw, str):
+        raise _Rejected(f"path must be a string, got {type(raw).__name__} {raw!r}", str(raw))
+    if "\x00" in raw:
+        raise _Rejected("path contains a NUL byte", raw.replace("\x00", "\\0"))
+    column = _not_utf8(row)
+    if column is not None:
+        # Parquet stores UTF-8 only; an escaped name would not open the file, a guessed decoding
+        # might open another one. The row is recorded, the file must be renamed.
+        raise _Rejected(f"{column!r} is not valid UTF-8: {_printable(row[column])}", _printable(raw))
+    text = raw.strip().replace("\\", "/")
+    full = Path(posixpath.normpath(text)) if posixpath.isabs(text) else root / normalise_path(text)
+    try:
+        rel = full.relative_to(root).as_posix()
+    except ValueError:
+        rel = full.as_posix()  # outside the root: the absolute path is the identity
+    image_id, path = image_id_for(rel), full.as_posix()
+    if image_id in seen:
+        raise _Rejected(f"duplicate of row {seen[image_id]} (same normalised path)", path, image_id)
+    label, reason = _as_label(row.get("label"))
+    if reason:
+        raise _Rejected(reason, path, image_id)
+    if class_set is not None and label is not None and label not in class_set:
+        raise _Rejected(f"label {label!r} is not one of the {len(class_set)} classes", path, image_id)
+    split = row.get("split")
+    if _is_missing(split):
+        split = None
+    elif not isinstance(split, str):
+        raise _Rejected(f"split must be a string, got {type(split).__name__} {split!r}", path, image_id)
+    if check_files:
+        try:
+            if not full.is_file():
+                raise _Rejected(_missing_reason(full), path, image_id)
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise _Rejected(f"cannot check file: {exc.strerror or exc}", path, image_id) from None
+    return {"image_id": image_id, "path": path, "label": label, "split": split}
 
 
 def _missing_reason(path: Path) -> str:

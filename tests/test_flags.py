@@ -402,8 +402,8 @@ def test_class_similarities_match_one_class_at_a_time() -> None:
 
 def test_the_null_on_a_stratified_sample_agrees_with_the_full_null(tmp_path: Path, class_text) -> None:
     """Above ``null_images`` the explanations' null uses a class-stratified, hash-chosen sample: every
-    class keeps its share (at least NULL_FLOOR images), the sample is the same on every call, and the
-    thresholds and flags agree with the full null."""
+    class keeps about its share (and about NULL_FLOOR images at least), the sample is the same on every
+    call, and the thresholds and flags agree with the full null."""
     import duckdb
 
     from tasks.flags import NULL_FLOOR
@@ -418,12 +418,14 @@ def test_the_null_on_a_stratified_sample_agrees_with_the_full_null(tmp_path: Pat
     floor, _, _ = _load_scores(con, 300)
     full, _, full_trip = _load_scores(con)
     con.close()
-    assert len(full) == 3 * n and images["class_name"].value_counts().tolist() == [NULL_FLOOR] * 3
-    assert len(floor) == 3 * NULL_FLOOR  # a class never drops below the floor
+    assert len(full) == 3 * n
+    kept = images["class_name"].value_counts()  # each class about its share, 1000 of 3000
+    assert len(kept) == 3 and kept.between(0.9 * NULL_FLOOR, 1.1 * NULL_FLOOR).all()
+    assert floor["class_name"].value_counts().between(0.9 * NULL_FLOOR, 1.1 * NULL_FLOOR).all()  # the floor
     assert images["image_id"].tolist() == again["image_id"].tolist()
-    assert set(trip["i"]) == set(range(3 * NULL_FLOOR)) and len(trip) < len(full_trip)
-    # The 0.99 quantile of 200 maxima moves by ~0.3 between permutation seeds; the sample must not move
-    # it more than that, on average over seeds.
+    assert set(trip["i"]) == set(range(len(images))) and len(trip) < len(full_trip)
+    # The 0.99 quantile of 200 maxima moves by ~0.3 between permutation seeds; averaged over three seeds
+    # the sample must stay within that (a sample of 100 images a class raised it by ~0.5).
     key = ["class_name", "phrase", "direction"]
     thresholds, flags = {}, {}
     for null in (3 * NULL_FLOOR, None):
@@ -432,4 +434,4 @@ def test_the_null_on_a_stratified_sample_agrees_with_the_full_null(tmp_path: Pat
         assert all(r[key].equals(flags[null]) for r in runs)
         thresholds[null] = np.mean([r.groupby("class_name")["threshold"].first().mean() for r in runs])
     assert flags[3 * NULL_FLOOR].equals(flags[None])
-    assert abs(thresholds[3 * NULL_FLOOR] - thresholds[None]) < 0.1
+    assert abs(thresholds[3 * NULL_FLOOR] - thresholds[None]) < 0.25

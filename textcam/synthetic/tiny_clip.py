@@ -331,6 +331,16 @@ def _lr_at(step: int, total: int, train: ClipTrainConfig) -> float:
     return float(train.lr * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
+def _optimizer(model: nn.Module, train: ClipTrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+    )
+
+
 def train_tiny_clip(
     scene: SceneConfig, train: ClipTrainConfig, out_dir: str | Path, progress: bool = True
 ) -> dict[str, Any]:
@@ -350,12 +360,7 @@ def train_tiny_clip(
     model_cfg["vision_cfg"]["image_size"] = scene.image_size
     torch.manual_seed(train.seed)
     model = _create(model_cfg)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr,
-    )
+    opt = _optimizer(model, train)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
 
     total = train.epochs * train.steps_per_epoch
