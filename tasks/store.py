@@ -130,8 +130,11 @@ def _table_files(run_dir: Path) -> dict[str, tuple[list[Path], pa.Schema, bool]]
     return tables
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, *, temporary: bool) -> None:
-    """Views over the Parquet files; an absent table becomes an empty view typed by its declared schema."""
+def _create_views(
+    con: duckdb.DuckDBPyConnection, run_dir: Path, *, temporary: bool, materialize: bool = False
+) -> None:
+    """Views over the Parquet files; an absent table becomes an empty view typed by its declared schema.
+    ``materialize``: ``image_phrases`` as a table (the build)."""
     kind = "TEMPORARY VIEW" if temporary else "VIEW"
     for name, (files, schema, extra) in _table_files(run_dir).items():
         if files:
@@ -154,16 +157,27 @@ def _create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, *, temporary: b
         QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY run_id, path) = 1
         """
     )
-    # s(x, p, d) for the selected phrases; a phrase selected twice in one explanation is summed.
+    # s(x, p, d) for the selected phrases; a phrase selected twice in one explanation is summed. The
+    # build stores it as a table: every aggregate reads it, and as a view each read would deduplicate
+    # and unnest every explanation again (at a million images, half a GB of DuckDB memory per query).
+    if temporary and _has_table(con, "image_phrases"):
+        return
     con.execute(
         f"""
-        CREATE OR REPLACE {kind} image_phrases AS
+        CREATE OR REPLACE {"TABLE" if materialize else kind} image_phrases AS
         SELECT p.image_id, p.class_name, p.class_index, p.labelled, p.misclassified,
                u.ph.text AS phrase, u.ph.direction AS direction, sum(abs(u.ph.score))::DOUBLE AS score
         FROM predictions AS p, unnest(p.phrases) AS u(ph)
         GROUP BY ALL
         """
     )
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    query = (
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_type = 'BASE TABLE'"
+    )
+    return con.execute(query, [name]).fetchall()[0][0] > 0
 
 
 _CONCEPT_STATS_SQL = """
@@ -287,12 +301,12 @@ def build_duckdb(run_dir: str | Path) -> Path:
     try:
         con.execute(f"SET file_search_path = {_literal(str(run_dir))}")
         limit_memory(con)
-        _create_views(con, run_dir, temporary=False)
-        con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         # One thread: parallel aggregation sums floats in a varying order, and the same explanations
         # must give bit-identical statistics and flags (measured: z_lift differing in the last ulp).
         threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
         con.execute("SET threads = 1")
+        _create_views(con, run_dir, temporary=False, materialize=True)
+        con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
         con.execute(f"SET threads = {int(threads)}")
         for name, schema in (
