@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.calibrate import BankFiles, prepare_bank, probe_paths
+from tasks.calibrate import BankFiles, prepare_bank, probe_paths, runtime_spec
 from tasks.config import AuditConfig, from_mapping
 from tasks.explain_shard import RuntimeSpec, ShardFeed, ShardResult, explain_shard, finished_file
 from tasks.flag_inputs import flag_run
@@ -331,7 +331,7 @@ def explain_all(
         plan_shards_task(manifest.images, cfg.shard_size, run)  # sweeps what a killed run left
     with timer.stage("explain"), _runner_environment(cfg):
         outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
-            RuntimeSpec.for_run(cfg, bank),
+            runtime_spec(cfg, bank),
             run,
             cfg.shard_size,
             cfg.batch_size,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tasks.config import AuditConfig
 from tasks.rundir import RunDir
 from textcam.io import atomic_path
 from textcam.synthetic import BiasSpec, World, WorldConfig, build_world
+from textcam.synthetic.cache import write_json
 from textcam.synthetic.config import DEMO_BIAS
 
 #: Per-class concept frequencies: the query the README shows for ``textcam sql``.
@@ -177,7 +177,7 @@ def print_world(world: World, title: str) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flows.demo",
         description=__doc__.split("\n\n")[0] + " Builds the synthetic world, audits a biased and a "
@@ -207,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="training seed of the world's tiny CLIP (default 0; the checks must pass for any seed)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     t0 = time.perf_counter()
     bias = BiasSpec.parse(args.bias)
@@ -236,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSQL over the explanations, e.g. per-class concept frequencies:")
     print(f'   .venv/bin/textcam sql {summaries["biased"]["run_dir"]} "{CONCEPT_QUERY}"')
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
-    (out / "demo.json").write_text(
-        json.dumps({"ok": ok, "runs": {k: v["run_dir"] for k, v in summaries.items()}}, indent=2)
-    )
+    write_json(out / "demo.json", {"ok": ok, "runs": {k: v["run_dir"] for k, v in summaries.items()}})
     if not ok:
         print("\nSOME CHECKS FAILED (see [FAIL] above); the audits themselves completed.")
     return 0 if ok else 1

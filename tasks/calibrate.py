@@ -21,10 +21,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import AuditConfig
-from tasks.explain_shard import load_phrases, save_phrases
+from tasks.explain_shard import RuntimeSpec, load_phrases, save_phrases
 from tasks.rundir import PROBE_NAME, VISIBILITY_NAME, RunDir
 from textcam.io import atomic_path
 
@@ -96,9 +96,30 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
+    """The explainer of ``cfg`` over the run's bank; phrases checked with CLIP only when its weights
+    are trained (random weights see nothing)."""
+    check = cfg.check_phrases and cfg.trained_clip
+    return RuntimeSpec(
+        model=cfg.model,
+        weights=cfg.weights,
+        bank_path=bank.bank_path,
+        phrases_path=bank.phrases_path,
+        method=cfg.method,
+        top_k=cfg.top_k,
+        n_phrases=cfg.n_phrases,
+        n_groups=cfg.n_groups,
+        device=cfg.device,
+        torch_threads=cfg.torch_threads,
+        visibility_path=bank.visibility_path if check else None,
+        clip=cfg.clip if check else None,
+        clip_pretrained=cfg.clip_pretrained if check else None,
+    )
+
+
 def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os.PathLike[str]) -> BankFiles:
     """Make sure ``RUN_DIR/bank/`` holds the channel bank and the phrase embeddings for ``cfg``."""
-    from textcam.bank import ChannelBank, probe_hash
+    from textcam.bank import ChannelBank
     from textcam.models import load_model
     from textcam.vocab import load_vocabulary
 
@@ -125,49 +146,59 @@ def prepare_bank(cfg: AuditConfig, probe_paths: Sequence[str], run_dir: str | os
 
     clip = load_clip(cfg.clip, cfg.clip_pretrained, device=device)
     cache = cfg.resolved_cache_dir()
+    bank, source = _bank_for(cfg, model, clip, layer, probe_paths, bank_path)
+    embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
+    save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
+    bank_path.with_name(VISIBILITY_NAME).unlink(missing_ok=True)  # fitted for the old phrases or probe
+    return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)
+
+
+def _bank_for(
+    cfg: AuditConfig, model: Any, clip: Any, layer: str, probe_paths: Sequence[str], bank_path: Path
+) -> tuple[ChannelBank, str]:
+    """The bank and its probe set in ``bank_path``'s folder: copied from the cache, or calibrated (and
+    cached when model and CLIP can be identified again)."""
+    from textcam.bank import ChannelBank, probe_hash
+
     key = bank_key(model.model_id, layer, clip.clip_id, probe_hash(probe_paths), cfg.bank_m, cfg.shrinkage)
-    cached = cache / "banks" / f"{key}.safetensors"
+    cached = cfg.resolved_cache_dir() / "banks" / f"{key}.safetensors"
     cached_probe = cached.with_name(f"{key}.{PROBE_NAME}")
     cacheable = clip.cacheable and getattr(model, "cacheable", True)
     if cacheable and cached.is_file() and cached_probe.is_file():
         bank = ChannelBank.load(cached, model_id=model.model_id, layer=layer, clip_id=clip.clip_id)
         _copy_atomic(cached, bank_path)
         _copy_atomic(cached_probe, bank_path.with_name(PROBE_NAME))
-        source = "cache"
+        return bank, "cache"
+    log.info(
+        "calibrating a channel bank on %d probe images (%s, layer %s, %s)",
+        len(probe_paths),
+        model.model_id,
+        layer,
+        clip.clip_id,
+    )
+    bank = ChannelBank.calibrate(
+        model,
+        clip,
+        probe_paths,
+        layer=layer,
+        m=cfg.bank_m,
+        shrinkage=cfg.shrinkage,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.loader_workers,
+        device=cfg.device,
+        progress=False,
+    )
+    if bank.probe is None:
+        raise RuntimeError("calibration kept no probe set")
+    if cacheable:
+        bank.save(cached)
+        bank.probe.save(cached_probe)
+        _copy_atomic(cached, bank_path)
+        _copy_atomic(cached_probe, bank_path.with_name(PROBE_NAME))
     else:
-        log.info(
-            "calibrating a channel bank on %d probe images (%s, layer %s, %s)",
-            len(probe_paths),
-            model.model_id,
-            layer,
-            clip.clip_id,
-        )
-        bank = ChannelBank.calibrate(
-            model,
-            clip,
-            probe_paths,
-            layer=layer,
-            m=cfg.bank_m,
-            shrinkage=cfg.shrinkage,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.loader_workers,
-            device=device,
-            progress=False,
-        )
-        assert bank.probe is not None  # calibrate() always sets it
-        if cacheable:
-            bank.save(cached)
-            bank.probe.save(cached_probe)
-            _copy_atomic(cached, bank_path)
-            _copy_atomic(cached_probe, bank_path.with_name(PROBE_NAME))
-        else:
-            bank.save(bank_path)
-            bank.probe.save(bank_path.with_name(PROBE_NAME))
-        source = "calibrated"
-    embeddings = clip.encode_texts(phrases, cache_dir=cache if clip.cacheable else False)
-    save_phrases(phrases_path, phrases, embeddings, clip.clip_id)
-    bank_path.with_name(VISIBILITY_NAME).unlink(missing_ok=True)  # fitted for the old phrases or probe
-    return BankFiles.describe(bank, bank_path, phrases_path, len(phrases), source, t0)
+        bank.save(bank_path)
+        bank.probe.save(bank_path.with_name(PROBE_NAME))
+    return bank, "calibrated"
 
 
 def _add_probe(

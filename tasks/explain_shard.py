@@ -39,8 +39,6 @@ from textcam.io import atomic_path, fsync_file, temp_path
 from textcam.schema import ERRORS, EXPLANATIONS, error_row
 
 if TYPE_CHECKING:
-    from tasks.calibrate import BankFiles
-    from tasks.config import AuditConfig
     from textcam.clip import ClipEncoder
     from textcam.explain import Explainer
     from textcam.models import LoadedModel
@@ -70,27 +68,6 @@ class RuntimeSpec:
     visibility_path: str | None = None
     clip: str | None = None
     clip_pretrained: str | None = None
-
-    @classmethod
-    def for_run(cls, cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
-        """The explainer of ``cfg`` over the run's bank; phrases checked with CLIP only when its weights
-        are trained (random weights see nothing)."""
-        check = cfg.check_phrases and cfg.trained_clip
-        return cls(
-            model=cfg.model,
-            weights=cfg.weights,
-            bank_path=bank.bank_path,
-            phrases_path=bank.phrases_path,
-            method=cfg.method,
-            top_k=cfg.top_k,
-            n_phrases=cfg.n_phrases,
-            n_groups=cfg.n_groups,
-            device=cfg.device,
-            torch_threads=cfg.torch_threads,
-            visibility_path=bank.visibility_path if check else None,
-            clip=cfg.clip if check else None,
-            clip_pretrained=cfg.clip_pretrained if check else None,
-        )
 
 
 @dataclass

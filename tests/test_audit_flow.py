@@ -310,8 +310,8 @@ def _tiny_tensor(img: Any) -> Any:
 
 
 def test_shard_feed_gives_each_shard_its_own_batches(reference: dict[str, Any], world: dict) -> None:
-    from tasks.calibrate import BankFiles
-    from tasks.explain_shard import RuntimeSpec, ShardFeed, _batches, get_runtime
+    from tasks.calibrate import BankFiles, runtime_spec
+    from tasks.explain_shard import ShardFeed, _batches, get_runtime
     from tasks.shards import plan_shards
     from textcam.bank import ChannelBank
 
@@ -319,7 +319,7 @@ def test_shard_feed_gives_each_shard_its_own_batches(reference: dict[str, Any], 
     bank_dir = run_dir / "bank"
     paths = (bank_dir / "bank.safetensors", bank_dir / "phrases.safetensors")
     files = BankFiles.describe(ChannelBank.load(paths[0]), *paths, n_phrases=24, source="run_dir", t0=0.0)
-    spec = RuntimeSpec.for_run(from_mapping(world), files)
+    spec = runtime_spec(from_mapping(world), files)
     shards = plan_shards(pq.read_table(run_dir / "images.parquet"), 11, run_id=reference["run_id"])
     runtime = get_runtime(spec)
 

@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -144,40 +144,84 @@ def lda_directions(
     for start in range(0, positives.shape[0], chunk_size):
         idx = torch.cat([positives[start : start + chunk_size], negatives[start : start + chunk_size]], 1)
         c = idx.shape[0]
-        if gram is not None:
-            k = gram[idx[:, :, None], idx[:, None, :]]  # (c, 2M, 2M)
-
-            def back(w: torch.Tensor, idx: torch.Tensor = idx, c: int = c) -> torch.Tensor:
-                # Xᵀw for (c, r, 2M) weights: spread them over the probe rows, then one product.
-                dense = emb.new_zeros(c, w.shape[1], n).scatter_add_(2, idx[:, None].expand_as(w), w)
-                return (dense.view(-1, n) @ emb).view(c, w.shape[1], d)
-
-        else:
-            x = emb[idx]  # (c, 2M, D)
-            k = torch.bmm(x, x.transpose(1, 2))
-
-            def back(w: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
-                return torch.bmm(w, x)
-
+        k, back = _chunk_products(emb, gram, idx)
         w = w_delta.expand(c, 1, n2)
         if shrinkage < 1.0:
-            v = _centre_blocks(k @ w_delta, m)  # P·K·w_δ = Zδ
-            blocks = k.view(c, 2, m, 2, m)
-            row_mean = blocks.mean(dim=2, keepdim=True)
-            col_mean = blocks.mean(dim=4, keepdim=True)
-            blocks.sub_(row_mean).sub_(col_mean).add_(row_mean.mean(dim=4, keepdim=True))  # k ← PKP = ZZᵀ
-            # λ = s·tr(ZᵀZ)/(2M·D), as each class covariance is shrunk towards (tr C/D)·I (weights ½).
-            lam = (shrinkage * k.diagonal(dim1=1, dim2=2).sum(-1) / (n2 * d)).clamp_min(1e-30)
-            inner = k.div_(lam[:, None, None])
-            inner.diagonal(dim1=1, dim2=2).add_(n2 / (1.0 - shrinkage))
-            y = torch.cholesky_solve((v / lam[:, None])[..., None], torch.linalg.cholesky(inner))
-            w = torch.cat([w, (w - _centre_blocks(y[..., 0], m)[:, None])], dim=1)
+            w = torch.cat([w, _shrunk_weights(k, w_delta, m, d, shrinkage)], dim=1)
         both = back(w)  # δ and, with shrinkage < 1, Σ⁻¹δ up to the factor 1/λ
         # Identical class means (e.g. the same images on both sides) give exactly zero δ.
         dead = (both[:, 0] == 0).all(dim=1, keepdim=True)
         direction = both[:, -1].masked_fill(dead, 0.0)
         out.append(torch.nn.functional.normalize(direction, dim=1).float())
     return torch.cat(out)
+
+
+def _probe_pass(
+    model: LoadedModel,
+    clip: ClipEncoder,
+    layer: str,
+    batches: Any,
+    total: int,
+    device: str | torch.device,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over the probe images: each channel's pooled activation (N, C), the CLIP embedding (N, D),
+    the predicted class and the index of every readable image."""
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    gaps, embs, preds, kept = [], [], [], []
+    failures: list[tuple[int, str]] = []
+    bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress)
+    with capture_gap(model.module, layer, model.token_grid, model.input_size) as captured:
+        for batch in batches:
+            failures.extend(batch.failed)
+            if batch.indices.numel():
+                x_cls, x_clip = batch.tensors
+                preds.append(model.module(x_cls.to(dev)).argmax(dim=1).cpu())
+                kept.append(batch.indices.cpu())
+                gaps.append(captured.pop().cpu())
+                embs.append(clip.encode_images(x_clip).cpu())
+            bar.update(batch.indices.numel() + len(batch.failed))
+    bar.close()
+    if not gaps:
+        raise ValueError(f"no probe image could be read ({len(failures)} failures)")
+    return torch.cat(gaps), torch.cat(embs), torch.cat(preds), torch.cat(kept)
+
+
+def _chunk_products(
+    emb: torch.Tensor, gram: torch.Tensor | None, idx: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """For a chunk's (c, 2M) probe rows: the Gram blocks K = XXᵀ (c, 2M, 2M), and w ↦ Xᵀw for (c, r, 2M)
+    weights; from the probe set's Gram matrix when there is one (no (c, 2M, D) stack)."""
+    c, (n, d) = idx.shape[0], emb.shape
+    if gram is None:
+        x = emb[idx]  # (c, 2M, D)
+        return torch.bmm(x, x.transpose(1, 2)), lambda w: torch.bmm(w, x)
+
+    def back(w: torch.Tensor) -> torch.Tensor:
+        # Xᵀw: spread the weights over the probe rows, then one product.
+        dense = emb.new_zeros(c, w.shape[1], n).scatter_add_(2, idx[:, None].expand_as(w), w)
+        return (dense.view(-1, n) @ emb).view(c, w.shape[1], d)
+
+    return gram[idx[:, :, None], idx[:, None, :]], back
+
+
+def _shrunk_weights(k: torch.Tensor, w_delta: torch.Tensor, m: int, d: int, shrinkage: float) -> torch.Tensor:
+    """(c, 1, 2M) weights w_δ − P·y with Xᵀ(w_δ − P·y) ∝ Σ⁻¹δ (see :func:`lda_directions`); ``k`` (the
+    Gram blocks K) is overwritten with PKP/λ + I/c on the way."""
+    c, n2 = k.shape[0], 2 * m
+    v = _centre_blocks(k @ w_delta, m)  # P·K·w_δ = Zδ
+    blocks = k.view(c, 2, m, 2, m)
+    row_mean = blocks.mean(dim=2, keepdim=True)
+    col_mean = blocks.mean(dim=4, keepdim=True)
+    blocks.sub_(row_mean).sub_(col_mean).add_(row_mean.mean(dim=4, keepdim=True))  # k ← PKP = ZZᵀ
+    # λ = s·tr(ZᵀZ)/(2M·D), as each class covariance is shrunk towards (tr C/D)·I (weights ½).
+    lam = (shrinkage * k.diagonal(dim1=1, dim2=2).sum(-1) / (n2 * d)).clamp_min(1e-30)
+    inner = k.div_(lam[:, None, None])
+    inner.diagonal(dim1=1, dim2=2).add_(n2 / (1.0 - shrinkage))
+    y = torch.cholesky_solve((v / lam[:, None])[..., None], torch.linalg.cholesky(inner))
+    return w_delta.expand(c, 1, n2) - _centre_blocks(y[..., 0], m)[:, None]
 
 
 def _centre_blocks(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -307,36 +351,13 @@ class ChannelBank:
 
         The returned bank's ``probe`` holds the probe images' CLIP embeddings and predicted classes.
         """
-        from tqdm.auto import tqdm
-
         if m < 2:
             raise ValueError(f"m must be >= 2, got {m}")
-        dev = resolve_device(device)
         layer = layer or model.target_layer
-        gaps: list[torch.Tensor] = []
-        embs: list[torch.Tensor] = []
-        preds: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        failures: list[tuple[int, str]] = []
         batches = iter_batches(
             probe_paths, [model.preprocess, clip.preprocess], batch_size=batch_size, num_workers=num_workers
         )
-        bar = tqdm(total=len(probe_paths), desc="calibrate", unit="img", disable=not progress)
-        with capture_gap(model.module, layer, model.token_grid, model.input_size) as captured:
-            for batch in batches:
-                failures.extend(batch.failed)
-                if batch.indices.numel():
-                    x_cls, x_clip = batch.tensors
-                    preds.append(model.module(x_cls.to(dev)).argmax(dim=1).cpu())
-                    kept.append(batch.indices.cpu())
-                    gaps.append(captured.pop().cpu())
-                    embs.append(clip.encode_images(x_clip).cpu())
-                bar.update(batch.indices.numel() + len(batch.failed))
-        bar.close()
-        if not gaps:
-            raise ValueError(f"no probe image could be read ({len(failures)} failures)")
-        gap = torch.cat(gaps)
-        emb = torch.cat(embs)
+        gap, emb, pred, kept = _probe_pass(model, clip, layer, batches, len(probe_paths), device, progress)
         pos, neg = top_bottom(gap, m)
         directions = lda_directions(emb, pos, neg, shrinkage)
         meta = BankMeta(
@@ -351,7 +372,7 @@ class ChannelBank:
             embed_dim=int(directions.shape[1]),
             versions=_versions(),
         )
-        probe = ProbeSet(emb, torch.cat(preds), meta.probe_hash, clip.clip_id, torch.cat(kept))
+        probe = ProbeSet(emb, pred, meta.probe_hash, clip.clip_id, kept)
         return cls(directions, meta, probe)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 EPILOG = """examples:
   textcam layers efficientnet-lite0
@@ -189,8 +190,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from textcam.cams import METHODS
-
     parser = argparse.ArgumentParser(
         prog="textcam",
         description="TextCAM: explain in words what a vision classifier relies on, and audit datasets.",
@@ -220,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output bank file (.safetensors)")
     p.set_defaults(func=cmd_calibrate)
 
+    _add_explain_parser(sub)
+    for ep in entry_points(group="textcam.commands"):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # an optional layer (e.g. the audit extra) is not installed
+            logging.getLogger(__name__).debug("subcommand %s unavailable: %s", ep.name, exc)
+            continue
+        register(sub)
+    return parser
+
+
+def _add_explain_parser(sub: Any) -> None:
+    from textcam.cams import METHODS
+
     p = sub.add_parser("explain", help="explain images in words; writes overlays per image and group")
     p.add_argument("images", nargs="+", help="image files")
     _add_model_args(p)
@@ -241,15 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-groups", type=int, default=3)
     p.add_argument("--out", default="textcam-out", help="output folder for overlays (default textcam-out)")
     p.set_defaults(func=cmd_explain)
-
-    for ep in entry_points(group="textcam.commands"):
-        try:
-            register = ep.load()
-        except ImportError as exc:  # an optional layer (e.g. the audit extra) is not installed
-            logging.getLogger(__name__).debug("subcommand %s unavailable: %s", ep.name, exc)
-            continue
-        register(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,17 +57,9 @@ def select_phrases(
     ⟨r_t, e_p⟩ = ⟨y, e_p⟩ − Σ_q β_q ⟨e_q, e_p⟩, so one (N × D) @ (D × P) product scores the
     vocabulary and each step adds only the new phrase's similarities to the others (one product)
     plus a refit on an (N × s × s) Gram matrix. ``candidates`` restricts the steps to each row's
-    best-scoring phrases (faster for very large vocabularies, but a phrase that only becomes
-    relevant for the residual is missed); ``None`` (default) keeps the search over all P phrases.
-    """
-    if targets.dim() != 2 or vocab.dim() != 2 or targets.shape[1] != vocab.shape[1]:
-        raise ValueError(
-            f"targets (N, D) and vocab (P, D) must share D; got {tuple(targets.shape)}, {tuple(vocab.shape)}"
-        )
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if candidates is not None and candidates < 1:
-        raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
+    best-scoring phrases (faster for very large vocabularies, but a phrase that only becomes relevant
+    for the residual is missed); ``None`` (default) searches all P phrases."""
+    _check(targets, vocab, k, candidates)
     n, p = targets.shape[0], vocab.shape[0]
     k = min(k, p)
     t = p if candidates is None else min(p, max(candidates, k))
@@ -106,15 +98,34 @@ def select_phrases(
         gram = s.gather(2, picks[:, None, :steps].expand(-1, steps, -1))  # (N, s, s)
         beta = _nonneg_refit(gram, score.gather(1, picks[:, :steps]), ridge)
         corr = score - torch.bmm(beta[:, None, :], s)[:, 0]
-    idx = torch.full((n, k), -1, dtype=torch.long, device=y.device)
-    coef = score.new_zeros(n, k)
+    return _selection(sims[:, :steps], picks[:, :steps], beta, cand, k)
+
+
+def _selection(
+    sims: torch.Tensor, picks: torch.Tensor, beta: torch.Tensor, cand: torch.Tensor | None, k: int
+) -> Selection:
+    """The picks of the steps taken as vocabulary indices (−1: an unused slot), strongest first."""
+    n, steps = picks.shape
+    idx = torch.full((n, k), -1, dtype=torch.long, device=picks.device)
+    coef = beta.new_zeros(n, k)
     if steps:
-        used = sims[:, :steps].abs().sum(-1) > 0  # (N, s): slots that hold a phrase
-        column = picks[:, :steps] if cand is None else cand.gather(1, picks[:, :steps])
+        used = sims.abs().sum(-1) > 0  # (N, s): slots that hold a phrase
+        column = picks if cand is None else cand.gather(1, picks)
         idx[:, :steps] = torch.where(used, column, -1)
         coef[:, :steps] = beta.masked_fill(~used, 0.0)
     order = coef.argsort(dim=1, descending=True, stable=True)
     return Selection(idx.gather(1, order), coef.gather(1, order))
+
+
+def _check(targets: torch.Tensor, vocab: torch.Tensor, k: int, candidates: int | None) -> None:
+    if targets.dim() != 2 or vocab.dim() != 2 or targets.shape[1] != vocab.shape[1]:
+        raise ValueError(
+            f"targets (N, D) and vocab (P, D) must share D; got {tuple(targets.shape)}, {tuple(vocab.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
 
 
 def _nonneg_refit(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, iters: int = 2) -> torch.Tensor:
