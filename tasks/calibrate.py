@@ -100,17 +100,11 @@ def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
     """The explainer of ``cfg`` over the run's bank; phrases checked with CLIP only when its weights
     are trained (random weights see nothing)."""
     check = cfg.check_phrases and cfg.trained_clip
+    same = ("model", "weights", "method", "top_k", "n_phrases", "n_groups", "device", "torch_threads")
     return RuntimeSpec(
-        model=cfg.model,
-        weights=cfg.weights,
+        **cfg.model_dump(include=set(same)),
         bank_path=bank.bank_path,
         phrases_path=bank.phrases_path,
-        method=cfg.method,
-        top_k=cfg.top_k,
-        n_phrases=cfg.n_phrases,
-        n_groups=cfg.n_groups,
-        device=cfg.device,
-        torch_threads=cfg.torch_threads,
         visibility_path=bank.visibility_path if check else None,
         clip=cfg.clip if check else None,
         clip_pretrained=cfg.clip_pretrained if check else None,
@@ -176,6 +170,7 @@ def _bank_for(
         layer,
         clip.clip_id,
     )
+    loading = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers, "device": cfg.device}
     bank = ChannelBank.calibrate(
         model,
         clip,
@@ -183,9 +178,7 @@ def _bank_for(
         layer=layer,
         m=cfg.bank_m,
         shrinkage=cfg.shrinkage,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.loader_workers,
-        device=cfg.device,
+        **loading,
         progress=False,
     )
     if bank.probe is None:

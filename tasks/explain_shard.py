@@ -177,17 +177,8 @@ def _build_runtime(spec: RuntimeSpec) -> Runtime:
     model = load_model(spec.model, weights=spec.weights, device=str(device))
     phrases, embeddings = load_phrases(spec.phrases_path)
     bank = ChannelBank.load(spec.bank_path, model_id=model.model_id)
-    explainer = Explainer(
-        model,
-        bank,
-        phrases,
-        embeddings,
-        method=spec.method,
-        top_k=spec.top_k,
-        n_phrases=spec.n_phrases,
-        n_groups=spec.n_groups,
-        device=device,
-    )
+    settings = {k: getattr(spec, k) for k in ("method", "top_k", "n_phrases", "n_groups")}
+    explainer = Explainer(model, bank, phrases, embeddings, **settings, device=device)
     clip = visibility = None
     if spec.visibility_path is not None and spec.clip is not None:
         from textcam.clip import load_clip

@@ -503,15 +503,8 @@ def _evidence(
     pi = ok["phrase"].map(index).to_numpy(np.int64)
     di = (ok["direction"] == "against").to_numpy(np.int64)
     eligible[ci[:, None], pi[None, :], di[None, :]] = True
-    return evidence_grid(
-        behaviour,
-        n_classes,
-        eligible,
-        alpha=rule.alpha,
-        min_effect=rule.min_effect,
-        n_permutations=rule.n_permutations,
-        seed=rule.seed,
-    )
+    test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed"})
+    return evidence_grid(behaviour, n_classes, eligible, **test)
 
 
 def _rows(

@@ -30,6 +30,11 @@ PROBE_NAME = "probe.safetensors"
 VISIBILITY_NAME = "visibility.safetensors"
 
 
+def _at(*parts: str) -> property:
+    """A fixed path inside the run directory."""
+    return property(lambda self: self.root.joinpath(*parts), doc="RUN_DIR/" + "/".join(parts))
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -40,61 +45,30 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.root)
 
-    # files
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images.parquet"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def database(self) -> Path:
-        return self.root / "run.duckdb"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
+    config = _at("config.yaml")
+    images = _at("images.parquet")
+    summary = _at("summary.json")
+    database = _at("run.duckdb")
+    report = _at("report.html")
+    bank = _at("bank")
+    explanations = _at("explanations")
+    errors = _at("errors")
+    quarantine = _at("quarantine")
+    interventions = _at("interventions")
+    logs = _at("logs")
+    bank_file = _at("bank", "bank.safetensors")
+    phrases_file = _at("bank", "phrases.safetensors")
+    probe_file = _at("bank", PROBE_NAME)
+    visibility_file = _at("bank", VISIBILITY_NAME)
 
     def table(self, name: str) -> Path:
         """A table the analytics write as Parquet next to the database (``flags``, ``concept_stats``...)."""
         return self.root / f"{name}.parquet"
 
-    # folders
     def folder(self, name: str) -> Path:
         """One of the run's folders (see the module docstring)."""
         return self.root / name
 
-    @property
-    def bank(self) -> Path:
-        return self.root / "bank"
-
-    @property
-    def explanations(self) -> Path:
-        return self.root / "explanations"
-
-    @property
-    def errors(self) -> Path:
-        return self.root / "errors"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def interventions(self) -> Path:
-        return self.root / "interventions"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    # per shard
     def shard(self, folder: str, shard_id: str, suffix: str = "") -> Path:
         """``RUN_DIR/<folder>/<shard_id><suffix>.parquet``."""
         return self.root / folder / f"{shard_id}{suffix}.parquet"
@@ -104,20 +78,3 @@ class RunDir:
 
     def stale(self, folder: str, name: str) -> Path:
         return self.root / "stale" / folder / name
-
-    # bank files
-    @property
-    def bank_file(self) -> Path:
-        return self.bank / "bank.safetensors"
-
-    @property
-    def phrases_file(self) -> Path:
-        return self.bank / "phrases.safetensors"
-
-    @property
-    def probe_file(self) -> Path:
-        return self.bank / PROBE_NAME
-
-    @property
-    def visibility_file(self) -> Path:
-        return self.bank / VISIBILITY_NAME

@@ -102,7 +102,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         batch_size=16,
         probe_size=30,
         loader_workers=2,
-        extra={"flags": {"n_permutations": 10, "min_images": 2}},
+        flags={"n_permutations": 10, "min_images": 2},
     )
     return {"cfg": cfg, "root": root, "rows": rows, "outside": outside}
 

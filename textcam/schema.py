@@ -106,13 +106,19 @@ IMAGES = pa.schema(
 )
 
 
+#: The key of every per class × phrase × direction table.
+_CLASS_PHRASE = [
+    pa.field("class_name", pa.string(), nullable=False),
+    pa.field("class_index", pa.int32(), nullable=False),
+    pa.field("phrase", pa.string(), nullable=False),
+    pa.field("direction", pa.string(), nullable=False),
+]
+
+
 #: Per class × phrase × direction statistics (the DuckDB table ``concept_stats``).
 CONCEPT_STATS = pa.schema(
     [
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("class_index", pa.int32(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
+        *_CLASS_PHRASE,
         pa.field("n_class", pa.int64(), nullable=False),  # images predicted as the class
         pa.field("n_images", pa.int64(), nullable=False),  # ... whose explanation selected the phrase
         pa.field("frequency", pa.float64(), nullable=False),  # n_images / n_class
@@ -181,10 +187,7 @@ FLAGS = pa.schema(
 #: Every class's strongest candidates, flagged or not, and the rule that decided (``flag_candidates``).
 FLAG_CANDIDATES = pa.schema(
     [
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("class_index", pa.int32(), nullable=False),
-        pa.field("phrase", pa.string(), nullable=False),
-        pa.field("direction", pa.string(), nullable=False),
+        *_CLASS_PHRASE,
         pa.field("flagged", pa.bool_(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("frequency", pa.float64(), nullable=True),

@@ -223,12 +223,7 @@ def ensure_classifier(
         train.records["label"].to_numpy(),
         len(scene.class_names),
         ckpt_dir,
-        width=cc.width,
-        epochs=cc.epochs,
-        batch_size=cc.batch_size,
-        lr=cc.lr,
-        weight_decay=cc.weight_decay,
-        seed=cc.seed,
+        **cc.to_dict(),  # the classifier's training settings, one travelling object
         progress=progress,
     )
     save_classifier(
