@@ -386,25 +386,24 @@ def _class_index(tops: pd.DataFrame, sizes: pd.DataFrame, flags: pd.DataFrame) -
     """Every class for the report's searchable index, as JSON safe inside a <script> data block."""
     n_flags = flags.groupby("class_name").size().to_dict() if not flags.empty else {}
     columns = ["phrase", "direction", "frequency", "frequency_other", "lift", "z_lift", "flagged"]
-    by_class = {c: g for c, g in tops.groupby("class_name", sort=False)}
-    classes = []
-    for name, n in zip(sizes["class_name"], sizes["n"], strict=True):  # presentation: one entry per class
-        g = by_class.get(name)
-        rows = [] if g is None else g[columns].astype(object).where(g[columns].notna(), None).values.tolist()
-        first = {
-            d: (g[g["direction"] == d]["phrase"].head(1).tolist() or [None])[0] if g is not None else None
-            for d in ("for", "against")
+    # One pass over the rows (a pandas selection per class took 6 s at 892 classes).
+    values = tops[columns].astype(object).where(tops[columns].notna(), None).values.tolist()
+    rows_of: dict[str, list[list[Any]]] = {}
+    for name, row in zip(tops["class_name"], values, strict=True):
+        rows_of.setdefault(name, []).append(row)
+    first = tops.drop_duplicates(["class_name", "direction"]).set_index(["class_name", "direction"])["phrase"]
+    first_of = first.to_dict()
+    classes = [
+        {
+            "name": str(name),
+            "n": int(n),
+            "flags": int(n_flags.get(name, 0)),
+            "top_for": first_of.get((name, "for")),
+            "top_against": first_of.get((name, "against")),
+            "tops": rows_of.get(name, []),
         }
-        classes.append(
-            {
-                "name": str(name),
-                "n": int(n),
-                "flags": int(n_flags.get(name, 0)),
-                "top_for": first["for"],
-                "top_against": first["against"],
-                "tops": rows,
-            }
-        )
+        for name, n in zip(sizes["class_name"], sizes["n"], strict=True)  # presentation: one per class
+    ]
     classes.sort(key=lambda c: (-c["flags"], -c["n"], c["name"]))  # flagged classes first
     payload = {"columns": {c: i for i, c in enumerate(columns)}, "classes": classes}
     text = json.dumps(payload, default=float, allow_nan=False)
