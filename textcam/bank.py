@@ -32,7 +32,7 @@ from textcam import __version__
 from textcam.data import iter_batches
 from textcam.device import resolve_device
 from textcam.io import atomic_path
-from textcam.layers import TokenGrid, get_layer
+from textcam.layers import TokenGrid, forward_hook, get_layer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -88,11 +88,8 @@ def capture_gap(
             raise ValueError(f"layer {layer!r} gives a {tuple(act.shape)} output; expected B×C×h×w")
         out.append(act.float().mean(dim=(2, 3)))
 
-    handle = get_layer(module, layer).register_forward_hook(hook)
-    try:
+    with forward_hook(get_layer(module, layer), hook):
         yield out
-    finally:
-        handle.remove()
 
 
 #: Up to this many probe images, the LDA works from the probe set's Gram matrix (≤ 128 MB in float64).

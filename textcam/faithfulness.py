@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from textcam.layers import get_layer
+from textcam.layers import forward_hook, get_layer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -247,11 +247,8 @@ def _zeroed_channels(layer: nn.Module, keep: Tensor) -> Iterator[None]:
             )
         return output * keep.to(output.dtype)[:, :, None, None]
 
-    handle = layer.register_forward_hook(hook)
-    try:
+    with forward_hook(layer, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from textcam.layers import get_layer
+from textcam.layers import forward_hook, get_layer
 
 MODES = ("zero", "mean")
 
@@ -166,13 +166,10 @@ def layer_features(
         feats.append(output.float().mean(dim=(2, 3)) if output.dim() == 4 else output.float().mean(dim=1))
 
     logits = []
-    with suppressed(module, suppression):
-        handle = get_layer(module, layer).register_forward_hook(grab)  # after the suppression's hook
-        try:
-            for start in range(0, x.shape[0], batch_size):
-                logits.append(module(x[start : start + batch_size]).float())
-        finally:
-            handle.remove()
+    # grab after the suppression's hook
+    with suppressed(module, suppression), forward_hook(get_layer(module, layer), grab):
+        for start in range(0, x.shape[0], batch_size):
+            logits.append(module(x[start : start + batch_size]).float())
     return torch.cat(logits), torch.cat(feats)
 
 

@@ -16,7 +16,10 @@ Example::
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +78,16 @@ def _unknown(module: nn.Module, name: str) -> UnknownLayerError:
         f"unknown layer {name!r} in {type(module).__name__}.{hint} "
         "Run `textcam layers MODEL` to list candidate target layers."
     )
+
+
+@contextmanager
+def forward_hook(layer: nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    """``hook`` on ``layer``'s forward pass for the duration of the block, removed whatever happens."""
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def get_layer(module: nn.Module, name: str) -> nn.Module:

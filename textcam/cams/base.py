@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from textcam.layers import TokenGrid, get_layer, resolve_layer_name
+from textcam.layers import TokenGrid, forward_hook, get_layer, resolve_layer_name
 from textcam.targets import Target, as_target, unwrap_logits
 
 __all__ = [
@@ -227,11 +227,8 @@ class CamMethod:
             captured.append(leaf)
             return leaf.clone()
 
-        handle = self.layer.register_forward_hook(hook)
-        try:
+        with forward_hook(self.layer, hook):
             logits = unwrap_logits(self.model(images))
-        finally:
-            handle.remove()
         if not captured:
             raise ValueError(f"layer {self.layer_name!r} was not called during the forward pass")
         return captured[0], logits
