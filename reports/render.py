@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tasks.rundir import RunDir
 from tasks.store import build_duckdb, connect
 from textcam.io import write_text
+from textcam.overlay import overlay
 
 log = logging.getLogger(__name__)
 
@@ -159,22 +160,11 @@ def _jpeg_uri(img: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB via matplotlib's 'inferno' (perceptually ordered)."""
-    from matplotlib import colormaps
-
-    rgba = colormaps["inferno"](np.clip(np.nan_to_num(values), 0.0, 1.0))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
-
-
 def _overlay(base: Image.Image, grid: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """Blend a low-resolution map over ``base``: values upsampled bilinearly, then coloured."""
+    """A low-resolution map over ``base``, scaled to its own range, in TextCAM's one colormap."""
     lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     norm = (grid - lo) / (hi - lo) if hi > lo else np.zeros_like(grid)
-    values = np.asarray(
-        Image.fromarray(norm.astype(np.float32), mode="F").resize(base.size, Image.Resampling.BILINEAR)
-    )
-    return Image.blend(base, Image.fromarray(_colormap(values), mode="RGB"), alpha)
+    return overlay(base, norm, alpha=alpha)
 
 
 def _grid(values: Any, h: int, w: int) -> np.ndarray | None:
