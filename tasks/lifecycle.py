@@ -104,8 +104,7 @@ def start_run(cfg: AuditConfig, manifest: Manifest) -> RunInfo:
 
     A directory holding a run with another configuration is refused, naming the changed keys."""
     run_id = run_identity(cfg, manifest.images)
-    run = RunDir(cfg.run_dir.format(run_id=run_id, date=datetime.now(UTC).strftime("%Y%m%d")))
-    run = RunDir(run.root.resolve())
+    run = RunDir(Path(cfg.run_dir.format(run_id=run_id, date=datetime.now(UTC).strftime("%Y%m%d"))).resolve())
     if run.config.is_file():
         from tasks.config import load_config
 

@@ -46,7 +46,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.rundir import RunDir
-from textcam.io import atomic_path, temp_path
+from textcam.io import temp_path, write_parquet
 from textcam.schema import (
     CONCEPT_STATS,
     ERRORS,
@@ -267,10 +267,7 @@ def limit_memory(con: duckdb.DuckDBPyConnection) -> None:
 def store_table(con: duckdb.DuckDBPyConnection, run_dir: Path, name: str, table: pa.Table) -> None:
     """Write an analytics table twice, from one declared schema: ``RUN_DIR/<name>.parquet`` (temp name,
     then rename) and the DuckDB table ``name`` (replaced), so a rebuild of the database reloads it."""
-    import pyarrow.parquet as pq
-
-    with atomic_path(RunDir(run_dir).table(name)) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(RunDir(run_dir).table(name), table)
     con.execute(create_table_sql(name, table.schema))
     con.register("_rows", table)
     try:
