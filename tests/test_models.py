@@ -20,6 +20,7 @@ from textcam.models import (
     imagenet_class_names,
     list_models,
     load_model,
+    preprocess_spec,
     read_checkpoint_metadata,
     save_checkpoint,
 )
@@ -99,7 +100,34 @@ def test_random_init_default_layers(name, shape):
 def test_timm_vit_config_without_network():
     cfg = MODELS["vit_base_patch16_224"]
     assert cfg.target_layer == "blocks.11.norm1" and cfg.token_grid.num_prefix_tokens == 1
-    assert cfg.preprocess.interpolation == "bicubic" and cfg.preprocess.mean == (0.5, 0.5, 0.5)
+    spec = preprocess_spec(cfg)
+    assert (spec.resize, spec.crop, spec.interpolation) == (248, 224, "bicubic")
+    assert spec.mean == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_tiny", "vit_b_16"])
+def test_torchvision_preprocessing_is_the_weights_own(name, photos):
+    """The same tensor as ``weights.transforms()`` (torchvision's published preprocessing)."""
+    from torchvision.models import get_model_weights
+
+    cfg = MODELS[name]
+    theirs = get_model_weights(name)[cfg.weights].transforms()
+    image = photos["chelsea"]
+    ours = preprocess_spec(cfg).build()(image)
+    torch.testing.assert_close(ours, theirs(image), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_small_patch16_224"])
+def test_timm_preprocessing_is_the_weights_own(name, photos):
+    """The same tensor as timm's ``create_transform(**resolve_data_config(...))``."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = MODELS[name]
+    pretrained = timm.models.get_pretrained_cfg(f"{name}.{cfg.weights}")
+    theirs = create_transform(**resolve_data_config(pretrained_cfg=pretrained.to_dict()))
+    image = photos["chelsea"]
+    torch.testing.assert_close(preprocess_spec(cfg).build()(image), theirs(image), atol=1e-6, rtol=0)
 
 
 def test_missing_network_is_a_clear_error(monkeypatch):

@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -156,7 +157,8 @@ class ModelConfig:
     factory: str
     family: Literal["torchvision", "timm", "callable"]
     target_layer: str | None
-    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    preprocess: PreprocessSpec | None = None
+    """``None``: the pretrained weights' own transforms (:func:`preprocess_spec`)."""
     weights: str | None = None
     num_classes: int | None = 1000
     class_names: Literal["imagenet"] | None = "imagenet"
@@ -182,14 +184,13 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _tv(name: str, fn: str, weights: str, layer: str, resize: int, **kw: Any) -> ModelConfig:
+def _tv(name: str, fn: str, weights: str, layer: str, **kw: Any) -> ModelConfig:
     return ModelConfig(
         name=name,
         factory=f"torchvision.models:{fn}",
         family="torchvision",
         target_layer=layer,
         weights=weights,
-        preprocess=PreprocessSpec(resize=resize, crop=224, interpolation="bilinear"),
         **kw,
     )
 
@@ -204,7 +205,6 @@ def _timm_vit(name: str, tag: str) -> ModelConfig:
         # they still matter (the choice of pytorch-grad-cam's ViT tutorial).
         target_layer="blocks.11.norm1",
         weights=tag,
-        preprocess=PreprocessSpec(resize=248, crop=224, interpolation="bicubic", mean=HALF, std=HALF),
         token_grid=TokenGrid(num_prefix_tokens=1, patch_size=16),
         model_kwargs={"model_name": name},
     )
@@ -221,16 +221,15 @@ _BUILTIN: tuple[ModelConfig, ...] = (
         preprocess=PreprocessSpec(resize=256, crop=224, interpolation="bicubic", mean=HALF, std=HALF),
         description="EfficientNet-Lite0 with the ImageNet weights that ship offline",
     ),
-    _tv("resnet18", "resnet18", "IMAGENET1K_V1", "layer4", 256),
-    _tv("resnet50", "resnet50", "IMAGENET1K_V2", "layer4", 232),
-    _tv("convnext_tiny", "convnext_tiny", "IMAGENET1K_V1", "features.7", 236),
+    _tv("resnet18", "resnet18", "IMAGENET1K_V1", "layer4"),
+    _tv("resnet50", "resnet50", "IMAGENET1K_V2", "layer4"),
+    _tv("convnext_tiny", "convnext_tiny", "IMAGENET1K_V1", "features.7"),
     _tv(
         "vit_b_16",
         "vit_b_16",
         "IMAGENET1K_V1",
         # See _timm_vit: the input norm of the last encoder block, not the block output.
         "encoder.layers.encoder_layer_11.ln_1",
-        256,
         token_grid=TokenGrid(num_prefix_tokens=1, patch_size=16),
     ),
     _timm_vit("vit_base_patch16_224", "augreg2_in21k_ft_in1k"),
@@ -250,6 +249,52 @@ _BUILTIN: tuple[ModelConfig, ...] = (
 
 #: Registered model configurations by name.
 MODELS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _BUILTIN}
+
+
+def _torchvision_transforms(cfg: ModelConfig) -> PreprocessSpec:
+    from torchvision.models import get_model_weights
+
+    t = get_model_weights(cfg.factory.partition(":")[2])[cfg.weights].transforms()
+    return PreprocessSpec(
+        resize=t.resize_size[0],
+        crop=t.crop_size[0],
+        interpolation=t.interpolation.value,
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+    )
+
+
+def _timm_transforms(cfg: ModelConfig) -> PreprocessSpec:
+    import timm
+    from timm.data import resolve_data_config
+
+    pretrained = timm.models.get_pretrained_cfg(f"{cfg.model_kwargs['model_name']}.{cfg.weights}")
+    data = resolve_data_config(pretrained_cfg=pretrained.to_dict())
+    if data.get("crop_mode", "center") != "center":
+        raise ValueError(f"{cfg.name}: timm crop mode {data['crop_mode']!r} is not supported")
+    crop = data["input_size"][-1]
+    return PreprocessSpec(
+        resize=math.floor(crop / data["crop_pct"]),  # timm's own rule (transforms_factory)
+        crop=crop,
+        interpolation=data["interpolation"],
+        mean=data["mean"],
+        std=data["std"],
+    )
+
+
+_WEIGHTS_TRANSFORMS: dict[str, Callable[[ModelConfig], PreprocessSpec]] = {
+    "torchvision": _torchvision_transforms,
+    "timm": _timm_transforms,
+}
+
+
+def preprocess_spec(cfg: ModelConfig) -> PreprocessSpec:
+    """The config's preprocessing: its own spec, else the one its pretrained weights publish."""
+    if cfg.preprocess is not None:
+        return cfg.preprocess
+    if cfg.weights is None or cfg.family not in _WEIGHTS_TRANSFORMS:
+        return PreprocessSpec()
+    return _WEIGHTS_TRANSFORMS[cfg.family](cfg)
 
 
 def register_model(config: ModelConfig) -> ModelConfig:
@@ -412,7 +457,7 @@ def save_edited_checkpoint(model: LoadedModel, path: str | Path, suppression: An
         arch=model.config.name,
         class_names=model.class_names,
         target_layer=model.target_layer,
-        preprocess=meta.get("preprocess") or dataclasses.asdict(model.config.preprocess),
+        preprocess=meta.get("preprocess") or dataclasses.asdict(preprocess_spec(model.config)),
         output=model.output,  # type: ignore[arg-type]
         model_kwargs=meta.get("model_kwargs") or dict(model.config.model_kwargs) or None,
         suppress=suppression.to_config(),
@@ -477,7 +522,7 @@ def load_model(
     layer = target_layer or meta_config.get("target_layer") or cfg.target_layer
     if layer is None:
         raise ValueError(f"{cfg.name} has no default target layer; pass target_layer=")
-    spec = cfg.preprocess.with_overrides(meta_config.get("preprocess"))
+    spec = preprocess_spec(cfg).with_overrides(meta_config.get("preprocess"))
     if checkpoint is not None:
         model_id = f"{cfg.name}:{checkpoint.stem}@{file_digest(checkpoint, 12)}"
     else:
