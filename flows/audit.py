@@ -32,6 +32,7 @@ from tasks.lifecycle import (
     Timer,
     class_list,
     commit_shard,
+    run_log,
     start_run,
     summarise,
     sweep_stale,
@@ -347,26 +348,26 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
 
     ``config`` is an :class:`AuditConfig` or its dict form (deployments pass the dict).
     """
-    logger = get_run_logger()
     cfg = _execution_defaults(config if isinstance(config, AuditConfig) else from_mapping(config))
     timer = Timer()
     with timer.stage("manifest"):
         manifest = read_manifest_task(cfg)
         run = start_run_task(cfg, manifest)
-    bank, outcomes = explain_all(cfg, manifest, run, timer)
-    with timer.stage("duckdb"):
-        build_duckdb_task(run)
-    with timer.stage("flags"):
-        flags = flag_task(cfg, run, manifest, bank)
-    if cfg.intervene and any(f["direction"] == "for" for f in flags):
-        with timer.stage("intervene"):
-            intervene_task(run)
-    summary = summarise(run, manifest, bank, outcomes, timer, len(flags))  # the report reads it
-    with timer.stage("report"):
-        report = render_report_task(run)
-    write_summary(run, summary)  # now with the report's time
-    publish(summary, flags, report)
-    logger.info(summary["line"])
+    with run_log(run):
+        bank, outcomes = explain_all(cfg, manifest, run, timer)
+        with timer.stage("duckdb"):
+            build_duckdb_task(run)
+        with timer.stage("flags"):
+            flags = flag_task(cfg, run, manifest, bank)
+        if cfg.intervene and any(f["direction"] == "for" for f in flags):
+            with timer.stage("intervene"):
+                intervene_task(run)
+        summary = summarise(run, manifest, bank, outcomes, timer, len(flags))  # the report reads it
+        with timer.stage("report"):
+            report = render_report_task(run)
+        write_summary(run, summary)  # now with the report's time
+        publish(summary, flags, report)
+        get_run_logger().info(summary["line"])
     if cfg.fail_on_quarantine and summary["shards"]["quarantined"]:
         raise RuntimeError(f"{len(summary['shards']['quarantined'])} shard(s) quarantined: see {run.run_dir}")
     return summary

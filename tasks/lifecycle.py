@@ -128,6 +128,23 @@ def start_run(cfg: AuditConfig, manifest: Manifest) -> RunInfo:
     return RunInfo(run_id, str(run.root))
 
 
+@contextlib.contextmanager
+def run_log(run: RunInfo) -> Iterator[Path]:
+    """Every record that reaches the root logger during the run, libraries' included, goes to
+    ``RUN_DIR/logs/audit.log``; what the terminal shows is up to its own handlers (``textcam.cli``)."""
+    path = RunDir(run.run_dir).log_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def sweep_stale(run_dir: str | Path, shards: Sequence[Shard]) -> list[str]:
     """Before explaining: delete temp files of writers that were killed, and move shard files that
     belong to no planned shard out of the tables (to RUN_DIR/stale/). A ``-validate`` errors file is

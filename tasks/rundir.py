@@ -15,7 +15,7 @@ RUN_DIR/
   quality/               validation reports
   stale/                 files of earlier runs that no longer match the manifest
   interventions/         edited checkpoints
-  logs/                  library log lines kept off the terminal
+  logs/audit.log         every log line of the run, libraries' included (the terminal shows ours)
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class RunDir:
     quarantine = _at("quarantine")
     interventions = _at("interventions")
     logs = _at("logs")
+    log_file = _at("logs", "audit.log")
     bank_file = _at("bank", "bank.safetensors")
     phrases_file = _at("bank", "phrases.safetensors")
     probe_file = _at("bank", PROBE_NAME)

@@ -373,3 +373,6 @@ def test_the_cli_is_quiet_and_shows_progress(world: dict[str, Any], prefect_api:
     assert not [line for line in lines if "HTTP Request" in line or "Skipping registering" in line]
     shown = len([line for line in out.splitlines() if line.strip()])  # a bar redrawn in place is one line
     assert shown <= 30
+    kept = (tmp_path / "r" / "logs" / "audit.log").read_text()  # the chatter is kept, off the terminal
+    print(kept[-3000:])
+    assert "HTTP Request" in kept or "Skipping registering" in kept

@@ -256,15 +256,26 @@ def _add_explain_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+_OWN_LOGGERS = ("textcam", "tasks", "flows", "reports")
+
+
+def _terminal_filter(record: logging.LogRecord) -> bool:
+    """Our own progress at INFO; libraries (Great Expectations' registry notes, httpx's request lines)
+    only when they warn. Everything still reaches the run's log file (``RUN_DIR/logs/audit.log``)."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in _OWN_LOGGERS
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_terminal_filter)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Our own progress at INFO; libraries (Great Expectations' registry notes, httpx's request lines)
-    # only when they warn, unless --verbose.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose:
-        for name in ("textcam", "tasks", "flows", "reports"):
-            logging.getLogger(name).setLevel(logging.INFO)
+    _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
