@@ -124,8 +124,10 @@ def config(work: Path, manifest: Path, model: str, args: argparse.Namespace, run
         "loader_workers": args.loader_workers,
         "workers": 1,
         "device": args.device,
-        "probe_size": args.probe_size,
-        "bank_m": min(50, min(args.probe_size, args.limit) // 2),
+        "calibration": {
+            "probe_size": args.probe_size,
+            "bank_m": min(50, min(args.probe_size, args.limit) // 2),
+        },
         "cache_dir": str(work / "cache"),
         "run_dir": str(run_dir),
     }

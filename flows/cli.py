@@ -33,16 +33,16 @@ HELP = {
     "clip": "open_clip architecture or local-dir:PATH (default ViT-B-32)",
     "clip_pretrained": "open_clip tag or local checkpoint file",
     "vocab": "built-in vocabulary names, phrase files or 'phrase:TEXT' (default: general)",
-    "method": "CAM method for the channel weights (default gradcam)",
-    "top_k": "explain the top-k predicted classes (default 1)",
-    "n_phrases": "phrases per explanation (default 5)",
-    "n_groups": "channel groups (concepts) per explanation (default 3)",
-    "check_phrases": "mark the phrases CLIP sees in each image (a CLIP pass per image; default on)",
+    "explanation.method": "CAM method for the channel weights (default gradcam)",
+    "explanation.top_k": "explain the top-k predicted classes (default 1)",
+    "explanation.n_phrases": "phrases per explanation (default 5)",
+    "explanation.n_groups": "channel groups (concepts) per explanation (default 3)",
+    "explanation.check_phrases": "mark the phrases CLIP sees in each image (a CLIP pass each; default on)",
     "classes": "label check: 'model' (the classifier's class names) or a list of names (default off)",
-    "probe": "probe images for the channel bank, folder or manifest (default: the audit data)",
-    "probe_size": "probe images used for calibration (default 500)",
-    "bank_m": "most and least activating probe images per channel, M (default 50; needs 2*M probe images)",
-    "shrinkage": "LDA shrinkage in (0, 1] (default 0.5)",
+    "calibration.probe": "probe images for the channel bank, folder or manifest (default: the audit data)",
+    "calibration.probe_size": "probe images used for calibration (default 500)",
+    "calibration.bank_m": "top and bottom probe images per channel, M (default 50; needs 2*M probe images)",
+    "calibration.shrinkage": "LDA shrinkage in (0, 1] (default 0.5)",
     "shard_size": "images per shard (default 256)",
     "batch_size": "images per model pass (default 32)",
     "loader_workers": "image-decoding processes per shard (default 2)",
@@ -55,7 +55,8 @@ HELP = {
     "device": "auto, cpu or cuda (default auto)",
     "fail_on_quarantine": "exit with an error when any shard is quarantined",
     "intervene": "after flagging, suppress each flag's channels, save the edited models (textcam intervene)",
-    # the ``flags`` section (tasks.config.FlagRule), as --flag-<name>
+    # the ``flags`` section (tasks.config.FlagRule), as --flag-<name>; the other sections' fields keep
+    # their own names (--bank-m, --method)
     "flags.n_permutations": "label permutations of the explanations' and model test's nulls (default 200)",
     "flags.null_images": "images the explanations' null uses at most, a stratified sample (default 100000)",
     "flags.quantile": "null quantile a z_lift must pass without probe behaviour (default 0.99)",
@@ -72,24 +73,28 @@ METAVARS = {
     "clip_pretrained": "TAG|FILE",
     "scheduler": "ADDRESS",
     "data": "DIR|MANIFEST",
-    "probe": "DIR|MANIFEST",
+    "calibration.probe": "DIR|MANIFEST",
+    "explanation.method": "NAME",
     "run_dir": "DIR",
     "cache_dir": "DIR",
 }
 
 
 def config_fields() -> dict[str, Any]:
-    """Every setting with a command-line flag: AuditConfig's fields, and its ``flags`` section's as
-    ``flags.<name>``; each with its type annotation."""
-    from tasks.config import AuditConfig, FlagRule
+    """Every setting with a command-line flag: AuditConfig's fields, and its sections' as
+    ``<section>.<name>``; each with its type annotation."""
+    from tasks.config import SECTIONS, AuditConfig
 
-    fields = {name: f.annotation for name, f in AuditConfig.model_fields.items() if name != "flags"}
-    fields.update({f"flags.{name}": f.annotation for name, f in FlagRule.model_fields.items()})
+    fields = {name: f.annotation for name, f in AuditConfig.model_fields.items() if name not in SECTIONS}
+    for section, model in SECTIONS.items():
+        fields.update({f"{section}.{name}": f.annotation for name, f in model.model_fields.items()})
     return fields
 
 
 def _option(name: str) -> str:
-    return "--" + name.replace("flags.", "flag-").replace("_", "-")
+    """``flags.<name>`` is ``--flag-<name>``; the other sections' names are unique on their own."""
+    section, _, field = name.rpartition(".")
+    return "--" + ("flag-" if section == "flags" else "") + field.replace("_", "-")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +102,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     import typing
 
     p.add_argument("--config", metavar="FILE", help="YAML or TOML audit config; the flags below override it")
+    groups: dict[str, Any] = {}
     for name, hint in config_fields().items():
+        section = name.rpartition(".")[0]
+        if section and section not in groups:
+            groups[section] = p.add_argument_group(f"{section} (config section `{section}:`)")
+        target = groups.get(section, p)
         kwargs: dict[str, Any] = {"help": HELP[name], "dest": name}
         args = typing.get_args(hint)
         if hint is bool:
@@ -112,16 +122,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = CHOICES[name]
         elif name in METAVARS:
             kwargs["metavar"] = METAVARS[name]
-        p.add_argument(_option(name), **kwargs)
+        target.add_argument(_option(name), **kwargs)
     p.set_defaults(**dict.fromkeys(config_fields()))
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from tasks.config import load_config
 
-    given = {k: getattr(args, k, None) for k in config_fields()}
-    overrides = {k: v for k, v in given.items() if not k.startswith("flags.")}
-    overrides["flags"] = {k.removeprefix("flags."): v for k, v in given.items() if k.startswith("flags.")}
+    overrides: dict[str, Any] = {}
+    for name in config_fields():
+        section, _, field = name.rpartition(".")
+        holder = overrides.setdefault(section, {}) if section else overrides
+        holder[field] = getattr(args, name, None)
     if overrides.get("classes") == ["model"]:  # --classes model: the classifier's own names
         overrides["classes"] = "model"
     return load_config(args.config, overrides)

@@ -99,10 +99,11 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
     """The explainer of ``cfg`` over the run's bank; phrases checked with CLIP only when its weights
     are trained (random weights see nothing)."""
-    check = cfg.check_phrases and cfg.trained_clip
-    same = ("model", "weights", "method", "top_k", "n_phrases", "n_groups", "device", "torch_threads")
+    explanation = cfg.explanation
+    check = explanation.check_phrases and cfg.trained_clip
     return RuntimeSpec(
-        **cfg.model_dump(include=set(same)),
+        **cfg.model_dump(include={"model", "weights", "device", "torch_threads"}),
+        **explanation.model_dump(include={"method", "top_k", "n_phrases", "n_groups"}),
         bank_path=bank.bank_path,
         phrases_path=bank.phrases_path,
         visibility_path=bank.visibility_path if check else None,
@@ -154,7 +155,14 @@ def _bank_for(
     cached when model and CLIP can be identified again)."""
     from textcam.bank import ChannelBank, probe_hash
 
-    key = bank_key(model.model_id, layer, clip.clip_id, probe_hash(probe_paths), cfg.bank_m, cfg.shrinkage)
+    key = bank_key(
+        model.model_id,
+        layer,
+        clip.clip_id,
+        probe_hash(probe_paths),
+        cfg.calibration.bank_m,
+        cfg.calibration.shrinkage,
+    )
     cached = cfg.resolved_cache_dir() / "banks" / f"{key}.safetensors"
     cached_probe = cached.with_name(f"{key}.{PROBE_NAME}")
     cacheable = clip.cacheable and getattr(model, "cacheable", True)
@@ -176,8 +184,8 @@ def _bank_for(
         clip,
         probe_paths,
         layer=layer,
-        m=cfg.bank_m,
-        shrinkage=cfg.shrinkage,
+        m=cfg.calibration.bank_m,
+        shrinkage=cfg.calibration.shrinkage,
         **loading,
         progress=False,
     )
@@ -230,11 +238,13 @@ def _add_probe(
 
 
 def probe_images(cfg: AuditConfig, manifest: Manifest) -> pa.Table:
-    """The calibration probe set: ``cfg.probe`` or the first ``probe_size`` audit images by image_id."""
+    """The calibration probe set: ``calibration.probe`` or the first ``probe_size`` audit images by
+    image_id."""
     from tasks.manifest import read_manifest
 
-    images = manifest.images if cfg.probe is None else read_manifest(cfg.probe).images
-    return images.sort_by("image_id").slice(0, cfg.probe_size)
+    settings = cfg.calibration
+    images = manifest.images if settings.probe is None else read_manifest(settings.probe).images
+    return images.sort_by("image_id").slice(0, settings.probe_size)
 
 
 def probe_paths(cfg: AuditConfig, manifest: Manifest) -> list[str]:

@@ -2,11 +2,12 @@
 
 ``AuditConfig`` is the only input of the ``audit`` flow, validated before any model loads. It is saved
 next to the results as ``RUN_DIR/config.yaml`` so a run can be reproduced (or resumed) from its own
-directory. The flag rule's settings are the typed section ``flags`` (:class:`FlagRule`).
+directory. Settings of one step are typed sections: ``calibration`` (:class:`CalibrationSettings`),
+``explanation`` (:class:`ExplanationSettings`) and ``flags`` (:class:`FlagRule`).
 
 Example::
 
-    cfg = load_config("audit.yaml", overrides={"shard_size": 64, "runner": "dask"})
+    cfg = load_config("audit.yaml", overrides={"shard_size": 64, "calibration": {"bank_m": 20}})
     cfg.save(RunDir(run_dir).config)
 """
 
@@ -33,10 +34,62 @@ class ConfigError(ValueError):
     """The configuration file or an override is invalid; the message names the key."""
 
 
-class FlagRule(BaseModel):
-    """The flag rule's settings (:func:`tasks.flags.flag_spurious`; the config's ``flags`` section)."""
+class _Settings(BaseModel):
+    """Frozen, unknown keys forbidden, and the CLI's and files' spellings of empty and list values."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        """ "none" for an optional value, "a,b" for a list."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            if info is None or not isinstance(value, str):
+                continue
+            args = typing.get_args(info.annotation)
+            if value.lower() in ("none", "null", "") and type(None) in args:
+                out[name] = None
+            elif typing.get_origin(info.annotation) is tuple:
+                out[name] = tuple(v.strip() for v in value.split(",") if v.strip())
+        return out
+
+
+class CalibrationSettings(_Settings):
+    """How the channel bank is calibrated (:meth:`textcam.bank.ChannelBank.calibrate`)."""
+
+    probe: str | None = None
+    """Probe images for calibrating the channel bank (folder or manifest); default: the audit data."""
+    probe_size: int = Field(500, ge=1)
+    bank_m: int = Field(50, ge=1)
+    shrinkage: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ExplanationSettings(_Settings):
+    """What each image's explanation holds (:class:`textcam.explain.Explainer`)."""
+
+    method: str = "gradcam"
+    top_k: int = Field(1, ge=1)
+    n_phrases: int = Field(5, ge=1)
+    n_groups: int = Field(3, ge=1)
+    check_phrases: bool = True
+    """Mark each explanation's phrases that CLIP sees in the image (a CLIP pass per image)."""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from textcam.cams import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown CAM method; choose one of {sorted(METHODS)}")
+        return value
+
+
+class FlagRule(_Settings):
+    """The flag rule's settings (:func:`tasks.flags.flag_spurious`; the config's ``flags`` section)."""
 
     n_permutations: int = Field(200, ge=1)
     #: images the explanations' permutation null uses at most (a class-stratified sample above it)
@@ -52,15 +105,13 @@ class FlagRule(BaseModel):
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
 
 
-class AuditConfig(BaseModel):
+class AuditConfig(_Settings):
     """Everything an audit run depends on.
 
     Fields that change the explanations (model, layer, CLIP, vocabulary, method, ...) make up
     :meth:`fingerprint`; execution fields (runner, workers, device, run_dir, ...) do not, so the same
     audit run with the default runner or on Dask produces the same ``run_id`` and the same tables.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str = Field(min_length=1)
     """Image folder (class-per-subfolder) or a CSV/Parquet manifest with a ``path`` column."""
@@ -70,19 +121,8 @@ class AuditConfig(BaseModel):
     clip: str = "ViT-B-32"
     clip_pretrained: str | None = None
     vocab: tuple[str, ...] = Field(("general",), min_length=1)
-    method: str = "gradcam"
-    top_k: int = Field(1, ge=1)
-    n_phrases: int = Field(5, ge=1)
-    n_groups: int = Field(3, ge=1)
-    check_phrases: bool = True
-    """Mark each explanation's phrases that CLIP sees in the image (a CLIP pass per image)."""
     classes: str | tuple[str, ...] | None = None
     """Label check: ``None`` (off), ``"model"`` (the classifier's class names), or a list of names."""
-    probe: str | None = None
-    """Probe images for calibrating the channel bank (folder or manifest); default: the audit data."""
-    probe_size: int = Field(500, ge=1)
-    bank_m: int = Field(50, ge=1)
-    shrinkage: float = Field(0.5, ge=0.0, le=1.0)
     shard_size: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
     loader_workers: int = Field(2, ge=0)
@@ -102,8 +142,9 @@ class AuditConfig(BaseModel):
     intervene: bool = False
     """After flagging: suppress each "for" flag's channels, measure it, save the edited model
     (``tasks.intervene``; the same as ``textcam intervene RUN_DIR``)."""
+    calibration: CalibrationSettings = CalibrationSettings()
+    explanation: ExplanationSettings = ExplanationSettings()
     flags: FlagRule = FlagRule()
-    """The flag rule's settings."""
 
     #: Fields that do not change any row of any table.
     EXECUTION_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
@@ -124,33 +165,10 @@ class AuditConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_text(cls, data: Any) -> Any:
-        """CLI and file spellings: "none" for an optional value, "a,b" for a list; a scheduler implies
-        the Dask runner."""
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for name, value in data.items():
-            info = cls.model_fields.get(name)
-            if info is None or not isinstance(value, str):
-                continue
-            args = typing.get_args(info.annotation)
-            if value.lower() in ("none", "null", "") and type(None) in args:
-                out[name] = None
-            elif typing.get_origin(info.annotation) is tuple:
-                out[name] = tuple(v.strip() for v in value.split(",") if v.strip())
-        if out.get("scheduler"):
-            out["runner"] = "dask"
-        return out
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        from textcam.cams import METHODS
-
-        if value not in METHODS:
-            raise ValueError(f"unknown CAM method; choose one of {sorted(METHODS)}")
-        return value
+    def _scheduler_implies_dask(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("scheduler"):
+            return {**data, "runner": "dask"}
+        return data
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -186,7 +204,19 @@ class AuditConfig(BaseModel):
         return path
 
     def replace(self, **changes: Any) -> AuditConfig:
-        return from_mapping({**self.to_dict(), **changes})
+        """A copy with fields replaced; a section given as a mapping keeps its other keys."""
+        data = self.to_dict()
+        for key, value in changes.items():
+            data[key] = {**data[key], **value} if key in SECTIONS and isinstance(value, dict) else value
+        return from_mapping(data)
+
+
+#: The config's typed sections, by key.
+SECTIONS: dict[str, type[_Settings]] = {
+    "calibration": CalibrationSettings,
+    "explanation": ExplanationSettings,
+    "flags": FlagRule,
+}
 
 
 def from_mapping(data: dict[str, Any]) -> AuditConfig:
@@ -206,9 +236,10 @@ def _explain(exc: pydantic.ValidationError) -> str:
     unknown = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "extra_forbidden"]
     lines = []
     if unknown:
-        nested = {f"flags.{k}" for k in FlagRule.model_fields}
-        known = sorted(set(AuditConfig.model_fields) | nested)
-        lines.append(f"unknown config key(s) {unknown}; known keys: {known}")
+        moved = {k: f"{section}.{k}" for section, model in SECTIONS.items() for k in model.model_fields}
+        hints = [f"{key!r} belongs in its section: {moved[key]}" for key in unknown if key in moved]
+        known = sorted(set(AuditConfig.model_fields) - set(SECTIONS) | set(moved.values()))
+        lines.append(f"unknown config key(s) {unknown}; " + "; ".join([*hints, f"known keys: {known}"]))
     for e in exc.errors():
         if e["type"] != "extra_forbidden":
             key = ".".join(map(str, e["loc"])) or "config"
@@ -247,10 +278,11 @@ def load_config(
     if path is not None:
         data = read_config_file(path)
         base = Path(path).resolve().parent
-        for key in ("data", "probe", "cache_dir"):
-            value = data.get(key)
+        calibration = data.get("calibration")
+        for holder, key in ((data, "data"), (data, "cache_dir"), (calibration, "probe")):
+            value = holder.get(key) if isinstance(holder, dict) else None
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                data[key] = str(base / value)
+                holder[key] = str(base / value)
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):  # a section: override its keys, keep the file's others
             base = data.get(key) if isinstance(data.get(key), dict) else {}

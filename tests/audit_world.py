@@ -104,7 +104,7 @@ def make_world(root: Path, n_per_class: int = 14) -> dict[str, Any]:
         "clip": "textcam-tiny-clevr",
         "clip_pretrained": str(make_clip(root / "clip.safetensors")),
         "vocab": [str(vocab)],
-        "bank_m": 5,
+        "calibration": {"bank_m": 5},
         "shard_size": 10,
         "batch_size": 8,
         "loader_workers": 0,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import HELP, add_audit_parsers, config_from_args
-from tasks.config import AuditConfig, FlagRule
+from tasks.config import SECTIONS, AuditConfig, load_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -18,19 +18,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_every_setting_has_a_flag_and_a_help_line() -> None:
-    fields = set(AuditConfig.model_fields) - {"flags"}
-    fields |= {f"flags.{name}" for name in FlagRule.model_fields}
+    fields = set(AuditConfig.model_fields) - set(SECTIONS)
+    fields |= {f"{section}.{name}" for section, model in SECTIONS.items() for name in model.model_fields}
+    assert {"calibration.bank_m", "explanation.method", "flags.alpha"} <= fields
     assert set(HELP) == fields
     parser = argparse.ArgumentParser(prog="textcam")
     add_audit_parsers(parser.add_subparsers(dest="command"))
     text = parser._subparsers._group_actions[0].choices["audit"].format_help()  # type: ignore[union-attr]
     for name in fields:
-        assert "--" + name.replace("flags.", "flag-").replace("_", "-") in text
+        field = name.rpartition(".")[2].replace("_", "-")
+        assert ("--flag-" + field if name.startswith("flags.") else "--" + field) in text
 
 
 def test_flags_are_typed_and_override_the_config_file(tmp_path: Path) -> None:
     config = tmp_path / "audit.yaml"
-    config.write_text(f"data: {tmp_path}\nbank_m: 50\nprobe_size: 500\n")
+    config.write_text(f"data: {tmp_path}\ncalibration:\n  bank_m: 50\n  probe_size: 500\n")
     args = parse(
         [
             "audit",
@@ -51,9 +53,15 @@ def test_flags_are_typed_and_override_the_config_file(tmp_path: Path) -> None:
         ]
     )
     cfg = config_from_args(args)
-    assert (cfg.bank_m, cfg.probe_size, cfg.check_phrases, cfg.classes) == (20, 60, False, "model")
-    assert cfg.shrinkage == 0.3 and cfg.vocab == ("clevr", "phrase:a logo")
-    assert config_from_args(parse(["audit", "--config", str(config)])).bank_m == 50  # the file's value
+    calibration = cfg.calibration
+    assert (calibration.bank_m, calibration.probe_size, calibration.shrinkage) == (20, 60, 0.3)
+    assert (cfg.explanation.check_phrases, cfg.classes, cfg.vocab) == (
+        False,
+        "model",
+        ("clevr", "phrase:a logo"),
+    )
+    from_file = config_from_args(parse(["audit", "--config", str(config)]))
+    assert from_file.calibration.bank_m == 50  # the file's value
     with pytest.raises(SystemExit):
         parse(["audit", "--bank-m", "many"])
 
@@ -68,6 +76,20 @@ def test_flag_settings_are_a_typed_section_merged_with_the_file(tmp_path: Path) 
     config.write_text(f"data: {tmp_path}\nflags:\n  alpah: 0.05\n")
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['flags.alpah'\]"):
         config_from_args(parse(["audit", "--config", str(config)]))
+
+
+def test_sections_keep_their_keys_and_old_flat_keys_say_where_they_went(tmp_path: Path) -> None:
+    (tmp_path / "probe").mkdir()
+    config = tmp_path / "audit.yaml"
+    config.write_text("data: images\ncalibration:\n  probe: probe\n  bank_m: 7\n")
+    cfg = load_config(config)
+    assert cfg.calibration.probe == str(tmp_path / "probe")  # relative to the file, like data
+    edited = cfg.replace(calibration={"probe_size": 40})
+    assert (edited.calibration.bank_m, edited.calibration.probe_size) == (7, 40)
+    assert edited.fingerprint() != cfg.fingerprint()
+    config.write_text("data: images\nbank_m: 7\n")
+    with pytest.raises(ValueError, match=r"'bank_m' belongs in its section: calibration\.bank_m"):
+        load_config(config)
 
 
 def test_a_bad_method_is_refused_before_any_model_loads(tmp_path: Path) -> None:

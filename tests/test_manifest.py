@@ -199,7 +199,7 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
     assert cfg.data == str(tmp_path / "images") and cfg.shard_size == 64 and cfg.workers == 3
     assert cfg.vocab == ("general", "phrase:snow") and cfg.runner == "dask"
     assert cfg.fingerprint() == cfg.replace(runner="default", workers=1, device="cpu").fingerprint()
-    assert cfg.fingerprint() != cfg.replace(method="layercam").fingerprint()
+    assert cfg.fingerprint() != cfg.replace(explanation={"method": "layercam"}).fingerprint()
     saved = cfg.save(tmp_path / "run" / "config.yaml")
     assert load_config(saved) == cfg
 

@@ -100,7 +100,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         classes=list(CLASSES),
         shard_size=64,
         batch_size=16,
-        probe_size=30,
+        calibration={**cfg["calibration"], "probe_size": 30},
         loader_workers=2,
         flags={"n_permutations": 10, "min_images": 2},
     )
@@ -262,7 +262,12 @@ def test_wrong_types_in_a_parquet_manifest(corpus: dict[str, Any], prefect_api: 
     )
     manifest = tmp_path / "m.parquet"
     pq.write_table(table, manifest)
-    summary = _audit(corpus["cfg"], tmp_path / "run", data=str(manifest), bank_m=2)
+    summary = _audit(
+        corpus["cfg"],
+        tmp_path / "run",
+        data=str(manifest),
+        calibration={**corpus["cfg"]["calibration"], "bank_m": 2},
+    )
     c = summary["counts"]
     assert (c["rows_in"], c["explained_images"], c["errors"]) == (7, 5, 2) and summary["reconciled"]
     reasons = sorted(e["reason"] for e in _errors(summary["run_dir"]))
@@ -275,7 +280,12 @@ def test_a_manifest_with_no_usable_row_still_accounts_for_every_row(
 ) -> None:
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": [1, 2, 3], "label": ["apple"] * 3}), manifest)
-    summary = _audit(corpus["cfg"], tmp_path / "run", data=str(manifest), bank_m=2)
+    summary = _audit(
+        corpus["cfg"],
+        tmp_path / "run",
+        data=str(manifest),
+        calibration={**corpus["cfg"]["calibration"], "bank_m": 2},
+    )
     c = summary["counts"]
     assert (c["rows_in"], c["explained_images"], c["errors"]) == (3, 0, 3) and summary["reconciled"]
     assert all("path must be a string" in e["reason"] for e in _errors(summary["run_dir"]))
@@ -293,7 +303,13 @@ def small(corpus: dict[str, Any]) -> dict[str, Any]:
     pd.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths]}).to_csv(
         manifest, index=False
     )
-    return {**corpus["cfg"], "data": str(manifest), "shard_size": 10, "probe_size": 30, "loader_workers": 0}
+    return {
+        **corpus["cfg"],
+        "data": str(manifest),
+        "shard_size": 10,
+        "calibration": {**corpus["cfg"]["calibration"], "probe_size": 30},
+        "loader_workers": 0,
+    }
 
 
 @pytest.fixture

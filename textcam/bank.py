@@ -232,7 +232,7 @@ def top_bottom(gap: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     if gap.shape[0] < 2 * m:
         raise ValueError(
             f"the probe set has {gap.shape[0]} images; need at least 2*M = {2 * m}: use a smaller M "
-            f"(at most {gap.shape[0] // 2}; `--bank-m`, config key bank_m) or more probe images "
+            f"(at most {gap.shape[0] // 2}; `--bank-m`, config key calibration.bank_m) or more probe images "
             "(`--probe`, `--probe-size`)"
         )
     top = gap.topk(m, dim=0).indices.T.contiguous()
