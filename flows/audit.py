@@ -190,13 +190,9 @@ def explain_shards(
     as the parent's) instead of being passed in: the Prefect API stores flow-run parameters and
     refuses more than 512 kB, which a shard list passes at a few thousand images.
 
-    ``inline``: explain and validate the shards one after another in this flow's own thread. With
-    one shard at a time there is nothing to gain from a worker thread, and the model passes run
-    measurably faster in the thread that loaded the model (bench/audit.py: flow/loop 1.29 inline vs
-    1.61-1.77 in a worker thread, 512 images). Validation is serial too: it is GIL-bound Python
-    (pandas, Great Expectations), so beside the model passes it stalls them for more than its own
-    0.3 s per shard (/tmp experiment, 1,000 images: flow/loop 1.152 with validation on a second
-    thread, 1.085 with none).
+    ``inline``: explain and validate the shards one after another in this flow's own thread, from
+    one shared loader: with one shard at a time a worker thread gains nothing and slows the model
+    passes, and validation (GIL-bound) beside them stalls them (``docs/decisions.md``, flow overhead).
     """
     logger = get_run_logger()
     images = pq.read_table(RunDir(run.run_dir).images, columns=["image_id", "path", "label"])

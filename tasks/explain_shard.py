@@ -288,9 +288,8 @@ def _batches(shard: Shard, runtime: Runtime, batch_size: int, loader_workers: in
 class ShardFeed:
     """The batches of several shards, explained one after another in this process, from one loader.
 
-    A loader per shard forks its workers and refills its pipeline at every shard (measured: 0.2 s
-    to the first batch, and 1.6 s more worker CPU over 4 shards of 256 than one loader over the same
-    1,000 images, beside the model on 2 cores). Here the workers start once. Shards must be taken in
+    A loader per shard forks its workers and refills its pipeline at every shard; here the workers
+    start once (``docs/decisions.md``, flow overhead). Shards must be taken in
     the order given; any other request (a retried shard, a shard taken out of turn, one after a shard
     that stopped half-way) gets ``None`` and reads with a loader of its own, as without a feed.
     """

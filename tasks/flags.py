@@ -29,13 +29,9 @@ decide which z_lifts are surprising:
   threshold of :mod:`tasks.cooccurrence` — a spurious correlation lives in the data as well as in the
   model; classes with too few probe images skip this check.
 
-  Why a relative score: with a well-behaved model every class's explanations still hold a few small
-  phrases that the sparse coding adds to fit the class's direction in CLIP space (measured on the demo's
-  control world: "metallic" in 99.8 % of circle explanations at 0.15 of the "circle" phrase's score,
-  z_lift 4.7, above its permutation threshold). They are consistent within the class, so a label
-  permutation cannot tell them from a real cue; their size can (the demo's planted water background is
-  circle's main phrase, 1.0; the largest non-class phrase on the control reaches 0.24). The cut-off is a
-  judgement, "at least half as strong as what the class is mainly explained by", set on the demo world.
+  Why a relative score: every class's explanations hold small filler phrases that the sparse coding
+  adds to fit the class's direction; a label permutation cannot tell them from a cue, their size can
+  (``docs/decisions.md``, "Why a relative score").
 * misclassified-vs-correct frequencies of the phrase within the class are reported as supporting evidence.
 """
 
