@@ -230,6 +230,12 @@ def test_error_counts_in_report(audited: dict[str, Any]) -> None:
 # -- bad manifests as a whole ------------------------------------------------------------------------
 
 
+def _audit_manifest(corpus: dict[str, Any], manifest: Path, run_dir: Path) -> dict[str, Any]:
+    """The corpus' audit of another manifest, with M = 2 (a handful of probe images)."""
+    calibration = {**corpus["cfg"]["calibration"], "bank_m": 2}
+    return _audit(corpus["cfg"], run_dir, data=str(manifest), calibration=calibration)
+
+
 def _audit(cfg: dict[str, Any], run_dir: Path, **changes: Any) -> dict[str, Any]:
     from flows.audit import audit
 
@@ -262,12 +268,7 @@ def test_wrong_types_in_a_parquet_manifest(corpus: dict[str, Any], prefect_api: 
     )
     manifest = tmp_path / "m.parquet"
     pq.write_table(table, manifest)
-    summary = _audit(
-        corpus["cfg"],
-        tmp_path / "run",
-        data=str(manifest),
-        calibration={**corpus["cfg"]["calibration"], "bank_m": 2},
-    )
+    summary = _audit_manifest(corpus, manifest, tmp_path / "run")
     c = summary["counts"]
     assert (c["rows_in"], c["explained_images"], c["errors"]) == (7, 5, 2) and summary["reconciled"]
     reasons = sorted(e["reason"] for e in _errors(summary["run_dir"]))
@@ -280,12 +281,7 @@ def test_a_manifest_with_no_usable_row_still_accounts_for_every_row(
 ) -> None:
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": [1, 2, 3], "label": ["apple"] * 3}), manifest)
-    summary = _audit(
-        corpus["cfg"],
-        tmp_path / "run",
-        data=str(manifest),
-        calibration={**corpus["cfg"]["calibration"], "bank_m": 2},
-    )
+    summary = _audit_manifest(corpus, manifest, tmp_path / "run")
     c = summary["counts"]
     assert (c["rows_in"], c["explained_images"], c["errors"]) == (3, 0, 3) and summary["reconciled"]
     assert all("path must be a string" in e["reason"] for e in _errors(summary["run_dir"]))
