@@ -39,6 +39,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 import time
 import warnings
@@ -64,7 +65,7 @@ from textcam.schema import EXPLANATIONS  # noqa: E402, F401  (rows follow it, se
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
 from textcam.synthetic.classifier import bias_metrics, to_classifier_tensor  # noqa: E402
 from textcam.synthetic.config import DEMO_BIAS, WorldConfig  # noqa: E402
-from textcam.synthetic.scenes import ATTRIBUTE_VALUES  # noqa: E402
+from textcam.synthetic.scenes import ATTRIBUTE_VALUES, intervene  # noqa: E402
 from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
 from textcam.synthetic.world import World, build_world, clip_dir_for, split_batch  # noqa: E402
 from textcam.visibility import PhraseVisibility, image_specific  # noqa: E402
@@ -320,6 +321,41 @@ def aligned_named(m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, A
     return int(named.sum()), len(aligned)
 
 
+FLAG_LINE = re.compile(r"^(?P<cls>[^:]+): (?P<phrase>.+) \((?P<direction>for|against), z ")
+#: do(attribute) effect a flag's class must show for the flag to name something the model does
+DO_CONFIRMED = 0.1
+
+
+def do_effect(m: Models, cls: str, attribute: str, value: str, direction: str, n: int = 1000) -> float:
+    """How much more (``for``; less, ``against``) the classifier predicts ``cls`` on the same unbiased
+    scenes rendered with ``attribute = value`` than with another value: the larger of the effects within
+    the images of ``cls`` and within the others, as the flag's own effect is defined."""
+    config = m.world.config
+    with_, without, labels = intervene(config.scene, n, config.seed, attribute, value)
+    c = list(m.world.class_names).index(cls)
+    with torch.inference_mode():
+        hit = [m.model.module(to_classifier_tensor(x)).argmax(1).numpy() == c for x in (with_, without)]
+    own = labels == c
+    effects = [hit[0][rows].mean() - hit[1][rows].mean() for rows in (own, ~own)]
+    return float(max(effects) if direction == "for" else -min(effects))
+
+
+def flag_truth(m: Models, flags: list[str]) -> list[dict[str, Any]]:
+    """Each flag naming a world attribute value, with the do-effect the generator measures for it."""
+    by_phrase = {text: (a, v) for a, values in m.world.phrases.items() for v, text in values.items()}
+    out = []
+    for line in flags:
+        f = FLAG_LINE.match(line)
+        if f is None or f["phrase"] not in by_phrase or f["cls"] not in m.world.class_names:
+            continue
+        attribute, value = by_phrase[f["phrase"]]
+        if attribute == m.world.config.scene.label_attribute:
+            continue
+        effect = do_effect(m, f["cls"], attribute, value, f["direction"])
+        out.append({"flag": line, "do_effect": round(effect, 3), "confirmed": effect >= DO_CONFIRMED})
+    return out
+
+
 def wait_for_clip(cfg: WorldConfig, cache_dir: str | None, poll_s: float = 15.0) -> None:
     """Another process training this CLIP (its directory has a training state, no metrics yet): wait."""
     d = clip_dir_for(cfg, cache_dir)
@@ -339,11 +375,50 @@ def cached_result(draw: WorldDraw, out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def flag_kinds(world: World, flags: Any) -> list[str]:
+    """``cue`` (a planted cue for its class), ``mirror`` (a planted cue seen from another class or against
+    its own, or the other value of a two-valued cue's attribute) or ``extra``, per (class, phrase,
+    direction)."""
+    planted = {world.phrases[b.attribute][b.value]: b for b in world.config.biases}
+    complements = {
+        text
+        for b in world.config.biases
+        if len(world.phrases[b.attribute]) == 2
+        for v, text in world.phrases[b.attribute].items()
+        if v != b.value
+    }
+    kinds = []
+    for cls, phrase, direction in flags:
+        b = planted.get(phrase)
+        if b is None:
+            kinds.append("mirror" if phrase in complements else "extra")
+        else:
+            kinds.append("cue" if b.label == cls and direction == "for" else "mirror")
+    return kinds
+
+
+def backfill_truth(result: dict[str, Any], draw: WorldDraw, cache_dir: str | None, out: Path) -> None:
+    """Add ``extra_truth`` (the do-effects of extra flags) to a result cached before it existed."""
+    if all("extra_truth" in result[a] for a in ("test", "self")):
+        return
+    m = load_models(build_world(draw.config(), cache_dir, progress=False))
+    for audit in ("test", "self"):
+        parsed = [FLAG_LINE.match(line) for line in result[audit]["flags"]]
+        rows = [(f["cls"], f["phrase"], f["direction"]) for f in parsed if f is not None]
+        kinds = flag_kinds(m.world, rows)
+        result[audit]["extra"] = [
+            line for line, k in zip(result[audit]["flags"], kinds, strict=True) if k == "extra"
+        ]
+        result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
+    result_file(draw, out).write_text(json.dumps(result, indent=1, default=str))
+
+
 def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[str, Any]:
     cfg = draw.config()
     cache_file = result_file(draw, out)
     cached = cached_result(draw, out)
     if cached is not None:
+        backfill_truth(cached, draw, cache_dir, out)
         return cached
     t0 = time.perf_counter()
     wait_for_clip(cfg, cache_dir)
@@ -361,16 +436,6 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         "clip_zero_shot": world.metrics["clip"]["zero_shot"],
         "test_accuracy": world.metrics["classifier"]["test_accuracy"],
     }
-    planted = {world.phrases[b.attribute][b.value]: b for b in cfg.biases}
-    # The other value of a two-valued attribute ("large object" for a "small object" cue) is the same cue
-    # seen from the other side: a flag naming it is a mirror, not an extra.
-    complements = {
-        text: b
-        for b in cfg.biases
-        if len(world.phrases[b.attribute]) == 2
-        for v, text in world.phrases[b.attribute].items()
-        if v != b.value
-    }
     for audit, (audited, probe) in {"test": ("test", "probe"), "self": ("train", "train")}.items():
         a = audit_split(m, audited, probe, out / "runs" / f"{draw.name}-{audit}")
         if (
@@ -380,26 +445,21 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
             gaps = bias_metrics(pred, a["batch"].records, list(world.class_names), specs)
             result["gaps"] = {k: v["gap"] for k, v in gaps.items()}
         flags = a["flags"]
-        kinds = []
-        for _, f in flags.iterrows():
-            b = planted.get(f["phrase"])
-            if b is None:
-                kinds.append("mirror" if f["phrase"] in complements else "extra")
-            elif b.label == f["class_name"] and f["direction"] == "for":
-                kinds.append("cue")
-            else:
-                kinds.append("mirror")
+        kinds = flag_kinds(world, zip(flags["class_name"], flags["phrase"], flags["direction"], strict=True))
+        lines = [
+            f"{f['class_name']}: {f['phrase']} ({f['direction']}, "
+            f"z {f['z_model']:.1f}, effect {f['effect']:.2f}, step {f['step']})"
+            for _, f in flags.iterrows()
+        ]
         result[audit] = {
             "cues": cue_rows(m, a, specs, gaps),
-            "flags": [
-                f"{f['class_name']}: {f['phrase']} ({f['direction']}, "
-                f"z {f['z_model']:.1f}, effect {f['effect']:.2f}, step {f['step']})"
-                for _, f in flags.iterrows()
-            ],
+            "flags": lines,
             "n_flags": len(flags),
             "n_extra": kinds.count("extra"),
             "n_mirror": kinds.count("mirror"),
+            "extra": [line for line, kind in zip(lines, kinds, strict=True) if kind == "extra"],
         }
+        result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
         if audit == "test":
             res = shown_precision(m, a)
             result["precision"] = {k: res[k] for k in ("shown", "selected")}
@@ -459,6 +519,16 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         )
         out[f"sweep_extra_flags_mean{suffix}"] = float(np.mean([r[audit]["n_extra"] for r in biased]))
         out[f"sweep_mirror_flags_mean{suffix}"] = float(np.mean([r[audit]["n_mirror"] for r in biased]))
+        # Extra flags the generator can check: does the model change its prediction when only that
+        # attribute changes? Confirmed ones are model traits nobody planted; the rest are false alarms.
+        truth = [[t["confirmed"] for t in r[audit].get("extra_truth", [])] for r in biased]
+        out[f"sweep_extra_flags_do_confirmed_mean{suffix}"] = float(np.mean([sum(t) for t in truth]))
+        out[f"sweep_extra_flags_do_unconfirmed_mean{suffix}"] = float(
+            np.mean([len(t) - sum(t) for t in truth])
+        )
+        out[f"sweep_extra_flags_uncheckable_mean{suffix}"] = float(
+            np.mean([r[audit]["n_extra"] - len(t) for r, t in zip(biased, truth, strict=True)])
+        )
     out["between_cues"] = [
         {"spec": c["spec"], "gap": round(c["gap"], 3), "flagged": c["flagged"]}
         for r in scored

@@ -50,6 +50,26 @@ def test_same_seed_same_bytes_and_chunk_independent():
     assert generate(cfg, 300, seed=3, split="test").images.tobytes() != a.images.tobytes()
 
 
+def test_interventions_change_only_the_attribute():
+    """do(attribute = value) vs do(attribute != value): the same scenes, the attribute's pixels only."""
+    cfg = SceneConfig(noise=0.0, watermark_prob=0.0, border_prob=0.0, max_distractors=0)
+    with_, without, labels = scenes.intervene(cfg, 40, seed=5, attribute="watermark", value="yes")
+    changed = np.abs(with_.astype(int) - without.astype(int)).sum(-1) > 0  # (N, S, S)
+    assert changed.any(axis=(1, 2)).all()  # every image got its watermark
+    s = cfg.image_size
+    assert not changed[:, : s // 2].any() and not changed[:, :, : s // 2].any()  # bottom-right corner only
+    with_, without, again = scenes.intervene(cfg, 40, seed=5, attribute="color", value="red")
+    assert (again == labels).all()  # the same scenes
+    differs = np.abs(with_.astype(int) - without.astype(int)).sum(-1) > 0
+    for i in range(10):  # where they differ, the first render is the red object (shaded by its texture)
+        r, g, b = np.median(with_[i][differs[i]], axis=0)
+        assert r > 2 * g and r > 2 * b
+    big, small, _ = scenes.intervene(cfg, 40, seed=5, attribute="size", value="large")
+    assert ((big != small).any(-1).sum(axis=(1, 2)) > 0).all()
+    with pytest.raises(ValueError, match="no value 'huge'"):
+        scenes.intervene(cfg, 4, seed=5, attribute="size", value="huge")
+
+
 def test_masks_carry_the_object_colour_and_shape_area():
     cfg = SceneConfig(textures=("matte", "checkered"), noise=0.0, border_prob=0.0, watermark_prob=0.0)
     batch = generate(cfg, 400, seed=0, split="probe")

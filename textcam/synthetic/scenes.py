@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -441,6 +442,46 @@ def records_frame(codes: dict[str, np.ndarray], config: SceneConfig) -> pd.DataF
         df["distractors"] = [";".join(p) for p in parts]
     df["caption"] = [caption(r, template="{}") for r in df.to_dict("records")]
     return df
+
+
+def intervene(
+    config: SceneConfig, n: int, seed: int, attribute: str, value: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same ``n`` unbiased scenes rendered twice: with ``attribute`` set to ``value`` and set to
+    another value drawn at random; every other code, the geometry and the noise are shared.
+
+    Returns ``(images_with, images_without, labels)``: what a model does under do(attribute = value)
+    against do(attribute ≠ value), the truth a flag on that phrase can be checked against.
+    """
+    names = config.values()[attribute]
+    if value not in names:
+        raise ValueError(f"{attribute} has no value {value!r}; values: {list(names)}")
+    v = names.index(value)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code("test"), 7919]))
+    codes = sample_codes(config, n, rng)
+    others = np.delete(np.arange(len(names)), v)
+    renders = []
+    for col in (np.full(n, v), others[rng.integers(0, others.size, n)]):
+        changed = {**codes, attribute: col}
+        if attribute == "size":
+            _resize(changed, codes, config)
+        state = copy.deepcopy(rng)  # both renders draw the same background and noise
+        renders.append(render(changed, config, state)[0])
+    return renders[0], renders[1], codes[config.label_attribute].astype(np.int64)
+
+
+def _resize(changed: dict[str, np.ndarray], codes: dict[str, np.ndarray], config: SceneConfig) -> None:
+    """Radii for a changed size code at the same place in their range; centres kept inside the image."""
+    old_lo = np.where(codes["size"] == 1, config.large_radius[0], config.small_radius[0])
+    old_hi = np.where(codes["size"] == 1, config.large_radius[1], config.small_radius[1])
+    lo = np.where(changed["size"] == 1, config.large_radius[0], config.small_radius[0])
+    hi = np.where(changed["size"] == 1, config.large_radius[1], config.small_radius[1])
+    radius = lo + (hi - lo) * (codes["radius"] - old_lo) / (old_hi - old_lo)
+    margin = radius * 1.3 + 3.0
+    s = config.image_size
+    changed["radius"] = radius
+    changed["cx"] = np.clip(codes["cx"], margin, s - margin)
+    changed["cy"] = np.clip(codes["cy"], margin, s - margin)
 
 
 def generate(
