@@ -382,7 +382,13 @@ def evidence_grid(
         # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
         best = np.round(np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax()
         accepted[:, best, :] = passing[:, best, :]
-        log.debug("step %d: %r accepted (z %.2f > %.2f)", step, behaviour.phrases[best], zd[:, best].max(), thr)
+        log.debug(
+            "step %d: %r accepted (z %.2f, threshold %.2f)",
+            step,
+            behaviour.phrases[best],
+            zd[:, best].max(),
+            thr,
+        )
         decided[:, best, :] = True
         given.append(int(best))
     return Evidence(list(behaviour.phrases), eligible, accepted, record, given)
