@@ -139,6 +139,22 @@ CONCEPT_STATS = pa.schema(
 )
 
 
+#: Does the phrase name a class of the task: CLIP text similarity to the nearest class (name or
+#: vocabulary) and its cut-off; phi between where CLIP sees the phrase and a text-close class name in the
+#: probe. Null: not measured.
+_NAMES_A_CLASS = [
+    pa.field("class_similarity", pa.float64(), nullable=True),
+    pa.field("similarity_threshold", pa.float64(), nullable=True),
+    pa.field("class_agreement", pa.float64(), nullable=True),
+]
+#: What the model does (tasks.behaviour); null when the run has no probe behaviour.
+_MODEL_TEST = [
+    pa.field("z_model", pa.float64(), nullable=True),
+    pa.field("effect", pa.float64(), nullable=True),
+    pa.field("model_threshold", pa.float64(), nullable=True),
+]
+
+
 #: One row per flagged class × phrase × direction (``RUN_DIR/flags.parquet`` and the DuckDB table ``flags``).
 FLAGS = pa.schema(
     [
@@ -157,11 +173,7 @@ FLAGS = pa.schema(
         pa.field("n_images", pa.int64(), nullable=False),
         pa.field("frequency", pa.float64(), nullable=False),
         pa.field("frequency_other", pa.float64(), nullable=True),
-        # CLIP text similarity to the nearest class of the task (name or vocabulary); null: unknown
-        pa.field("class_similarity", pa.float64(), nullable=True),
-        pa.field("similarity_threshold", pa.float64(), nullable=True),
-        # phi between where CLIP sees the phrase and a text-close class name (probe); null: not measured
-        pa.field("class_agreement", pa.float64(), nullable=True),
+        *_NAMES_A_CLASS,
         # the phrase in the probe images predicted as the class (tasks.cooccurrence); null: unknown
         pa.field("n_probe_class", pa.int64(), nullable=True),
         pa.field("data_lift", pa.float64(), nullable=True),
@@ -173,10 +185,7 @@ FLAGS = pa.schema(
         # (k_mis + .5)/(n_mis + 1) ÷ (k_cor + .5)/(n_cor + 1); null without misclassified images
         pa.field("misclassified_enrichment", pa.float64(), nullable=True),
         pa.field("example_image_ids", pa.list_(pa.string()), nullable=False),  # top-scoring first
-        # what the model does (tasks.behaviour); null when the run has no probe behaviour
-        pa.field("z_model", pa.float64(), nullable=True),
-        pa.field("effect", pa.float64(), nullable=True),
-        pa.field("model_threshold", pa.float64(), nullable=True),
+        *_MODEL_TEST,
         pa.field("step", pa.int32(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
     ],
@@ -196,14 +205,10 @@ FLAG_CANDIDATES = pa.schema(
         pa.field("z_lift", pa.float64(), nullable=True),
         pa.field("z_first", pa.float64(), nullable=True),
         pa.field("effect_first", pa.float64(), nullable=True),
-        pa.field("z_model", pa.float64(), nullable=True),
-        pa.field("effect", pa.float64(), nullable=True),
-        pa.field("model_threshold", pa.float64(), nullable=True),
+        *_MODEL_TEST,
         pa.field("min_effect", pa.float64(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
-        pa.field("class_similarity", pa.float64(), nullable=True),
-        pa.field("similarity_threshold", pa.float64(), nullable=True),
-        pa.field("class_agreement", pa.float64(), nullable=True),
+        *_NAMES_A_CLASS,
     ],
     metadata={"table": "flag_candidates", "version": "2"},
 )
