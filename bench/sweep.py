@@ -68,7 +68,7 @@ from textcam.synthetic.config import DEMO_BIAS, WorldConfig  # noqa: E402
 from textcam.synthetic.scenes import ATTRIBUTE_VALUES, intervene  # noqa: E402
 from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
 from textcam.synthetic.world import World, build_world, clip_dir_for, split_batch  # noqa: E402
-from textcam.visibility import PhraseVisibility, image_specific  # noqa: E402
+from textcam.visibility import PhraseVisibility, image_specific, specific_among_strong  # noqa: E402
 from textcam.vocab import load_vocabulary  # noqa: E402
 
 CUE_ATTRIBUTES = ("background", "color", "size", "texture", "watermark", "border")
@@ -283,15 +283,23 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     pred = eb.logits.argmax(1).numpy()
     dense = np.zeros((len(idx), len(m.phrases)))
     np.put_along_axis(dense, idx.clamp_min(0).numpy(), np.where(idx.numpy() >= 0, sc.numpy(), 0.0), 1)
-    specific = image_specific(vis.presence(emb), dense, pred)
-    shown = vis.visible(emb, idx, sc).numpy() & specific[pred[:, None], idx.clamp_min(0).numpy()]
+    presence = vis.presence(emb)
+    specific = image_specific(presence, dense, pred)
+    visible = vis.visible(emb, idx, sc).numpy()
+    shown = visible & specific[pred[:, None], idx.clamp_min(0).numpy()]
+    # The audit flow's rule (tasks.store.phrase_specificity): the same test over the strong phrases only,
+    # from what each explanation stores.
+    strong = (dense > 0) & (dense >= 0.5 * sc.numpy()[:, :1])
+    flow_specific = specific_among_strong(presence & strong, dense, strong, pred)
+    flow_shown = visible & flow_specific[pred[:, None], idx.clamp_min(0).numpy()]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
     selected = (idx >= 0).numpy()
     class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
     true_of = np.take_along_axis(truth, idx.clamp_min(0).numpy(), 1)
     kinds = np.asarray(kind)[idx.clamp_min(0).numpy()]
-    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "specific": specific}
-    for name, mask in (("shown", shown & selected & ~class_phrase), ("selected", selected & ~class_phrase)):
+    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "flow_specific": flow_specific}
+    masks = {"flow": flow_shown, "shown": shown, "selected": np.ones_like(shown)}
+    for name, mask in ((k, v & selected & ~class_phrase) for k, v in masks.items()):
         res[name] = {
             "n": int(mask.sum()),
             "true": int(true_of[mask].sum()),
@@ -317,6 +325,8 @@ def aligned_named(m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, A
         res["embeddings"][aligned], eb.phrases_for.indices, eb.phrases_for.scores
     )
     phrase = m.phrases.index(m.world.phrases[spec.attribute][spec.value])
+    if not res["flow_specific"][cls, phrase]:  # the audit tables would not show it for this class
+        return 0, len(aligned)
     named = ((eb.phrases_for.indices == phrase) & shown).any(1)
     return int(named.sum()), len(aligned)
 
@@ -462,7 +472,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
         if audit == "test":
             res = shown_precision(m, a)
-            result["precision"] = {k: res[k] for k in ("shown", "selected")}
+            result["precision"] = {k: res[k] for k in ("flow", "shown", "selected")}
             result["aligned_named"] = {
                 str(b): aligned_named(m, a, b, res) for b in cfg.biases if gaps[str(b)]["gap"] >= USED
             }
@@ -535,19 +545,28 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for c in r["test"]["cues"]
         if UNUSED <= c["gap"] < USED
     ]
-    for name in ("shown", "selected"):
-        n = sum(r["precision"][name]["n"] for r in scored)
-        t = sum(r["precision"][name]["true"] for r in scored)
+    for name in ("flow", "shown", "selected"):
+        scored_with = [r for r in scored if name in r["precision"]]  # older cached results lack "flow"
+        n = sum(r["precision"][name]["n"] for r in scored_with)
+        t = sum(r["precision"][name]["true"] for r in scored_with)
         per: dict[str, list[int]] = {}
-        for r in scored:
+        for r in scored_with:
             for k, (kn, kt) in r["precision"][name]["per_attribute"].items():
                 per.setdefault(k, [0, 0])
                 per[k][0] += kn
                 per[k][1] += kt
-        key = "phrase_image_precision" if name == "shown" else "selected_image_precision"
+        # The headline is what the audit tables show (shown_phrases); "shown" is the sweep's own
+        # image-specific test over every image of the class.
+        key = {
+            "flow": "phrase_image_precision",
+            "shown": "phrase_image_precision_all_images_test",
+            "selected": "selected_image_precision",
+        }[name]
         out[key] = t / n if n else None
         out[f"{key}_per_attribute"] = {k: round(v[1] / v[0], 3) for k, v in per.items() if v[0]}
-        out[f"{name}_phrases_per_image"] = float(np.mean([r["precision"][name]["per_image"] for r in scored]))
+        out[f"{name}_phrases_per_image"] = float(
+            np.mean([r["precision"][name]["per_image"] for r in scored_with])
+        )
     named = [v for r in scored for v in r.get("aligned_named", {}).values()]
     out["aligned_cue_named_rate"] = (
         sum(v[0] for v in named) / max(sum(v[1] for v in named), 1) if named else None

@@ -55,7 +55,9 @@ from textcam.schema import (
     FLAGS,
     IMAGES,
     INTERVENTIONS,
+    PHRASE_SPECIFICITY,
 )
+from textcam.visibility import SPECIFIC_Z
 
 # Arrow -> DuckDB for the types our schemas use; float16 has no DuckDB type and Parquet reads it as FLOAT.
 _SCALARS: dict[pa.DataType, str] = {
@@ -166,11 +168,40 @@ def _create_views(
         f"""
         CREATE OR REPLACE {"TABLE" if materialize else kind} image_phrases AS
         SELECT p.image_id, p.class_name, p.class_index, p.labelled, p.misclassified,
-               u.ph.text AS phrase, u.ph.direction AS direction, sum(abs(u.ph.score))::DOUBLE AS score
+               u.ph.text AS phrase, u.ph.direction AS direction, sum(abs(u.ph.score))::DOUBLE AS score,
+               bool_or(u.ph.shown) AS shown
         FROM predictions AS p, unnest(p.phrases) AS u(ph)
         GROUP BY ALL
         """
     )
+
+
+_SPECIFICITY_SQL = f"""
+WITH strong AS (  -- "for" phrases weighing at least half the explanation's first (largest) phrase
+    SELECT class_name, phrase, score, shown
+    FROM (SELECT *, max(score) OVER (PARTITION BY image_id) AS first
+          FROM image_phrases WHERE direction = 'for' AND shown IS NOT NULL)
+    WHERE score >= 0.5 * first
+),
+agg AS (
+    SELECT class_name, phrase, count(*) AS n_strong, count(*) FILTER (WHERE shown) AS n_seen,
+           corr(shown::DOUBLE, score) AS r_any
+    FROM strong GROUP BY class_name, phrase
+),
+defined AS (  -- no correlation where seeing it or its weight is constant (DuckDB gives NaN there)
+    SELECT class_name, phrase, n_strong, n_seen, CASE WHEN isfinite(r_any) THEN r_any END AS r FROM agg
+)
+SELECT *, n_seen = n_strong OR coalesce(r, 0) * sqrt(n_strong) > {SPECIFIC_Z} AS specific FROM defined
+"""
+
+# Shown phrases that pass the run-level test: CLIP sees the phrase in the image, it weighs at least half
+# the first phrase, and across the class the explanations weigh it more where CLIP sees it.
+_SHOWN_PHRASES_SQL = """
+CREATE OR REPLACE VIEW shown_phrases AS
+SELECT i.image_id, i.class_name, i.phrase, i.score
+FROM image_phrases AS i JOIN phrase_specificity AS s USING (class_name, phrase)
+WHERE i.direction = 'for' AND i.shown AND s.specific
+"""
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -278,7 +309,8 @@ def store_table(con: duckdb.DuckDBPyConnection, run_dir: Path, name: str, table:
 
 def build_duckdb(run_dir: str | Path) -> Path:
     """Build ``RUN_DIR/run.duckdb``: views ``explanations``, ``errors``, ``images``, ``predictions``,
-    ``image_phrases`` and tables ``concept_stats`` (see module docstring) and ``flags``.
+    ``image_phrases``, ``shown_phrases`` and tables ``concept_stats`` (see module docstring),
+    ``phrase_specificity`` and ``flags``.
 
     Rebuilt from scratch each call (tmp file + rename), so a re-run after new shards arrive is consistent.
     ``flags`` is loaded from ``flags.parquet`` when it exists, otherwise created empty; :func:`tasks.flags.
@@ -305,6 +337,9 @@ def build_duckdb(run_dir: str | Path) -> Path:
         _create_views(con, run_dir, temporary=False, materialize=True)
         con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
+        con.execute(create_table_sql("phrase_specificity", PHRASE_SPECIFICITY))
+        con.execute(f"INSERT INTO phrase_specificity BY NAME {_SPECIFICITY_SQL}")
+        con.execute(_SHOWN_PHRASES_SQL)
         con.execute(f"SET threads = {int(threads)}")
         for name, schema in (
             ("flags", FLAGS),

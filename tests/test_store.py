@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from auditdata import make_run
@@ -209,3 +210,54 @@ def test_sandboxed_connection_is_read_only_and_locked(run: Path) -> None:
 def test_pragma_table_info_is_allowed(run: Path) -> None:
     info = run_sql(run, "PRAGMA table_info('flags')").frame
     assert "z_lift" in info["name"].tolist()
+
+
+def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
+    """``phrase_specificity`` and ``shown_phrases`` against :func:`specific_among_strong` on dense arrays.
+
+    CLIP "sees" snow where its weight is large (image-specific) and every other phrase at random (a
+    class-wide filler CLIP sees in half the images): only snow may pass where both are strong."""
+    from textcam.schema import EXPLANATIONS
+    from textcam.visibility import specific_among_strong
+
+    run_dir = make_run(tmp_path, n_per_class=60, seed=5)
+    rng = np.random.default_rng(0)
+    for path in sorted((run_dir / "explanations").glob("*.parquet")):
+        rows = pq.read_table(path).to_pylist()
+        for r in rows:
+            first = max((p["score"] for p in r["phrases"] if p["direction"] == "for"), default=0.0)
+            for p in r["phrases"]:
+                if p["direction"] == "for":
+                    present = p["score"] > 1.0 if p["text"] == "snow" else rng.random() < 0.5
+                    p["shown"] = bool(present and p["score"] >= 0.5 * first)
+        pq.write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS), path)
+    build_duckdb(run_dir)
+    con = connect(run_dir)
+    table = con.sql("SELECT * FROM phrase_specificity").df().set_index(["class_name", "phrase"])
+    shown = con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0]
+    ips = con.sql("SELECT * FROM image_phrases WHERE direction = 'for'").df()
+    con.close()
+
+    classes = sorted(ips["class_name"].unique())
+    phrases = sorted(ips["phrase"].unique())
+    images = sorted(ips["image_id"].unique())
+    row = {i: n for n, i in enumerate(images)}
+    scores, seen = np.zeros((len(images), len(phrases))), np.zeros((len(images), len(phrases)), bool)
+    cls = np.zeros(len(images), dtype=np.int64)
+    for t in ips.itertuples():
+        scores[row[t.image_id], phrases.index(t.phrase)] = t.score
+        seen[row[t.image_id], phrases.index(t.phrase)] = t.shown
+        cls[row[t.image_id]] = classes.index(t.class_name)
+    strong = (scores > 0) & (scores >= 0.5 * scores.max(1, keepdims=True))
+    expected = specific_among_strong(seen, scores, strong, cls)
+    for (c, p), t in table.iterrows():
+        assert bool(t["specific"]) == bool(expected[classes.index(c), phrases.index(p)]), (c, p, dict(t))
+        assert t["n_strong"] == strong[cls == classes.index(c), phrases.index(p)].sum()
+    assert table.loc[("dog", "snow"), "specific"] and table.loc[("dog", "snow"), "r"] > 0.5
+    fillers = table.drop(index="snow", level="phrase")
+    assert not fillers[fillers["n_seen"] < fillers["n_strong"]]["specific"].any()
+    kept = sum(
+        int(table.loc[(c, p), "specific"]) * int(seen[cls == classes.index(c), phrases.index(p)].sum())
+        for c, p in table.index
+    )
+    assert shown == kept > 0

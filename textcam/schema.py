@@ -115,6 +115,23 @@ _CLASS_PHRASE = [
 ]
 
 
+#: Is a "for" phrase about the image or about the class? Per class × phrase, over the explanations of
+#: the class that weigh it at least half their first phrase: how often CLIP sees it there, and the
+#: correlation of seeing it with its weight (the DuckDB table ``phrase_specificity``; the rule is
+#: :func:`textcam.visibility.specific_among_strong`).
+PHRASE_SPECIFICITY = pa.schema(
+    [
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("n_strong", pa.int64(), nullable=False),
+        pa.field("n_seen", pa.int64(), nullable=False),
+        pa.field("r", pa.float64(), nullable=True),  # null: seeing it or its weight does not vary
+        pa.field("specific", pa.bool_(), nullable=False),
+    ],
+    metadata={"table": "phrase_specificity", "version": "1"},
+)
+
+
 #: Per class × phrase × direction statistics (the DuckDB table ``concept_stats``).
 CONCEPT_STATS = pa.schema(
     [

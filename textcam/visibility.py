@@ -161,8 +161,34 @@ class PhraseVisibility:
         return hit & strong
 
 
+#: One-sided 0.001: a phrase's presence must go with its weight beyond this r·√n to be shown.
+SPECIFIC_Z = 3.09
+
+
+def specific_among_strong(
+    seen: np.ndarray, scores: np.ndarray, strong: np.ndarray, classes: np.ndarray
+) -> np.ndarray:
+    """(K, P) bool: the audit flow's form of :func:`image_specific`, from what each explanation stores.
+
+    Over the explanations of class k that weigh phrase p at least half their first phrase (``strong``,
+    (N, P) bool), CLIP sees p in all of them, or seeing it (``seen``) correlates with its weight
+    (``scores``) beyond ``SPECIFIC_Z`` (r·√n). The same rule as ``tasks.store``'s ``phrase_specificity``
+    table, in numpy (the truth sweep measures it with this).
+    """
+    k = int(classes.max(initial=-1)) + 1
+    onehot = np.zeros((k, classes.shape[0]))
+    onehot[classes, np.arange(classes.shape[0])] = 1.0
+    w = strong.astype(np.float64)
+    x, s = seen.astype(np.float64) * w, scores.astype(np.float64) * w
+    n, sx, ss = onehot @ w, onehot @ x, onehot @ s
+    sxs, sss = onehot @ (x * s), onehot @ (s * s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (n * sxs - sx * ss) / np.sqrt((n * sx - sx * sx) * (n * sss - ss * ss))
+    return (n > 0) & ((sx == n) | (np.nan_to_num(r) * np.sqrt(n) > SPECIFIC_Z))
+
+
 def image_specific(
-    presence: np.ndarray, scores: np.ndarray, classes: np.ndarray, z_min: float = 3.09
+    presence: np.ndarray, scores: np.ndarray, classes: np.ndarray, z_min: float = SPECIFIC_Z
 ) -> np.ndarray:
     """(K, P) bool: within the images of class k, the explanations weigh phrase p more where CLIP sees it.
 
