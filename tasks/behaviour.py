@@ -28,7 +28,6 @@ and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a w
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ import torch
 from textcam.visibility import PhraseVisibility
 
 DIRECTIONS = ("for", "against")
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -382,13 +380,6 @@ def evidence_grid(
         # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
         best = np.round(np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax()
         accepted[:, best, :] = passing[:, best, :]
-        log.debug(
-            "step %d: %r accepted (z %.2f, threshold %.2f)",
-            step,
-            behaviour.phrases[best],
-            zd[:, best].max(),
-            thr,
-        )
         decided[:, best, :] = True
         given.append(int(best))
     return Evidence(list(behaviour.phrases), eligible, accepted, record, given)
