@@ -55,6 +55,7 @@ from textcam.schema import (
     FLAGS,
     IMAGES,
     INTERVENTIONS,
+    PHRASE_BASE_RATE,
     PHRASE_SPECIFICITY,
 )
 from textcam.visibility import SPECIFIC_Z
@@ -189,9 +190,17 @@ agg AS (
     FROM strong GROUP BY class_name, phrase
 ),
 defined AS (  -- no correlation where seeing it or its weight is constant (DuckDB gives NaN there)
-    SELECT class_name, phrase, n_strong, n_seen, CASE WHEN isfinite(r_any) THEN r_any END AS r FROM agg
+    SELECT agg.class_name, agg.phrase, n_strong, n_seen, CASE WHEN isfinite(r_any) THEN r_any END AS r,
+           b.rate AS base_rate
+    FROM agg LEFT JOIN phrase_base_rate AS b USING (phrase)
 )
-SELECT *, n_seen = n_strong OR coalesce(r, 0) * sqrt(n_strong) > {SPECIFIC_Z} AS specific FROM defined
+SELECT class_name, phrase, n_strong, n_seen, r, base_rate,
+       n_seen = n_strong
+       OR coalesce(r, 0) * sqrt(n_strong) > {SPECIFIC_Z}
+       OR coalesce((n_seen - n_strong * base_rate)
+                   / sqrt(n_strong * greatest(base_rate, 1e-6) * greatest(1 - base_rate, 1e-6)), 0)
+          > {SPECIFIC_Z} AS specific
+FROM defined
 """
 
 # Shown phrases that pass the run-level test: CLIP sees the phrase in the image, it weighs at least half
@@ -202,6 +211,29 @@ SELECT i.image_id, i.class_name, i.phrase, i.score
 FROM image_phrases AS i JOIN phrase_specificity AS s USING (class_name, phrase)
 WHERE i.direction = 'for' AND i.shown AND s.specific
 """
+
+
+def _store_base_rates(con: duckdb.DuckDBPyConnection, run_dir: Path) -> None:
+    """``phrase_base_rate``: how often CLIP sees each phrase in a probe image (the "present" share of its
+    visibility model, ``bank/visibility.safetensors``); empty without one."""
+    run = RunDir(run_dir)
+    phrases: list[str] = []
+    rates: list[float] = []
+    if run.visibility_file.is_file() and run.phrases_file.is_file():
+        from safetensors.numpy import load_file
+
+        from tasks.explain_shard import load_phrases
+
+        phrases = load_phrases(run.phrases_file)[0]
+        rates = load_file(str(run.visibility_file))["weights"][1].astype(float).tolist()
+        if len(rates) != len(phrases):
+            raise ValueError(f"{run.visibility_file} and {run.phrases_file} disagree on the phrases")
+    con.execute(create_table_sql("phrase_base_rate", PHRASE_BASE_RATE))
+    con.register("_rates", pa.table({"phrase": phrases, "rate": rates}, schema=PHRASE_BASE_RATE))
+    try:
+        con.execute("INSERT INTO phrase_base_rate SELECT phrase, max(rate) FROM _rates GROUP BY phrase")
+    finally:
+        con.unregister("_rates")
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -337,6 +369,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
         _create_views(con, run_dir, temporary=False, materialize=True)
         con.execute(create_table_sql("concept_stats", CONCEPT_STATS))
         con.execute(f"INSERT INTO concept_stats BY NAME {_CONCEPT_STATS_SQL}")
+        _store_base_rates(con, run_dir)
         con.execute(create_table_sql("phrase_specificity", PHRASE_SPECIFICITY))
         con.execute(f"INSERT INTO phrase_specificity BY NAME {_SPECIFICITY_SQL}")
         con.execute(_SHOWN_PHRASES_SQL)

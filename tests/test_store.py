@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from auditdata import make_run
 
 from tasks.store import UnsafeQueryError, build_duckdb, connect, query, run_sql
@@ -217,8 +218,10 @@ def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
 
     CLIP "sees" snow where its weight is large (image-specific) and every other phrase at random (a
     class-wide filler CLIP sees in half the images): only snow may pass where both are strong."""
+    from tasks.explain_shard import save_phrases
+    from tasks.rundir import RunDir
     from textcam.schema import EXPLANATIONS
-    from textcam.visibility import specific_among_strong
+    from textcam.visibility import PhraseVisibility, specific_among_strong
 
     run_dir = make_run(tmp_path, n_per_class=60, seed=5)
     rng = np.random.default_rng(0)
@@ -261,3 +264,22 @@ def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
         for c, p in table.index
     )
     assert shown == kept > 0
+
+    # With the run's visibility model: a phrase CLIP sees in a probe image at 5 % but in half of the
+    # class's strong explanations is about the image (base-rate witness); the others stay as they were.
+    rate = np.where(np.asarray(phrases) == "leaves", 0.05, 0.5)
+    text = torch.zeros(len(phrases), 4)
+    save_phrases(RunDir(run_dir).phrases_file, phrases, text, clip_id="test")
+    weights = np.stack([1 - rate, rate])
+    PhraseVisibility(text, weights, np.zeros((2, len(phrases))), np.ones((2, len(phrases)))).save(
+        RunDir(run_dir).visibility_file
+    )
+    build_duckdb(run_dir)
+    con = connect(run_dir)
+    table = con.sql("SELECT * FROM phrase_specificity").df().set_index(["class_name", "phrase"])
+    con.close()
+    expected = specific_among_strong(seen, scores, strong, cls, rate)
+    for (c, p), t in table.iterrows():
+        assert bool(t["specific"]) == bool(expected[classes.index(c), phrases.index(p)]), (c, p, dict(t))
+    leaves = table.xs("leaves", level="phrase")
+    assert leaves[leaves["n_strong"] >= 20]["specific"].all() and (leaves["base_rate"] == 0.05).all()

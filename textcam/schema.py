@@ -115,10 +115,17 @@ _CLASS_PHRASE = [
 ]
 
 
+#: How often CLIP sees each phrase in a probe image (the DuckDB table ``phrase_base_rate``).
+PHRASE_BASE_RATE = pa.schema(
+    [pa.field("phrase", pa.string(), nullable=False), pa.field("rate", pa.float64(), nullable=False)],
+    metadata={"table": "phrase_base_rate", "version": "1"},
+)
+
+
 #: Is a "for" phrase about the image or about the class? Per class × phrase, over the explanations of
-#: the class that weigh it at least half their first phrase: how often CLIP sees it there, and the
-#: correlation of seeing it with its weight (the DuckDB table ``phrase_specificity``; the rule is
-#: :func:`textcam.visibility.specific_among_strong`).
+#: the class that weigh it at least half their first phrase: how often CLIP sees it there, the
+#: correlation of seeing it with its weight, and how often CLIP sees it in any probe image (the DuckDB
+#: table ``phrase_specificity``; the rule is :func:`textcam.visibility.specific_among_strong`).
 PHRASE_SPECIFICITY = pa.schema(
     [
         pa.field("class_name", pa.string(), nullable=False),
@@ -126,6 +133,8 @@ PHRASE_SPECIFICITY = pa.schema(
         pa.field("n_strong", pa.int64(), nullable=False),
         pa.field("n_seen", pa.int64(), nullable=False),
         pa.field("r", pa.float64(), nullable=True),  # null: seeing it or its weight does not vary
+        # share of the probe images in which CLIP sees the phrase; null: no visibility model
+        pa.field("base_rate", pa.float64(), nullable=True),
         pa.field("specific", pa.bool_(), nullable=False),
     ],
     metadata={"table": "phrase_specificity", "version": "1"},

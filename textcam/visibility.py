@@ -166,13 +166,20 @@ SPECIFIC_Z = 3.09
 
 
 def specific_among_strong(
-    seen: np.ndarray, scores: np.ndarray, strong: np.ndarray, classes: np.ndarray
+    seen: np.ndarray,
+    scores: np.ndarray,
+    strong: np.ndarray,
+    classes: np.ndarray,
+    base_rate: np.ndarray | None = None,
 ) -> np.ndarray:
     """(K, P) bool: the audit flow's form of :func:`image_specific`, from what each explanation stores.
 
     Over the explanations of class k that weigh phrase p at least half their first phrase (``strong``,
-    (N, P) bool), CLIP sees p in all of them, or seeing it (``seen``) correlates with its weight
-    (``scores``) beyond ``SPECIFIC_Z`` (r·√n). The same rule as ``tasks.store``'s ``phrase_specificity``
+    (N, P) bool), CLIP sees p in all of them; or seeing it (``seen``) correlates with its weight
+    (``scores``) beyond ``SPECIFIC_Z`` (r·√n); or CLIP sees it there more often than in a random probe
+    image (``base_rate``, (P,): its "present" share, :attr:`PhraseVisibility.weights`), by a one-sided
+    binomial z beyond ``SPECIFIC_Z``. A filler the explanations weigh in every image of the class is seen
+    there at its base rate and fails all three. The same rule as ``tasks.store``'s ``phrase_specificity``
     table, in numpy (the truth sweep measures it with this).
     """
     k = int(classes.max(initial=-1)) + 1
@@ -184,7 +191,11 @@ def specific_among_strong(
     sxs, sss = onehot @ (x * s), onehot @ (s * s)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = (n * sxs - sx * ss) / np.sqrt((n * sx - sx * sx) * (n * sss - ss * ss))
-    return (n > 0) & ((sx == n) | (np.nan_to_num(r) * np.sqrt(n) > SPECIFIC_Z))
+        above = np.zeros_like(n, dtype=bool)
+        if base_rate is not None:
+            pi = np.clip(base_rate, 1e-6, 1 - 1e-6)[None, :]
+            above = np.nan_to_num((sx - n * pi) / np.sqrt(n * pi * (1 - pi))) > SPECIFIC_Z
+    return (n > 0) & ((sx == n) | (np.nan_to_num(r) * np.sqrt(n) > SPECIFIC_Z) | above)
 
 
 def image_specific(
