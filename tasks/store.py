@@ -29,6 +29,11 @@ Statistics (table ``concept_stats``, one row per class c × phrase p × directio
 * ``relative_score = mean_{x in c} s(x, p, d) / max_p' mean_{x in c} s(x, p', d)``: the phrase's evidence
   relative to the class's main phrase (1 = the main phrase). A large z_lift alone also picks out the small
   filler phrases that the sparse coding adds to every explanation of a class; this tells those from a cue.
+
+Per-image phrases (table ``phrase_specificity``, view ``shown_phrases``): a shown phrase is kept where,
+over the class's explanations that weigh it at least half their first phrase, CLIP sees it in all of
+them, or seeing it goes with a larger weight, or CLIP sees it there more often than in a random probe
+image (``phrase_base_rate``); :func:`textcam.visibility.specific_among_strong` is the same rule in numpy.
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ FROM defined
 """
 
 # Shown phrases that pass the run-level test: CLIP sees the phrase in the image, it weighs at least half
-# the first phrase, and across the class the explanations weigh it more where CLIP sees it.
+# the first phrase, and the phrase is about images of the class, not the class (phrase_specificity).
 _SHOWN_PHRASES_SQL = """
 CREATE OR REPLACE VIEW shown_phrases AS
 SELECT i.image_id, i.class_name, i.phrase, i.score
