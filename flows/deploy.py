@@ -34,8 +34,13 @@ def deployment_parameters(cfg: AuditConfig, base: Path | None = None) -> dict[st
         return str(path if path.is_absolute() else base / path)
 
     data = cfg.to_dict()
-    for key in ("data", "probe", "run_dir", "cache_dir"):
-        data[key] = absolute(data[key])
+    for holder, key in (
+        (data, "data"),
+        (data, "run_dir"),
+        (data, "cache_dir"),
+        (data["calibration"], "probe"),
+    ):
+        holder[key] = absolute(holder[key])
     if isinstance(data["classes"], str) and data["classes"] != "model":
         data["classes"] = absolute(data["classes"])
     data["vocab"] = [

@@ -95,3 +95,16 @@ def test_sections_keep_their_keys_and_old_flat_keys_say_where_they_went(tmp_path
 def test_a_bad_method_is_refused_before_any_model_loads(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown CAM method"):
         config_from_args(parse(["audit", "--data", str(tmp_path), "--method", "gradcan"]))
+
+
+def test_deployment_parameters_are_a_valid_config_with_absolute_paths(tmp_path: Path) -> None:
+    """What `textcam schedule` stores for workers: every path absolute, the sections included."""
+    from flows.deploy import deployment_parameters
+    from tasks.config import from_mapping
+
+    cfg = load_config(None, {"data": "images", "calibration": {"probe": "probe", "bank_m": 7}})
+    params = deployment_parameters(cfg, base=tmp_path)["config"]
+    assert params["data"] == str(tmp_path / "images")
+    assert params["calibration"]["probe"] == str(tmp_path / "probe")
+    again = from_mapping(params)
+    assert again.calibration.bank_m == 7 and again.fingerprint() != cfg.fingerprint()  # paths differ
