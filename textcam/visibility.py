@@ -198,28 +198,17 @@ def specific_among_strong(
     return (n > 0) & ((sx == n) | (np.nan_to_num(r) * np.sqrt(n) > SPECIFIC_Z) | above)
 
 
-def image_specific(
-    presence: np.ndarray, scores: np.ndarray, classes: np.ndarray, z_min: float = SPECIFIC_Z
-) -> np.ndarray:
+def image_specific(presence: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """(K, P) bool: within the images of class k, the explanations weigh phrase p more where CLIP sees it.
 
     ``presence`` (N, P) bool, ``scores`` (N, P) the explanations' coefficients (0 where not selected),
     ``classes`` (N,) the explained class. A phrase the explanations give every image of a class alike
     ("wooden" for every circle, by a tiny CLIP's confusion) says nothing about the image and is not
     shown for that class: the point-biserial correlation of presence and coefficient must be positive
-    beyond ``z_min`` (r·√n, one-sided 0.001). A phrase CLIP sees in every image of the class needs no
-    such test (nothing to correlate) and is kept; one it sees in none is dropped.
+    beyond ``SPECIFIC_Z`` (r·√n, one-sided 0.001). A phrase CLIP sees in every image of the class needs no
+    such test (nothing to correlate) and is kept; one it sees in none is dropped. Classes with fewer
+    than 3 images are dropped. :func:`specific_among_strong` with every phrase counted as strong.
     """
-    k = int(classes.max(initial=-1)) + 1
-    out = np.zeros((k, presence.shape[1]), dtype=bool)
-    for c in range(k):  # one vectorised correlation per class
-        rows = classes == c
-        if rows.sum() < 3:
-            continue
-        x, s = presence[rows].astype(np.float64), scores[rows].astype(np.float64)
-        xc, sc = x - x.mean(0), s - s.mean(0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = (xc * sc).sum(0) / np.sqrt((xc**2).sum(0) * (sc**2).sum(0))
-        always = x.min(0) == 1
-        out[c] = always | (np.nan_to_num(r) * np.sqrt(rows.sum()) > z_min)
-    return out
+    out = specific_among_strong(presence, scores, np.ones_like(presence, dtype=bool), classes)
+    counts = np.bincount(classes, minlength=out.shape[0])
+    return out & (counts >= 3)[:, None]

@@ -182,8 +182,7 @@ def sample_codes(
     codes["border"] = (rng.random(n) < config.border_prob).astype(np.int64)
     apply_biases(codes, vals, biases, config.label_attribute, rng)
 
-    lo = np.where(codes["size"] == 1, config.large_radius[0], config.small_radius[0])
-    hi = np.where(codes["size"] == 1, config.large_radius[1], config.small_radius[1])
+    lo, hi = _radius_range(codes["size"], config)
     radius = lo + (hi - lo) * rng.random(n)
     margin = radius * 1.3 + 3.0  # star/triangle circumradius ≈ 1.3 r, plus the border width
     codes["radius"] = radius
@@ -470,12 +469,19 @@ def intervene(
     return renders[0], renders[1], codes[config.label_attribute].astype(np.int64)
 
 
+def _radius_range(size: np.ndarray, config: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per scene, the radius range of its size code (1: large)."""
+    large = size == 1
+    return (
+        np.where(large, config.large_radius[0], config.small_radius[0]),
+        np.where(large, config.large_radius[1], config.small_radius[1]),
+    )
+
+
 def _resize(changed: dict[str, np.ndarray], codes: dict[str, np.ndarray], config: SceneConfig) -> None:
     """Radii for a changed size code at the same place in their range; centres kept inside the image."""
-    old_lo = np.where(codes["size"] == 1, config.large_radius[0], config.small_radius[0])
-    old_hi = np.where(codes["size"] == 1, config.large_radius[1], config.small_radius[1])
-    lo = np.where(changed["size"] == 1, config.large_radius[0], config.small_radius[0])
-    hi = np.where(changed["size"] == 1, config.large_radius[1], config.small_radius[1])
+    old_lo, old_hi = _radius_range(codes["size"], config)
+    lo, hi = _radius_range(changed["size"], config)
     radius = lo + (hi - lo) * (codes["radius"] - old_lo) / (old_hi - old_lo)
     margin = radius * 1.3 + 3.0
     s = config.image_size
