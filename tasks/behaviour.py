@@ -65,10 +65,16 @@ class ProbeBehaviour:
 
     def class_agreement(self) -> np.ndarray | None:
         """(K, P) phi coefficient between "CLIP sees class name k" and "CLIP sees phrase p" over the probe
-        images (0 where either is constant); None without class presence."""
+        images, within true labels where they are known (0 where either is constant); None without class
+        presence.
+
+        Within labels, because on biased data (a training split audited on itself) a cue is seen where
+        its class is, so the plain phi calls the cue a name of the class; a name and its synonym still
+        agree within a label, on the images where CLIP errs about the class.
+        """
         if self.class_presence is None:
             return None
-        return phi(self.class_presence, self.presence)
+        return phi(self.class_presence, self.presence, self.labels)
 
 
 def probe_behaviour(
@@ -106,17 +112,28 @@ def probe_behaviour(
     )
 
 
-def phi(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def phi(a: np.ndarray, b: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
     """(A, B) phi coefficients (Pearson correlation of booleans) between the columns of a (N, A) and b
-    (N, B); 0 where a column is constant."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a - a.mean(0)
-    b = b - b.mean(0)
+    (N, B); 0 where a column is constant. With ``strata`` (N,): pooled within strata (each column
+    centred on its stratum's mean), so what the strata explain does not count."""
+    a = _centred(np.asarray(a, dtype=np.float64), strata)
+    b = _centred(np.asarray(b, dtype=np.float64), strata)
     na, nb = np.sqrt((a * a).sum(0)), np.sqrt((b * b).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (a.T @ b) / np.outer(na, nb)
     return np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _centred(x: np.ndarray, strata: np.ndarray | None) -> np.ndarray:
+    """``x`` minus the mean of its column over the image's stratum (over all images without strata)."""
+    if strata is None:
+        return x - x.mean(0)
+    _, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    index = torch.from_numpy(inverse.astype(np.int64))
+    sums = torch.zeros(counts.shape[0], x.shape[1], dtype=torch.float64).index_add_(
+        0, index, torch.from_numpy(x)
+    )
+    return x - (sums.numpy() / counts[:, None])[inverse]
 
 
 def _strata(

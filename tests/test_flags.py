@@ -435,3 +435,23 @@ def test_the_null_on_a_stratified_sample_agrees_with_the_full_null(tmp_path: Pat
         thresholds[null] = np.mean([r.groupby("class_name")["threshold"].first().mean() for r in runs])
     assert flags[3 * NULL_FLOOR].equals(flags[None])
     assert abs(thresholds[3 * NULL_FLOOR] - thresholds[None]) < 0.25
+
+
+def test_phi_within_strata_is_the_pooled_within_stratum_correlation() -> None:
+    """Two columns that agree only because both follow the stratum (a cue on biased data) have a plain
+    phi near 1 and a within-strata phi near 0; columns that agree inside the strata keep it."""
+    from tasks.behaviour import phi
+
+    rng = np.random.default_rng(0)
+    strata = rng.integers(0, 3, 3000)
+    a = (strata == 1) ^ (rng.random(3000) < 0.05)
+    follows_strata = (strata == 1) ^ (rng.random(3000) < 0.05)
+    b = np.c_[follows_strata, a]
+    plain, within = phi(a[:, None], b), phi(a[:, None], b, strata)
+    assert plain[0, 0] > 0.7 and abs(within[0, 0]) < 0.1
+    assert within[0, 1] == pytest.approx(1.0)
+    centred = [
+        np.concatenate([c[strata == s] - c[strata == s].mean() for s in range(3)]) for c in (a, b[:, 0])
+    ]
+    want = (centred[0] @ centred[1]) / np.sqrt((centred[0] @ centred[0]) * (centred[1] @ centred[1]))
+    assert within[0, 0] == pytest.approx(want, abs=1e-12)
