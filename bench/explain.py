@@ -15,7 +15,10 @@ are random (no downloads here); speed does not depend on them. The vocabulary's 
 a one-off cost per vocabulary (cached on disk in normal use), so they are computed once, before
 any timing, and their time is reported separately.
 
-    python bench/explain.py [--rounds 5] [--probe 256] [--quick]
+    python bench/explain.py [--rounds 5] [--probe 256] [--quick] [--device cuda] [--images DIR]
+
+On a GPU (``--device cuda``) every timing waits for the device (``torch.cuda.synchronize``), and the
+peers run on the same device.
 
 Last line: one JSON object with every figure.
 """
@@ -48,8 +51,12 @@ def load_batch(model, paths: list[Path]) -> torch.Tensor:
 
 
 def timed(fn, *args) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t = time.perf_counter()
     fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -62,15 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sklearn-sample", type=int, default=64, help="channels timed in the sklearn loop")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and probe images (smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    ap.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's top operators of one explanation"
+    )
+    ap.add_argument("--images", type=Path, default=SHARED, help=f"image folder (default {SHARED})")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     if args.quick:
         args.rounds, args.probe, args.sklearn_sample = 2, 128, 16
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not SHARED.is_dir():
-        print(f"shared images not found at {SHARED}", file=sys.stderr)
+    if not args.images.is_dir():
+        print(f"images not found at {args.images}", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
 
     from pytorch_grad_cam import GradCAM as PeerGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -85,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     from textcam.vocab import load_vocabulary
 
     torch.manual_seed(0)
-    paths = sorted(p for p in SHARED.iterdir() if p.is_file())
-    model = load_model("resnet50", weights="none")
+    paths = sorted(p for p in args.images.iterdir() if p.is_file())
+    model = load_model("resnet50", weights="none", device=device)
     module = model.module
-    clip = load_clip("ViT-B-32", None, device="cpu")
-    x = load_batch(model, paths[: args.batch])
+    clip = load_clip("ViT-B-32", None, device=device)
+    x = load_batch(model, paths[: args.batch]).to(device)
 
     # --- calibration: probe pass, then LDA ---------------------------------------------------
     probe = paths[: args.probe]
@@ -97,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     gaps, embs = [], []
     with torch.no_grad(), capture_gap(module, model.target_layer, None, model.input_size) as captured:
         for batch in iter_batches(probe, [model.preprocess, clip.preprocess], batch_size=32, num_workers=2):
-            module(batch.tensors[0])
-            gaps.append(captured.pop())
-            embs.append(clip.encode_images(batch.tensors[1]))
+            module(batch.tensors[0].to(device))
+            gaps.append(captured.pop().cpu())
+            embs.append(clip.encode_images(batch.tensors[1].to(device)).cpu())
     probe_s = time.perf_counter() - t0
     gap, emb = torch.cat(gaps), torch.cat(embs)
     pos, neg = top_bottom(gap, args.m)
@@ -136,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         text = clip.encode_texts(phrases, templates=("{}",), cache_dir=False)
     text_s = time.perf_counter() - t0
-    ex_cam = Explainer(model, bank, phrases, text, method="cam", device="cpu")
-    ex_grad = Explainer(model, bank, phrases, text, method="gradcam", device="cpu")
+    ex_cam = Explainer(model, bank, phrases, text, method="cam", device=device)
+    ex_grad = Explainer(model, bank, phrases, text, method="gradcam", device=device)
     with torch.no_grad():
         preds = module(x).argmax(1)
     peer = PeerGradCAM(model=module, target_layers=[module.layer4])
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "forward_inference": forward_inference,
         "textcam_cam": lambda: ex_cam.explain_batch(x),
         "textcam_gradcam": lambda: ex_grad.explain_batch(x),
+        # the tensors alone (no per-image records): what the records cost is the difference
+        "textcam_gradcam_tensors": lambda: ex_grad.explain_tensors(x),
         "peer_gradcam": lambda: peer(input_tensor=x, targets=peer_targets),
         "torchcam_gradcam": torchcam,
     }
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold_gradcam_vs_forward": cold["forward"] / cold["textcam_gradcam"],
         "cam_vs_forward": ratio("textcam_cam", "forward"),
         "gradcam_vs_forward": ratio("textcam_gradcam", "forward"),
+        "gradcam_tensors_vs_forward": ratio("textcam_gradcam_tensors", "forward"),
         "gradcam_vs_peer": ratio("textcam_gradcam", "peer_gradcam"),
         "gradcam_vs_torchcam": ratio("textcam_gradcam", "torchcam_gradcam"),
         "peer_vs_forward": ratio("peer_gradcam", "forward"),
@@ -209,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "rounds": args.rounds,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_rss_mb": peak_rss_mb(),
         "bench_seconds": time.perf_counter() - started,
     }
     print(
-        f"ResNet-50, 224 px, batch {args.batch}, CPU ({torch.get_num_threads()} threads), "
+        f"ResNet-50, 224 px, batch {args.batch}, {fig['device']} ({torch.get_num_threads()} CPU threads), "
         f"{args.rounds} interleaved rounds, median"
     )
     print(f"{'run':<22}{'s/batch':>10}{'img/s':>10}{'vs forward':>12}{'cold s':>10}{'cold vs fwd':>13}")
@@ -240,8 +257,21 @@ def main(argv: list[str] | None = None) -> int:
         f"-> batched LDA is {fig['lda_vs_sklearn_loop']:.0f}x faster"
     )
     print(f"peak RSS {fig['peak_rss_mb']:.0f} MB (calibration keeps only N x C GAP and N x D embeddings)")
+    if args.profile:
+        _profile(lambda: ex_grad.explain_batch(x), device)
     print(json.dumps(fig))
     return 0
+
+
+def _profile(fn, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from textcam import __version__
 from textcam.data import iter_batches
-from textcam.device import resolve_device
+from textcam.device import model_device
 from textcam.io import atomic_path
 from textcam.layers import TokenGrid, forward_hook, get_layer
 
@@ -166,7 +166,7 @@ def _probe_pass(
     the predicted class and the index of every readable image."""
     from tqdm.auto import tqdm
 
-    dev = resolve_device(device)
+    dev = model_device(model.module, device)
     gaps, embs, preds, kept = [], [], [], []
     failures: list[tuple[int, str]] = []
     bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress)

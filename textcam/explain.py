@@ -25,7 +25,7 @@ import torch
 
 from textcam.bank import BankMismatchError, ChannelBank
 from textcam.cams import CamOutput, build_cam
-from textcam.device import resolve_device
+from textcam.device import model_device
 from textcam.select import Selection, center_vocabulary, group_channels, select_phrases
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class Explainer:
             raise ValueError(f"n_against must be >= 0, got {n_against}")
         if not 0.0 <= group_min_ratio <= 1.0:
             raise ValueError(f"group_min_ratio must lie in [0, 1], got {group_min_ratio}")
-        self.device = resolve_device(device)
+        self.device = model_device(model.module, device)
         self.model = model
         self.bank = bank
         self.phrases = list(phrases)
