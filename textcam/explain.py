@@ -238,7 +238,8 @@ class Explainer:
         valid = (gidx >= 0) & strong
         emb = self.vocab[gidx.clamp_min(0)] * valid[..., None]
         assign = group_channels(contrib.flatten(0, 1), self.directions, emb, valid).view(b, k, -1)
-        onehot = torch.nn.functional.one_hot(assign.clamp_min(0), g).float() * (assign >= 0)[..., None]
+        # a comparison, not one_hot(): no range check waiting for a GPU; channel -1 (no group) is all zero
+        onehot = (assign[..., None] == torch.arange(g, device=assign.device)).float()
         if weights.dim() == 3:
             # Channel weights: fold them into the one-hot first, so the maps are one batched
             # (K·G × C) @ (C × h·w) product with no (B, K, C, h, w) intermediate.
