@@ -63,6 +63,13 @@ class ProbeBehaviour:
         if self.class_presence is not None and self.class_presence.shape[0] != n:
             raise ValueError(f"class presence for {self.class_presence.shape[0]} images, probe has {n}")
 
+    def label_accuracy(self) -> float | None:
+        """Share of the labelled probe images predicted as their label; None without labels."""
+        if self.labels is None or not (self.labels >= 0).any():
+            return None
+        known = self.labels >= 0
+        return float((self.predictions[known] == self.labels[known]).mean())
+
     def class_agreement(self) -> np.ndarray | None:
         """(K, P) phi coefficient between "CLIP sees class name k" and "CLIP sees phrase p" over the probe
         images, within true labels where they are known (0 where either is constant); None without class

@@ -55,6 +55,10 @@ def cooccurrence(bank: BankFiles | None) -> pd.DataFrame | None:
     return visible_per_class(probe, phrases, embeddings)
 
 
+#: probe accuracy from which the behaviour evidence is too thin to trust a quiet audit (a notice only)
+MEMORISED = 0.99
+
+
 def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> Any:
     """What CLIP sees in each probe image, with the classifier's prediction and the true label where the
     manifest has one (:mod:`tasks.behaviour`); None without a probe set or with random CLIP weights."""
@@ -78,7 +82,7 @@ def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> A
     class_embeddings = clip.encode_texts(
         list(names), cache_dir=cfg.resolved_cache_dir() if clip.cacheable else False
     )
-    return probe_behaviour(
+    seen = probe_behaviour(
         probe.embeddings,
         probe.predictions,
         phrases,
@@ -86,6 +90,15 @@ def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> A
         known if (known >= 0).any() else None,
         class_embeddings=class_embeddings.cpu().to(probe.embeddings.dtype),
     )
+    accuracy = seen.label_accuracy()
+    if accuracy is not None and accuracy >= MEMORISED:
+        log.warning(
+            "the model predicts the label of %.1f%% of the probe images (its training data?): within a "
+            "label its predictions hardly vary, so the flags can show little of what it relies on; a "
+            "held-out probe (calibration.probe) shows more",
+            100 * accuracy,
+        )
+    return seen
 
 
 def class_text(cfg: AuditConfig, run_dir: str, bank: BankFiles | None) -> Any:

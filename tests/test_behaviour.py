@@ -162,3 +162,16 @@ def test_visibility_shows_seen_and_strong_phrases_only() -> None:
     shown = vis.visible(images, indices, scores)
     assert shown.tolist() == [[True, False, False], [False, False, False]]
     assert vis.visible(images, indices, scores, min_ratio=0.0)[1].tolist() == [False, True, False]
+
+
+def test_label_accuracy_counts_only_labelled_images() -> None:
+    from tasks.behaviour import ProbeBehaviour
+
+    presence = np.zeros((5, 1), dtype=bool)
+    pred = np.array([0, 1, 1, 2, 0])
+    labels = np.array([0, 1, 2, -1, -1])
+    probe = ProbeBehaviour(presence, ["p"], pred, labels, np.zeros(1))
+    assert probe.label_accuracy() == pytest.approx(2 / 3)
+    assert ProbeBehaviour(presence, ["p"], pred, None, np.zeros(1)).label_accuracy() is None
+    unknown = ProbeBehaviour(presence, ["p"], pred, np.full(5, -1), np.zeros(1))
+    assert unknown.label_accuracy() is None
