@@ -44,7 +44,8 @@ def clip_presence(clip_seed: int, n: int, cache_dir: str | None) -> dict[str, di
     batch = split_batch(dataclasses.replace(config, n_probe=n), "probe")
     with torch.inference_mode():
         images = torch.cat([clip.encode_images(x) for x in to_clip_tensor(batch.images).split(250)]).cpu()
-    present = PhraseVisibility.fit(images, text).presence(images)
+    visibility = PhraseVisibility.fit(images, text)
+    present = visibility.presence(images)
     cos = torch.nn.functional.normalize(images, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
     names = world_phrases(config)
     out = {}
@@ -64,7 +65,19 @@ def clip_presence(clip_seed: int, n: int, cache_dir: str | None) -> dict[str, di
             "recall": round(float(np.mean(recall)), 3),
             "argmax_accuracy": round(float((argmax == truth).mean()), 3) if argmax is not None else None,
         }
+    out["bimodality"] = bimodality(visibility, phrases, names)
     return out
+
+
+def bimodality(visibility: PhraseVisibility, phrases: list[str], names: dict) -> dict[str, list[float]]:
+    """Ashman's D of each phrase's two-component presence mixture, (min, max) over the world's own phrases
+    and over the distractor words the world never draws: would "well separated" (D > 2) tell them apart?"""
+    mu, sd = visibility.means, visibility.sds
+    d = np.sqrt(2) * np.abs(mu[1] - mu[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2)
+    world = {text for values in names.values() for text in values.values()}
+    groups = {"world": [d[j] for j, p in enumerate(phrases) if p in world]}
+    groups["distractor"] = [d[j] for j, p in enumerate(phrases) if p not in world]
+    return {k: [round(float(min(v)), 2), round(float(max(v)), 2)] for k, v in groups.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {}
     for seed in (int(s) for s in args.clip_seeds.split(",")):
         per = clip_presence(seed, args.n, args.cache_dir)
+        spread = per.pop("bimodality")
+        print(f"clip {seed} Ashman's D, world phrases {spread['world']}, distractors {spread['distractor']}")
         for attribute, r in per.items():
             print(
                 f"clip {seed} {attribute:10s} precision {r['precision']:.3f} recall {r['recall']:.3f} "
@@ -84,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         result[f"clip{seed}"] = per
-    flat = [r for per in result.values() for r in per.values()]  # type: ignore[union-attr]
+        result[f"clip{seed}_ashman_d"] = spread
+    flat = [r for k, per in result.items() if "_" not in k for r in per.values()]  # type: ignore[union-attr]
     result["presence_precision_min"] = min(r["precision"] for r in flat)
     result["presence_precision_mean"] = round(float(np.mean([r["precision"] for r in flat])), 3)
     result["presence_recall_mean"] = round(float(np.mean([r["recall"] for r in flat])), 3)
