@@ -90,15 +90,23 @@ def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> A
         known if (known >= 0).any() else None,
         class_embeddings=class_embeddings.cpu().to(probe.embeddings.dtype),
     )
-    accuracy = seen.label_accuracy()
-    if accuracy is not None and accuracy >= MEMORISED:
-        log.warning(
-            "the model predicts the label of %.1f%% of the probe images (its training data?): within a "
-            "label its predictions hardly vary, so the flags can show little of what it relies on; a "
-            "held-out probe (calibration.probe) shows more",
-            100 * accuracy,
-        )
+    warn_if_memorised(cfg, seen)
     return seen
+
+
+def warn_if_memorised(cfg: AuditConfig, seen: Any) -> bool:
+    """Warn (and say so) when the probe is drawn from the audited data and the model predicts its labels
+    almost perfectly; an accurate model on a separate probe is no news."""
+    accuracy = seen.label_accuracy()
+    if cfg.calibration.probe is not None or accuracy is None or accuracy < MEMORISED:
+        return False
+    log.warning(
+        "the model predicts the label of %.1f%% of the audited images the probe was drawn from (its "
+        "training data?): within a label its predictions hardly vary, so the flags can show little of "
+        "what it relies on; a held-out probe (calibration.probe) shows more",
+        100 * accuracy,
+    )
+    return True
 
 
 def class_text(cfg: AuditConfig, run_dir: str, bank: BankFiles | None) -> Any:

@@ -175,3 +175,23 @@ def test_label_accuracy_counts_only_labelled_images() -> None:
     assert ProbeBehaviour(presence, ["p"], pred, None, np.zeros(1)).label_accuracy() is None
     unknown = ProbeBehaviour(presence, ["p"], pred, np.full(5, -1), np.zeros(1))
     assert unknown.label_accuracy() is None
+
+
+def test_a_memorised_probe_drawn_from_the_audit_warns_and_a_separate_one_does_not(caplog, tmp_path) -> None:
+    from tasks.behaviour import ProbeBehaviour
+    from tasks.config import AuditConfig
+    from tasks.flag_inputs import warn_if_memorised
+
+    labels = np.arange(200) % 4
+    presence = np.zeros((200, 1), dtype=bool)
+    perfect = ProbeBehaviour(presence, ["p"], labels.copy(), labels, np.zeros(1))
+    wrong = labels.copy()
+    wrong[:10] = (wrong[:10] + 1) % 4  # 95% right
+    usual = ProbeBehaviour(presence, ["p"], wrong, labels, np.zeros(1))
+    own = AuditConfig(data="x")
+    separate = own.replace(calibration={"probe": str(tmp_path / "probe.csv")})
+    with caplog.at_level("WARNING", logger="tasks.flag_inputs"):
+        assert warn_if_memorised(own, perfect)
+        assert not warn_if_memorised(separate, perfect)
+        assert not warn_if_memorised(own, usual)
+    assert len(caplog.records) == 1 and "100.0% of the audited images" in caplog.records[0].getMessage()
