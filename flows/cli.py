@@ -139,15 +139,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return load_config(args.config, overrides)
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def quiet_task_runs() -> None:
+    """Task-level lines (a "Finished in state Completed()" per shard task) stay in Prefect's API and UI;
+    the terminal keeps the flow's stage lines, the progress bar and the summary."""
     import logging
 
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
     from flows.audit import run_audit
 
     if not getattr(args, "verbose", False):
-        # Task-level lines (a "Finished in state Completed()" per shard task) stay in Prefect's API and UI;
-        # the terminal keeps the flow's stage lines, the progress bar and the summary.
-        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+        quiet_task_runs()
     cfg = config_from_args(args)
     summary = run_audit(cfg)
     print(summary["line"])

@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         print_world(worlds["control"], "control world (no planted bias)")
 
     from flows.audit import audit
+    from flows.cli import quiet_task_runs
 
+    quiet_task_runs()
     configs = {name: audit_config(w, out / name, args.cache_dir, args.workers) for name, w in worlds.items()}
     for cfg in configs.values():
         set_aside_stale_run(cfg)
