@@ -105,12 +105,11 @@ _RUNTIMES_LOCK = threading.Lock()
 
 def load_phrases(path: str | os.PathLike[str]) -> tuple[list[str], torch.Tensor]:
     """Read a phrase-embedding file written by :func:`save_phrases`."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        phrases = json.loads((f.metadata() or {})["phrases"])
-    return phrases, load_file(str(path))["embeddings"]
+    from textcam.io import read_phrase_list
+
+    return read_phrase_list(path), load_file(str(path))["embeddings"]
 
 
 def save_phrases(

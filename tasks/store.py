@@ -62,8 +62,8 @@ from textcam.schema import (
     INTERVENTIONS,
     PHRASE_BASE_RATE,
     PHRASE_SPECIFICITY,
+    SPECIFIC_Z,
 )
-from textcam.visibility import SPECIFIC_Z
 
 # Arrow -> DuckDB for the types our schemas use; float16 has no DuckDB type and Parquet reads it as FLOAT.
 _SCALARS: dict[pa.DataType, str] = {
@@ -227,9 +227,9 @@ def _store_base_rates(con: duckdb.DuckDBPyConnection, run_dir: Path) -> None:
     if run.visibility_file.is_file() and run.phrases_file.is_file():
         from safetensors.numpy import load_file
 
-        from tasks.explain_shard import load_phrases
+        from textcam.io import read_phrase_list
 
-        phrases = load_phrases(run.phrases_file)[0]
+        phrases = read_phrase_list(run.phrases_file)  # the header only: no torch in the analytics
         rates = load_file(str(run.visibility_file))["weights"][1].astype(float).tolist()
         if len(rates) != len(phrases):
             raise ValueError(f"{run.visibility_file} and {run.phrases_file} disagree on the phrases")

@@ -78,3 +78,14 @@ def test_run_directory_paths_are_joined_in_one_module() -> None:
         if pattern.search(line) and not line.lstrip().startswith("#")
     ]
     assert not found, found
+
+
+def test_the_analytics_do_not_import_torch() -> None:
+    """The DuckDB build and the report run in processes of their own at scale; torch alone is ~0.5 GB of
+    resident memory there (bench/scale.py measured 0.24 -> 0.72 GB when a constant pulled it in)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tasks.store, reports.render; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -73,3 +73,14 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_phrase_list(path: str | os.PathLike[str]) -> list[str]:
+    """The phrases a phrase-embedding file (``tasks.explain_shard.save_phrases``) lists in its header,
+    without reading a tensor (and without torch)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return json.loads((f.metadata() or {})["phrases"])

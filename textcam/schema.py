@@ -122,6 +122,10 @@ PHRASE_BASE_RATE = pa.schema(
 )
 
 
+#: One-sided 0.001: a phrase's presence must go with its weight beyond this r·√n (or its rate beyond the
+#: base rate by this binomial z) to be shown; ``phrase_specificity.specific`` and its numpy reference use it.
+SPECIFIC_Z = 3.09
+
 #: Is a "for" phrase about the image or about the class? Per class × phrase, over the explanations of
 #: the class that weigh it at least half their first phrase: how often CLIP sees it there, the
 #: correlation of seeing it with its weight, and how often CLIP sees it in any probe image (the DuckDB

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from textcam.io import atomic_path
+from textcam.schema import SPECIFIC_Z
 
 
 def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
@@ -159,10 +160,6 @@ class PhraseVisibility:
         hit = seen.gather(1, idx.clamp_min(0)) & (idx >= 0)
         strong = scores.cpu() >= min_ratio * scores.cpu()[:, :1]
         return hit & strong
-
-
-#: One-sided 0.001: a phrase's presence must go with its weight beyond this r·√n to be shown.
-SPECIFIC_Z = 3.09
 
 
 def specific_among_strong(
