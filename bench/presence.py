@@ -73,7 +73,8 @@ def bimodality(visibility: PhraseVisibility, phrases: list[str], names: dict) ->
     """Ashman's D of each phrase's two-component presence mixture, (min, max) over the world's own phrases
     and over the distractor words the world never draws: would "well separated" (D > 2) tell them apart?"""
     mu, sd = visibility.means, visibility.sds
-    d = np.sqrt(2) * np.abs(mu[1] - mu[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2)
+    # present (last) against the component below it (the near mode where split, else absent)
+    d = np.sqrt(2) * np.abs(mu[-1] - mu[-2]) / np.sqrt(sd[-2] ** 2 + sd[-1] ** 2)
     world = {text for values in names.values() for text in values.values()}
     groups = {"world": [d[j] for j, p in enumerate(phrases) if p in world]}
     groups["distractor"] = [d[j] for j, p in enumerate(phrases) if p not in world]

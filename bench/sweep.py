@@ -290,7 +290,7 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     # The audit flow's rule (tasks.store.phrase_specificity): the same test over the strong phrases only,
     # from what each explanation stores.
     strong = (dense > 0) & (dense >= 0.5 * sc.numpy()[:, :1])
-    flow_specific = specific_among_strong(presence & strong, dense, strong, pred, vis.weights[1])
+    flow_specific = specific_among_strong(presence & strong, dense, strong, pred, vis.weights[-1])
     flow_shown = visible & flow_specific[pred[:, None], idx.clamp_min(0).numpy()]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
     selected = (idx >= 0).numpy()

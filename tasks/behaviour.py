@@ -114,7 +114,7 @@ def probe_behaviour(
         list(phrases),
         np.asarray(predictions, dtype=np.int64),
         lab,
-        visibility.means[1],
+        visibility.means[-1],
         class_presence,
     )
 

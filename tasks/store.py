@@ -230,7 +230,7 @@ def _store_base_rates(con: duckdb.DuckDBPyConnection, run_dir: Path) -> None:
         from textcam.io import read_phrase_list
 
         phrases = read_phrase_list(run.phrases_file)  # the header only: no torch in the analytics
-        rates = load_file(str(run.visibility_file))["weights"][1].astype(float).tolist()
+        rates = load_file(str(run.visibility_file))["weights"][-1].astype(float).tolist()
         if len(rates) != len(phrases):
             raise ValueError(f"{run.visibility_file} and {run.phrases_file} disagree on the phrases")
     con.execute(create_table_sql("phrase_base_rate", PHRASE_BASE_RATE))

@@ -77,6 +77,26 @@ def test_otsu_splits_two_clusters_between_them() -> None:
         otsu_thresholds(np.zeros((1, 3)))
 
 
+def test_presence_keeps_the_top_mode_where_the_present_side_holds_two() -> None:
+    from textcam.visibility import presence_mixture
+
+    rng = np.random.default_rng(2)
+    # "red" as CLIP 2 sees it: far colours at -0.45, near ones (purple, yellow) at -0.07, red at 0.18.
+    own = np.r_[rng.normal(-0.45, 0.08, 400), rng.normal(-0.07, 0.05, 400), rng.normal(0.18, 0.03, 200)]
+    # a binary attribute: absent and present, the present side one wide mode.
+    binary = np.r_[rng.normal(-0.3, 0.08, 500), rng.normal(0.2, 0.06, 500)]
+    sim = np.stack([own, binary], 1)
+    weights, means, sds = presence_mixture(sim)
+    assert weights.shape == means.shape == sds.shape == (3, 2)
+    assert weights[:, 0] == pytest.approx([0.4, 0.4, 0.2], abs=0.03)
+    assert means[-1, 0] == pytest.approx(0.18, abs=0.01)
+    assert weights[1, 1] == 0.0 and weights[-1, 1] == pytest.approx(0.5, abs=0.03)  # not split
+    vis = PhraseVisibility(torch.zeros(2, 1), weights, means, sds)
+    present = vis._posterior(sim) > 0.5
+    assert present[:800, 0].mean() < 0.01 and present[800:, 0].mean() > 0.99
+    assert present[:500, 1].mean() < 0.01 and present[500:, 1].mean() > 0.99
+
+
 def _world(n: int = 1200, used: float = 1.0, seed: int = 0) -> tuple[ProbeBehaviour, np.ndarray]:
     """Two classes; phrase 0 a cue the model uses for class 1 with probability ``used``, phrase 1 a
     filler independent of everything, phrase 2 present exactly when phrase 0 is absent (rides on it)."""

@@ -7,9 +7,9 @@ when CLIP sees it in the image itself and it carries at least ``min_ratio`` of t
 
 Each image's cosines are first centred on its mean over the vocabulary (some images are close to every
 text); each phrase's centred cosines over the probe images are then modelled as two Gaussians (absent,
-present; EM from Otsu's split), and the phrase is seen where "present" is the more probable. On the demo
-world's probe this names non-shape attributes with precision 0.994 and recall 0.99 (raw cosines with an
-Otsu cut: 0.91; docs/decisions.md).
+present; EM from Otsu's split), the present one split again where it holds two modes (the phrase's own
+images and those of values CLIP holds close to it), and the phrase is seen where its top mode is the
+more probable (:func:`presence_mixture`; precision and recall per attribute: ``bench/presence.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import torch
 
 from textcam.io import atomic_path
 from textcam.schema import SPECIFIC_Z
+
+# Nats per image by which two Gaussians must beat one on a phrase's "present" images to split them:
+# two equal modes about 4 sds apart (docs/decisions.md).
+SPLIT_GAIN = 0.12
 
 
 def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
@@ -57,29 +61,69 @@ def otsu_thresholds(sim: np.ndarray, bins: int = 128) -> np.ndarray:
     return lo + cut / bins * width
 
 
+def _em(sim: np.ndarray, resp: np.ndarray, members: np.ndarray, iters: int) -> tuple[np.ndarray, ...]:
+    """Two-component 1-D Gaussian EM per column of ``sim`` (N, P) over the rows where ``members`` (N, P);
+    ``resp`` starts the upper component's responsibilities. Returns weights, means, sds (each (2, P),
+    upper second), the upper responsibilities (N, P) and the log-likelihood per member (P,)."""
+    m = members.astype(np.float64)
+    n = m.sum(0).clip(1.0)
+    for _ in range(iters):
+        r = np.stack([1.0 - resp, resp]) * m[None]  # (2, N, P)
+        w = r.sum(1).clip(1e-9)
+        mu = (r * sim[None]).sum(1) / w
+        sd = np.sqrt((r * (sim[None] - mu[:, None]) ** 2).sum(1) / w).clip(1e-6)
+        log_p = (
+            np.log(w / n)[:, None]
+            - np.log(sd)[:, None]
+            - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
+        )
+        top = log_p.max(0)
+        p = np.exp(log_p - top[None])
+        resp = p[1] / p.sum(0)
+    loglik = ((np.log(p.sum(0)) + top) * m).sum(0) / n
+    order = mu.argsort(0)  # keep the upper component second
+    take = lambda a: np.take_along_axis(a, order, 0)  # noqa: E731
+    upper = np.where(order[1] == 1, resp, 1.0 - resp)
+    return take(w / n), take(mu), take(sd), upper, loglik
+
+
 def two_gaussians(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A two-component 1-D Gaussian mixture per column of ``sim`` (N, P), fitted by EM from the Otsu split.
 
     Returns weights, means and standard deviations, each (2, P), component 1 the upper one.
     """
-    cut = otsu_thresholds(sim)
-    resp = (sim > cut).astype(np.float64)  # (N, P) responsibility of the upper component
-    for _ in range(iters):
-        r = np.stack([1.0 - resp, resp])  # (2, N, P)
-        w = r.sum(1).clip(1e-9)
-        mu = (r * sim[None]).sum(1) / w
-        sd = np.sqrt((r * (sim[None] - mu[:, None]) ** 2).sum(1) / w).clip(1e-6)
-        log_p = (
-            np.log(w / sim.shape[0])[:, None]
-            - np.log(sd)[:, None]
-            - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
-        )
-        log_p -= log_p.max(0, keepdims=True)
-        p = np.exp(log_p)
-        resp = p[1] / p.sum(0)
-    order = mu.argsort(0)  # keep the upper component second
-    take = lambda a: np.take_along_axis(a, order, 0)  # noqa: E731
-    return take(w / sim.shape[0]), take(mu), take(sd)
+    resp = (sim > otsu_thresholds(sim)).astype(np.float64)
+    w, mu, sd, _, _ = _em(sim, resp, np.ones_like(sim, dtype=bool), iters)
+    return w, mu, sd
+
+
+def _one_gaussian_loglik(sim: np.ndarray, members: np.ndarray) -> np.ndarray:
+    m = members.astype(np.float64)
+    n = m.sum(0).clip(1.0)
+    mu = (sim * m).sum(0) / n
+    sd = np.sqrt(((sim - mu) ** 2 * m).sum(0) / n).clip(1e-6)
+    return (m * (-np.log(sd) - 0.5 * ((sim - mu) / sd) ** 2)).sum(0) / n
+
+
+def presence_mixture(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of ``sim`` (N, P): absent, near and present components, each (3, P), present last.
+
+    Two Gaussians first (:func:`two_gaussians`). Where the upper one is itself two modes (the images of
+    the phrase's value and of the values CLIP holds close to it: "red" on purple images), it is split
+    and only its top mode is "present"; the near mode keeps weight 0 elsewhere. "Itself two modes": two
+    Gaussians fit the upper images better than one by more than ``SPLIT_GAIN`` nats per image
+    (docs/decisions.md).
+    """
+    w, mu, sd = two_gaussians(sim, iters)
+    log_p = np.log(w)[:, None] - np.log(sd)[:, None] - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
+    upper = log_p[1] > log_p[0]
+    centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
+    w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
+    split = (loglik - _one_gaussian_loglik(sim, upper) > SPLIT_GAIN) & (upper.sum(0) >= 4)
+    weights = np.stack([w[0], np.where(split, w[1] * w2[0], 0.0), np.where(split, w[1] * w2[1], w[1])])
+    means = np.stack([mu[0], np.where(split, mu2[0], mu[0]), np.where(split, mu2[1], mu[1])])
+    sds = np.stack([sd[0], np.where(split, sd2[0], sd[0]), np.where(split, sd2[1], sd[1])])
+    return weights, means, sds
 
 
 def centre_images(sim: np.ndarray) -> np.ndarray:
@@ -89,16 +133,16 @@ def centre_images(sim: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PhraseVisibility:
-    """Per-phrase two-Gaussian models of image-centred cosines; ``visible`` says which phrases to show.
+    """Per-phrase Gaussian mixtures of image-centred cosines; ``visible`` says which phrases to show.
 
-    CLIP sees phrase p in image x when the upper ("present") component is the more probable one for
+    CLIP sees phrase p in image x when the last ("present") component is the more probable one for
     x's image-centred cosine with p (posterior above ``1/2``, the Bayes decision).
     """
 
     text_embeddings: torch.Tensor  # (P, D) the vocabulary's CLIP text embeddings
-    weights: np.ndarray  # (2, P)
-    means: np.ndarray  # (2, P)
-    sds: np.ndarray  # (2, P)
+    weights: np.ndarray  # (K, P), K components per phrase, "present" last (files from 0.1 have K = 2)
+    means: np.ndarray  # (K, P)
+    sds: np.ndarray  # (K, P)
 
     @classmethod
     def fit(cls, probe_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> PhraseVisibility:
@@ -106,7 +150,7 @@ class PhraseVisibility:
         if probe_embeddings.shape[1] != text_embeddings.shape[1]:
             raise ValueError("image and text embeddings come from different CLIP models (dimensions differ)")
         sim = centre_images(cosine(probe_embeddings, text_embeddings))
-        return cls(text_embeddings, *two_gaussians(sim))
+        return cls(text_embeddings, *presence_mixture(sim))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors), atomically."""
@@ -132,17 +176,21 @@ class PhraseVisibility:
         return cls(t["text_embeddings"], *(t[k].numpy() for k in ("weights", "means", "sds")))
 
     def posterior(self, image_embeddings: torch.Tensor) -> np.ndarray:
-        """(N, P) probability that CLIP sees each phrase in each image."""
-        sim = centre_images(cosine(image_embeddings, self.text_embeddings))
+        """(N, P) probability that CLIP sees each phrase in each image (the last component's share)."""
+        return self._posterior(centre_images(cosine(image_embeddings, self.text_embeddings)))
+
+    def _posterior(self, sim: np.ndarray) -> np.ndarray:
         z = (sim[None] - self.means[:, None]) / self.sds[:, None]
         log_p = np.log(self.weights.clip(1e-12))[:, None] - np.log(self.sds)[:, None] - 0.5 * z * z
         log_p -= log_p.max(0, keepdims=True)
         p = np.exp(log_p)
-        return p[1] / p.sum(0)
+        return p[-1] / p.sum(0)
 
     def presence(self, image_embeddings: torch.Tensor) -> np.ndarray:
-        """(N, P) bool: CLIP sees the phrase in the image."""
-        return self.posterior(image_embeddings) > 0.5
+        """(N, P) bool: CLIP sees the phrase in the image. Above the present mode's mean it always does
+        (a wider absent component would otherwise win back the far tail)."""
+        sim = centre_images(cosine(image_embeddings, self.text_embeddings))
+        return (self._posterior(sim) > 0.5) | (sim >= self.means[-1][None])
 
     def visible(
         self,
