@@ -625,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / f"seed-{args.seed}"
     t0 = time.perf_counter()
     results = []
+    n_drawn = len(draws)
     if args.cached_only:
         draws = [d for d in draws if cached_result(d, out) is not None]
     if args.only_clip_seed is not None:
@@ -649,8 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, (op, v) in TARGETS.items()
         if summary.get(k) is None or (summary[k] < v if op == ">=" else summary[k] > v)
     ]
-    summary["partial"] = bool(args.cached_only)
-    name = "summary-partial.json" if args.cached_only else "summary.json"
+    # partial: not every drawn world is in it (one CLIP's process, or a cache still filling)
+    summary["partial"] = len(draws) < n_drawn
+    name = "summary-partial.json" if summary["partial"] else "summary.json"
     (out / name).write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps(summary, default=str))
     return 0
