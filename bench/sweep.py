@@ -22,7 +22,8 @@ A cue is *used* when the classifier's accuracy gap (aligned − conflicting, tes
 
 * ``sweep_first_rate`` (+ Wilson 95 % lower bound): used cues that are the first flag of their class
   (direction "for"), test audits; ``sweep_first_rate_selfprobe``: the same, self audits;
-* ``sweep_unused_flag_rate``: unused cues flagged for their class; ``sweep_control_false_flags_mean``:
+* ``sweep_unused_flag_rate``: unused cues flagged for their class (``sweep_unused_flagged``: which,
+  with the do-effect of each on the class's predictions); ``sweep_control_false_flags_mean``:
   flags per control world; ``sweep_extra_flags_mean``: flags per biased world naming no planted cue;
   ``sweep_mirror_flags_mean``: flags naming a planted cue for another class or against its own;
 * ``phrase_image_precision``: shown phrases that are not class names and are true of the image (by the
@@ -407,12 +408,31 @@ def flag_kinds(world: World, flags: Any) -> list[str]:
     return kinds
 
 
+def unused_flagged(cues: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cues the sweep calls unused (gap < 0.1) that were flagged for their class all the same."""
+    return [c for c in cues if c["gap"] < UNUSED and c["flagged"]]
+
+
+def add_unused_truth(m: Models, cues: list[dict[str, Any]]) -> None:
+    """Each unused-but-flagged cue's do-effect: does the model act on it where the gap does not look
+    (other classes taken for the cue's class)?"""
+    by_spec = {str(b): b for b in m.world.config.biases + m.world.config.eval_biases}
+    for c in unused_flagged(cues):
+        b = by_spec[c["spec"]]
+        c["do_effect"] = round(do_effect(m, b.label, b.attribute, b.value, "for"), 3)
+
+
 def backfill_truth(result: dict[str, Any], draw: WorldDraw, cache_dir: str | None, out: Path) -> None:
-    """Add ``extra_truth`` (the do-effects of extra flags) to a result cached before it existed."""
-    if all("extra_truth" in result[a] for a in ("test", "self")):
+    """Add ``extra_truth`` (the do-effects of extra flags) and the unused-but-flagged cues' do-effects to
+    a result cached before they existed."""
+    audits = ("test", "self")
+    if all("extra_truth" in result[a] for a in audits) and all(
+        "do_effect" in c for a in audits for c in unused_flagged(result[a]["cues"])
+    ):
         return
     m = load_models(build_world(draw.config(), cache_dir, progress=False))
-    for audit in ("test", "self"):
+    for audit in audits:
+        add_unused_truth(m, result[audit]["cues"])
         parsed = [FLAG_LINE.match(line) for line in result[audit]["flags"]]
         rows = [(f["cls"], f["phrase"], f["direction"]) for f in parsed if f is not None]
         kinds = flag_kinds(m.world, rows)
@@ -470,6 +490,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
             "extra": [line for line, kind in zip(lines, kinds, strict=True) if kind == "extra"],
         }
         result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
+        add_unused_truth(m, result[audit]["cues"])
         if audit == "test":
             res = shown_precision(m, a)
             result["precision"] = {k: res[k] for k in ("flow", "shown", "selected")}
@@ -522,6 +543,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"sweep_unused_flag_rate{suffix}"] = (
             sum(c["flagged"] for c in unused) / len(unused) if unused else None
         )
+        out[f"sweep_unused_flagged{suffix}"] = [
+            {"spec": c["spec"], "gap": round(c["gap"], 3), "do_effect": c.get("do_effect")}
+            for c in unused_flagged(unused)
+        ]
         controls = [r for r in scored if r["kind"] == "control"]
         biased = [r for r in scored if r["kind"] == "biased"]
         out[f"sweep_control_false_flags_mean{suffix}"] = float(
