@@ -61,6 +61,16 @@ def otsu_thresholds(sim: np.ndarray, bins: int = 128) -> np.ndarray:
     return lo + cut / bins * width
 
 
+def _log_density(sim: np.ndarray, weights: np.ndarray, means: np.ndarray, sds: np.ndarray) -> np.ndarray:
+    """(K, N, P) log of each component's weighted Gaussian density at ``sim`` (N, P), up to a constant;
+    ``weights``, ``means``, ``sds`` are (K, P)."""
+    return (
+        np.log(weights)[:, None]
+        - np.log(sds)[:, None]
+        - 0.5 * ((sim[None] - means[:, None]) / sds[:, None]) ** 2
+    )
+
+
 def _em(sim: np.ndarray, resp: np.ndarray, members: np.ndarray, iters: int) -> tuple[np.ndarray, ...]:
     """Two-component 1-D Gaussian EM per column of ``sim`` (N, P) over the rows where ``members`` (N, P);
     ``resp`` starts the upper component's responsibilities. Returns weights, means, sds (each (2, P),
@@ -72,11 +82,7 @@ def _em(sim: np.ndarray, resp: np.ndarray, members: np.ndarray, iters: int) -> t
         w = r.sum(1).clip(1e-9)
         mu = (r * sim[None]).sum(1) / w
         sd = np.sqrt((r * (sim[None] - mu[:, None]) ** 2).sum(1) / w).clip(1e-6)
-        log_p = (
-            np.log(w / n)[:, None]
-            - np.log(sd)[:, None]
-            - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
-        )
+        log_p = _log_density(sim, w / n, mu, sd)
         top = log_p.max(0)
         p = np.exp(log_p - top[None])
         resp = p[1] / p.sum(0)
@@ -115,7 +121,7 @@ def presence_mixture(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.
     (docs/decisions.md).
     """
     w, mu, sd = two_gaussians(sim, iters)
-    log_p = np.log(w)[:, None] - np.log(sd)[:, None] - 0.5 * ((sim[None] - mu[:, None]) / sd[:, None]) ** 2
+    log_p = _log_density(sim, w, mu, sd)
     upper = log_p[1] > log_p[0]
     centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
     w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
@@ -180,8 +186,7 @@ class PhraseVisibility:
         return self._posterior(centre_images(cosine(image_embeddings, self.text_embeddings)))
 
     def _posterior(self, sim: np.ndarray) -> np.ndarray:
-        z = (sim[None] - self.means[:, None]) / self.sds[:, None]
-        log_p = np.log(self.weights.clip(1e-12))[:, None] - np.log(self.sds)[:, None] - 0.5 * z * z
+        log_p = _log_density(sim, self.weights.clip(1e-12), self.means, self.sds)
         log_p -= log_p.max(0, keepdims=True)
         p = np.exp(log_p)
         return p[-1] / p.sum(0)
