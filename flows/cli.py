@@ -6,6 +6,23 @@ import argparse
 import json
 from typing import Any
 
+from textcam.cli import add_command
+
+AUDIT_DOC = """\
+explain a whole dataset and flag spurious correlations (Prefect flow)
+
+Run the audit flow: manifest → channel bank → shards explained in parallel → validated Parquet →
+DuckDB → flags → HTML report.
+"""
+
+SCHEDULE_DOC = """\
+run the audit on a cron schedule (Prefect deployment)
+
+Create a Prefect deployment of the audit flow with a cron schedule. Without --pool this process
+serves it (and blocks); with --pool the deployment is registered on the Prefect server
+(PREFECT_API_URL) for `prefect worker start --pool POOL`.
+"""
+
 AUDIT_EPILOG = """examples:
   textcam audit --data images/ --model resnet50 --clip ViT-B-32 --clip-pretrained clip.safetensors
   textcam audit --config audit.yaml --runner dask --workers 4
@@ -185,26 +202,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def add_audit_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``audit`` and ``schedule`` to the ``textcam`` command line."""
-    p = subparsers.add_parser(
-        "audit",
-        help="explain a whole dataset and flag spurious correlations (Prefect flow)",
-        description="Run the audit flow: manifest → channel bank → shards explained in parallel → "
-        "validated Parquet → DuckDB → flags → HTML report.",
-        epilog=AUDIT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "audit", AUDIT_DOC, AUDIT_EPILOG)
     _add_config_args(p)
     p.set_defaults(func=cmd_audit)
 
-    p = subparsers.add_parser(
-        "schedule",
-        help="run the audit on a cron schedule (Prefect deployment)",
-        description="Create a Prefect deployment of the audit flow with a cron schedule. Without --pool "
-        "this process serves it (and blocks); with --pool the deployment is registered on "
-        "the Prefect server (PREFECT_API_URL) for `prefect worker start --pool POOL`.",
-        epilog=SCHEDULE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "schedule", SCHEDULE_DOC, SCHEDULE_EPILOG)
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (daily at 03:00)')
     p.add_argument("--timezone", help="IANA timezone of the cron expression (default UTC)")
     p.add_argument("--name", default="nightly", help="deployment name (default nightly)")

@@ -10,6 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from textcam.cli import add_command
+
+DOC = """\
+suppress a flagged concept's channels: accuracy per group before/after, edited model
+
+For each flag of RUN_DIR (or one, --flag CLASS:PHRASE): find the phrase's channels at the bank's
+layer, replace them by their probe mean (or zero), report accuracy overall, per group and worst
+group before and after (and for as many random channels), and save the edited model.
+"""
+
 EPILOG = """\
 examples:
   textcam intervene runs/r1                                  every "for" flag of the run
@@ -22,15 +32,7 @@ concept presence as CLIP sees it. Without labels the channels and the edited mod
 
 
 def add_intervene_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "intervene",
-        help="suppress a flagged concept's channels: accuracy per group before/after, edited model",
-        description="For each flag of RUN_DIR (or one, --flag CLASS:PHRASE): find the phrase's channels at "
-        "the bank's layer, replace them by their probe mean (or zero), report accuracy overall, per group "
-        "and worst group before and after (and for as many random channels), and save the edited model.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "intervene", DOC, EPILOG)
     p.add_argument("run_dir", metavar="RUN_DIR", help="an audit run directory with flags")
     p.add_argument("--flag", metavar="CLASS:PHRASE", help="one flag to act on (default: every 'for' flag)")
     p.add_argument("--mode", choices=("mean", "zero"), default="mean", help="replacement (default mean)")

@@ -11,6 +11,21 @@ import sys
 
 import duckdb
 
+from textcam.cli import add_command
+
+SQL_DOC = """\
+run a read-only SQL query on an audit run
+
+Answer one read-only SQL statement (SELECT, WITH, DESCRIBE, SHOW) on a run's DuckDB.
+"""
+
+COMPARE_DOC = """\
+compare the flags of two audit runs
+
+List the flags (class, phrase, direction) that appeared, vanished or changed from RUN_A (the baseline)
+to RUN_B. Exit status 1 when any did (like diff), 0 otherwise.
+"""
+
 SQL_EPILOG = """\
 examples:
   textcam sql runs/r1 "SELECT class_name, phrase, frequency FROM concept_stats ORDER BY 3 DESC LIMIT 9"
@@ -26,13 +41,7 @@ Only one read-only statement is accepted; files outside the run directory cannot
 
 def add_query_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sql`` and ``compare`` to the ``textcam`` command line."""
-    p = subparsers.add_parser(
-        "sql",
-        help="run a read-only SQL query on an audit run",
-        description="Answer one read-only SQL statement (SELECT, WITH, DESCRIBE, SHOW) on a run's DuckDB.",
-        epilog=SQL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "sql", SQL_DOC, SQL_EPILOG)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the audit run directory")
     p.add_argument("sql", metavar="SQL", help="one read-only statement")
     p.add_argument(
@@ -44,12 +53,7 @@ def add_query_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_sql)
 
-    p = subparsers.add_parser(
-        "compare",
-        help="compare the flags of two audit runs",
-        description="List the flags (class, phrase, direction) that appeared, vanished or changed from RUN_A "
-        "(the baseline) to RUN_B. Exit status 1 when any did (like diff), 0 otherwise.",
-    )
+    p = add_command(subparsers, "compare", COMPARE_DOC)
     p.add_argument("run_a", metavar="RUN_A", help="baseline run directory")
     p.add_argument("run_b", metavar="RUN_B", help="run directory to compare")
     p.add_argument(

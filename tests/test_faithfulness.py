@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from handnets import ConvGapLinear
 
 from textcam.faithfulness import (
     ablated_scores,
@@ -100,33 +100,23 @@ def test_random_maps_are_seeded():
     assert a.shape == (4, 7, 7) and torch.equal(a, b) and a.min() >= 0 and a.max() < 1
 
 
-class GapLinear(nn.Module):
-    """feat: 1×1 conv (identity on 3 channels) -> GAP -> fc; logit_c = Σ_j W_cj mean(x_j)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feat = nn.Conv2d(3, 3, 1, bias=False)
-        self.fc = nn.Linear(3, 2, bias=False)
-        with torch.no_grad():
-            self.feat.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-            self.fc.weight.copy_(torch.tensor([[1.0, 2.0, -1.0], [0.0, 1.0, 1.0]]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.feat(x).mean(dim=(2, 3)))
+def gap_linear() -> ConvGapLinear:
+    """Identity 1×1 conv on 3 channels, then GAP and W = [[1, 2, -1], [0, 1, 1]]."""
+    return ConvGapLinear(torch.eye(3), torch.tensor([[1.0, 2.0, -1.0], [0.0, 1.0, 1.0]]))
 
 
 def test_ablation_removes_exactly_the_zeroed_channels_contribution():
-    model = GapLinear().eval()
+    model = gap_linear().eval()
     x = torch.ones(2, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
     x[1] *= 2
     # image 0: logit_0 = 1 + 4 - 3 = 2; image 1: 4 + 8 - 6 ... doubled: 2*2 = 4
     zero = torch.tensor([[[False, False, False], [False, True, False], [False, False, True]]] * 2)
-    s = ablated_scores(model, "feat", x, torch.tensor([0, 0]), zero)
+    s = ablated_scores(model, "conv", x, torch.tensor([0, 0]), zero)
     torch.testing.assert_close(s, torch.tensor([[2.0, -2.0, 5.0], [4.0, -4.0, 10.0]]))
     # one set per image as (B, C); the hook is gone afterwards
-    s1 = ablated_scores(model, "feat", x, torch.tensor([1, 1]), torch.tensor([[True, False, False]] * 2))
+    s1 = ablated_scores(model, "conv", x, torch.tensor([1, 1]), torch.tensor([[True, False, False]] * 2))
     torch.testing.assert_close(s1[:, 0], torch.tensor([5.0, 10.0]))
-    assert not model.feat._forward_hooks
+    assert not model.conv._forward_hooks
 
 
 def test_random_channel_masks_draw_the_requested_counts():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from handnets import ConvGapLinear
 
 from textcam.intervene import (
     Suppression,
@@ -21,21 +21,13 @@ from textcam.intervene import (
 )
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 1, bias=False)
-        self.fc = nn.Linear(3, 2, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.arange(6.0).view(3, 2, 1, 1))
-            self.fc.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean(dim=(2, 3)))
+def tiny() -> ConvGapLinear:
+    """conv channels (x0 + x1 weighted 0/1, 2/3, 4/5), then GAP and W = [[1, 0, 1], [0, 1, 0]]."""
+    return ConvGapLinear(torch.arange(6.0).view(3, 2), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
 
 
 def test_suppression_replaces_exactly_the_named_channels() -> None:
-    model, x = Tiny(), torch.ones(1, 2, 2, 2)
+    model, x = tiny(), torch.ones(1, 2, 2, 2)
     # conv channels on an all-ones input: 0+1, 2+3, 4+5 = (1, 5, 9); logits (1+9, 5) = (10, 5)
     assert model(x).tolist() == [[10.0, 5.0]]
     with suppressed(model, Suppression("conv", (2,), "zero")):
@@ -57,7 +49,7 @@ def test_bad_suppressions_are_rejected() -> None:
         Suppression("conv", (1, 1))
     with pytest.raises(ValueError, match="lacks"):
         Suppression.from_config({"channels": [1]})
-    model = Tiny()
+    model = tiny()
     with pytest.raises(ValueError, match="has 3 channels"), suppressed(model, Suppression("conv", (5,))):
         model(torch.ones(1, 2, 2, 2))
     with pytest.raises(KeyError, match="not in the vocabulary"):

@@ -189,6 +189,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, doc: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """A ``textcam`` subcommand described by ``doc``: its first line is the one-line help in the command
+    list, the paragraph after a blank line (else the first line again) the ``--help`` description."""
+    summary, _, description = doc.partition("\n\n")
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=description or summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="textcam",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 __all__ = [
+    "CurveOptions",
     "ScoreFn",
     "ablated_scores",
     "auc",
@@ -60,6 +61,14 @@ __all__ = [
 #: (images (N, 3, H, W), targets (N,)) -> (N,) score of each image's target class.
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Mode = Literal["deletion", "insertion"]
+
+
+class CurveOptions(TypedDict, total=False):
+    """Keyword settings of a perturbation curve (see :func:`curves_from_ranks`)."""
+
+    steps: int
+    mode: Mode
+    batch_size: int
 
 
 def softmax_score(model: nn.Module) -> ScoreFn:
@@ -146,10 +155,8 @@ def perturbation_curves(
     maps: Tensor,
     targets: Tensor,
     *,
-    steps: int = 16,
-    mode: Mode = "deletion",
-    batch_size: int = 256,
     generator: torch.Generator | None = None,
+    **options: Unpack[CurveOptions],
 ) -> Tensor:
     """Deletion or insertion curves of M maps for B images: (M, B, steps + 1) scores.
 
@@ -158,19 +165,15 @@ def perturbation_curves(
         images, baseline: (B, C, H, W) model inputs and what deleted pixels become.
         maps: (M, B, h, w) or (B, h, w) saliency maps at any resolution (upsampled bilinearly to H×W).
         targets: (B,) class index each image's score is read for.
-        steps: number of perturbation steps n; point k has ``round(k/n · H·W)`` pixels perturbed.
-        mode: ``"deletion"`` (image -> baseline) or ``"insertion"`` (baseline -> image).
-        batch_size: perturbed images per forward pass.
         generator: random tie-breaking of equal map values (seed it for reproducible curves).
+        options: ``steps``, ``mode`` and ``batch_size`` of :func:`curves_from_ranks`.
     """
     if maps.ndim == 3:
         maps = maps[None]
     m, b = maps.shape[:2]
     hw = (images.shape[-2], images.shape[-1])
     ranks = pixel_ranks(_to_input_size(maps, hw).flatten(0, 1), generator).view(m, b, -1)
-    return curves_from_ranks(
-        score, images, baseline, ranks, targets, steps=steps, mode=mode, batch_size=batch_size
-    )
+    return curves_from_ranks(score, images, baseline, ranks, targets, **options)
 
 
 @torch.no_grad()
@@ -186,6 +189,10 @@ def curves_from_ranks(
     batch_size: int = 256,
 ) -> Tensor:
     """:func:`perturbation_curves` for precomputed pixel ranks (M, B, H·W) (from :func:`pixel_ranks`).
+
+    ``steps`` is the number of perturbation steps n (point k has ``round(k/n · H·W)`` pixels perturbed),
+    ``mode`` ``"deletion"`` (image -> baseline) or ``"insertion"`` (baseline -> image), ``batch_size``
+    the perturbed images per forward pass.
 
     Two maps with equal ranks perturb the same pixels at every step, so their curves are equal:
     callers comparing near-identical maps can evaluate only the images whose ranks differ.

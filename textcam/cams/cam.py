@@ -6,10 +6,11 @@ linear layer), ``w^k_j = W_{kj}`` and ``Σ_{u,v} L^k_{u,v} = h·w·(y_k - b_k)``
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from textcam.cams.base import CamInputs, CamMethod, register_method
-from textcam.layers import TokenGrid
 
 __all__ = ["CAM", "find_head_weight"]
 
@@ -30,20 +31,15 @@ class CAM(CamMethod):
     """CAM: ``w^k_j = W_{k j}`` of the linear head after global average pooling.
 
     Exact only for a GAP + linear head on the target layer; ``head_weight`` overrides the search
-    for the last ``nn.Linear`` with ``C`` inputs.
+    for the last ``nn.Linear`` with ``C`` inputs; other keywords (``token_grid``) go to :class:`CamMethod`.
     """
 
     uses_gradients = False
 
     def __init__(
-        self,
-        model: nn.Module,
-        layer: str,
-        *,
-        token_grid: TokenGrid | None = None,
-        head_weight: Tensor | None = None,
+        self, model: nn.Module, layer: str, *, head_weight: Tensor | None = None, **options: Any
     ) -> None:
-        super().__init__(model, layer, token_grid=token_grid)
+        super().__init__(model, layer, **options)
         if head_weight is not None and (not isinstance(head_weight, Tensor) or head_weight.ndim != 2):
             raise ValueError("head_weight must be a (num_classes, C) tensor")
         self.head_weight = head_weight

@@ -14,12 +14,13 @@ are scored from the same forward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from textcam.cams.base import CamInputs, CamMethod, register_method
-from textcam.layers import TokenGrid
 from textcam.targets import unwrap_logits
 
 __all__ = ["ScoreCAM"]
@@ -27,20 +28,17 @@ __all__ = ["ScoreCAM"]
 
 @register_method("scorecam")
 class ScoreCAM(CamMethod):
-    """Score-CAM: one forward pass per channel (costly: ``C`` forwards per image)."""
+    """Score-CAM: one forward pass per channel (costly: ``C`` forwards per image).
+
+    Other keywords (``token_grid``) go to :class:`CamMethod`.
+    """
 
     uses_gradients = False
 
     def __init__(
-        self,
-        model: nn.Module,
-        layer: str,
-        *,
-        token_grid: TokenGrid | None = None,
-        batch_size: int = 64,
-        score: str = "logit",
+        self, model: nn.Module, layer: str, *, batch_size: int = 64, score: str = "logit", **options: Any
     ) -> None:
-        super().__init__(model, layer, token_grid=token_grid)
+        super().__init__(model, layer, **options)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if score not in ("logit", "prob"):

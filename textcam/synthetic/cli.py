@@ -9,6 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+from textcam.cli import add_command
+
+WORLD_DOC = """\
+the synthetic ground-truth world: generate data, train its tiny CLIP and classifier
+
+A procedurally generated CLEVR-like world with known attributes and planted biases, its own tiny
+CLIP and a classifier to audit. Every stage is cached by config hash and resumes per epoch.
+"""
+
 EPILOG = """\
 bias specs: CLASS=ATTRIBUTE:VALUE@STRENGTH, repeatable, e.g.
   --bias circle=background:water@0.99   circles on water, water nearly only behind circles
@@ -21,15 +30,7 @@ cache: --cache-dir, else $TEXTCAM_CACHE/world, else ~/.cache/textcam/world
 
 def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``world`` with ``generate``, ``train-clip``, ``train-classifier`` and ``build``."""
-    world = subparsers.add_parser(
-        "world",
-        help="the synthetic ground-truth world: generate data, train its tiny CLIP and classifier",
-        description="A procedurally generated CLEVR-like world with known attributes and planted biases, "
-        "its own tiny CLIP and a classifier to audit. Every stage is cached by config hash "
-        "and resumes per epoch.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    world = add_command(subparsers, "world", WORLD_DOC, EPILOG)
     sub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
     specs = [
         ("generate", _cmd_generate, "render the train/probe/test splits (PNG + Parquet manifest + masks)"),
@@ -50,13 +51,7 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     ]
     for name, handler, help_text in specs:
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = add_command(sub, name, help_text, EPILOG)
         _common(p)
         p.set_defaults(func=handler)
 
