@@ -26,9 +26,10 @@ A cue is *used* when the classifier's accuracy gap (aligned − conflicting, tes
   with the do-effect of each on the class's predictions); ``sweep_control_false_flags_mean``:
   flags per control world; ``sweep_extra_flags_mean``: flags per biased world naming no planted cue;
   ``sweep_mirror_flags_mean``: flags naming a planted cue for another class or against its own;
-* ``phrase_image_precision``: shown phrases that are not class names and are true of the image (by the
-  generator's records), test audits, predicted-class explanations; per attribute, and the same for
-  every selected phrase (``selected_image_precision``);
+* ``phrase_image_precision``: shown phrases (the ``shown_phrases`` view) that are not class names and are
+  true of the image (by the generator's records), test audits, predicted-class explanations; per
+  attribute, the same without the view's model gate (``..._without_model_gate``) and for every selected
+  phrase (``selected_image_precision``);
 * ``aligned_cue_named_rate``: test images of a used cue's class that show the cue, explained for that
   class, whose shown phrases name the cue.
 """
@@ -274,6 +275,15 @@ def cue_rows(
     return out
 
 
+def model_uses(m: Models, flags: pd.DataFrame) -> np.ndarray:
+    """(K, P) bool: phrase p is flagged "for" class k, or names it (``shown_phrases``' model gate)."""
+    classes, phrases = list(m.world.class_names), np.asarray(m.phrases)
+    uses = phrases[None, :] == np.asarray(classes)[:, None]
+    mine = flags[flags["direction"] == "for"]
+    uses[[classes.index(c) for c in mine["class_name"]], [m.phrases.index(p) for p in mine["phrase"]]] = True
+    return uses
+
+
 def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     """Shown (CLIP-visible, ≥ half the first phrase) and all selected non-class phrases vs the records."""
     batch, eb = a["batch"], a["eb"]
@@ -292,14 +302,18 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     # from what each explanation stores.
     strong = (dense > 0) & (dense >= 0.5 * sc.numpy()[:, :1])
     flow_specific = specific_among_strong(presence & strong, dense, strong, pred, vis.weights[-1])
-    flow_shown = visible & flow_specific[pred[:, None], idx.clamp_min(0).numpy()]
+    flow_ungated = visible & flow_specific[pred[:, None], idx.clamp_min(0).numpy()]
+    # ... then only what the model uses: a "for" flag of the class, or the class's own name.
+    flow_pairs = flow_specific & model_uses(m, a["flags"])
+    flow_shown = visible & flow_pairs[pred[:, None], idx.clamp_min(0).numpy()]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
     selected = (idx >= 0).numpy()
     class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
     true_of = np.take_along_axis(truth, idx.clamp_min(0).numpy(), 1)
     kinds = np.asarray(kind)[idx.clamp_min(0).numpy()]
-    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "flow_specific": flow_specific}
-    masks = {"flow": flow_shown, "shown": shown, "selected": np.ones_like(shown)}
+    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "flow_pairs": flow_pairs}
+    masks = {"flow": flow_shown, "flow_ungated": flow_ungated, "shown": shown}
+    masks["selected"] = np.ones_like(shown)
     for name, mask in ((k, v & selected & ~class_phrase) for k, v in masks.items()):
         res[name] = {
             "n": int(mask.sum()),
@@ -326,7 +340,7 @@ def aligned_named(m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, A
         res["embeddings"][aligned], eb.phrases_for.indices, eb.phrases_for.scores
     )
     phrase = m.phrases.index(m.world.phrases[spec.attribute][spec.value])
-    if not res["flow_specific"][cls, phrase]:  # the audit tables would not show it for this class
+    if not res["flow_pairs"][cls, phrase]:  # the audit tables would not show it for this class
         return 0, len(aligned)
     named = ((eb.phrases_for.indices == phrase) & shown).any(1)
     return int(named.sum()), len(aligned)
@@ -493,7 +507,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         add_unused_truth(m, result[audit]["cues"])
         if audit == "test":
             res = shown_precision(m, a)
-            result["precision"] = {k: res[k] for k in ("flow", "shown", "selected")}
+            result["precision"] = {k: res[k] for k in ("flow", "flow_ungated", "shown", "selected")}
             result["aligned_named"] = {
                 str(b): aligned_named(m, a, b, res) for b in cfg.biases if gaps[str(b)]["gap"] >= USED
             }
@@ -570,7 +584,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for c in r["test"]["cues"]
         if UNUSED <= c["gap"] < USED
     ]
-    for name in ("flow", "shown", "selected"):
+    for name in ("flow", "flow_ungated", "shown", "selected"):
         scored_with = [r for r in scored if name in r["precision"]]  # older cached results lack "flow"
         n = sum(r["precision"][name]["n"] for r in scored_with)
         t = sum(r["precision"][name]["true"] for r in scored_with)
@@ -584,6 +598,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         # image-specific test over every image of the class.
         key = {
             "flow": "phrase_image_precision",
+            "flow_ungated": "phrase_image_precision_without_model_gate",
             "shown": "phrase_image_precision_all_images_test",
             "selected": "selected_image_precision",
         }[name]

@@ -34,6 +34,9 @@ Per-image phrases (table ``phrase_specificity``, view ``shown_phrases``): a show
 over the class's explanations that weigh it at least half their first phrase, CLIP sees it in all of
 them, or seeing it goes with a larger weight, or CLIP sees it there more often than in a random probe
 image (``phrase_base_rate``); :func:`textcam.visibility.specific_among_strong` is the same rule in numpy.
+The view then keeps what the model uses: phrases flagged "for" the class (``flags``), and the class's
+own name. A phrase true of the image that the model does not act on ("blue" for a blue square under a
+model that reads shapes) is not an explanation of the prediction.
 """
 
 from __future__ import annotations
@@ -208,13 +211,17 @@ SELECT class_name, phrase, n_strong, n_seen, r, base_rate,
 FROM defined
 """
 
-# Shown phrases that pass the run-level test: CLIP sees the phrase in the image, it weighs at least half
-# the first phrase, and the phrase is about images of the class, not the class (phrase_specificity).
+# Shown phrases: CLIP sees the phrase in the image, it weighs at least half the first phrase, it is about
+# images of the class, not the class (phrase_specificity), and the model's predictions of the class depend
+# on it (a "for" flag), unless it names the class itself.
 _SHOWN_PHRASES_SQL = """
 CREATE OR REPLACE VIEW shown_phrases AS
 SELECT i.image_id, i.class_name, i.phrase, i.score
 FROM image_phrases AS i JOIN phrase_specificity AS s USING (class_name, phrase)
 WHERE i.direction = 'for' AND i.shown AND s.specific
+  AND (lower(i.phrase) = lower(i.class_name)
+       OR EXISTS (SELECT 1 FROM flags AS f
+                  WHERE f.class_name = i.class_name AND f.phrase = i.phrase AND f.direction = 'for'))
 """
 
 
@@ -377,7 +384,6 @@ def build_duckdb(run_dir: str | Path) -> Path:
         _store_base_rates(con, run_dir)
         con.execute(create_table_sql("phrase_specificity", PHRASE_SPECIFICITY))
         con.execute(f"INSERT INTO phrase_specificity BY NAME {_SPECIFICITY_SQL}")
-        con.execute(_SHOWN_PHRASES_SQL)
         con.execute(f"SET threads = {int(threads)}")
         for name, schema in (
             ("flags", FLAGS),
@@ -387,6 +393,7 @@ def build_duckdb(run_dir: str | Path) -> Path:
             con.execute(create_table_sql(name, schema))
             if RunDir(run_dir).table(name).is_file():
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet('{name}.parquet')")
+        con.execute(_SHOWN_PHRASES_SQL)
         con.execute("CHECKPOINT")
     finally:
         con.close()

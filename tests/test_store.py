@@ -14,8 +14,8 @@ import pytest
 import torch
 from auditdata import make_run
 
-from tasks.store import UnsafeQueryError, build_duckdb, connect, query, run_sql
-from textcam.schema import CONCEPT_STATS
+from tasks.store import UnsafeQueryError, build_duckdb, connect, open_writable, query, run_sql, store_table
+from textcam.schema import CONCEPT_STATS, FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +213,14 @@ def test_pragma_table_info_is_allowed(run: Path) -> None:
     assert "z_lift" in info["name"].tolist()
 
 
+def _one_flag(run_id: str, class_name: str, phrase: str) -> pa.Table:
+    """A ``flags`` table with one "for" flag; the figures are placeholders of the declared types."""
+    fill = {pa.string(): "", pa.int32(): 0, pa.int64(): 0, pa.float64(): 0.0, pa.bool_(): False}
+    row = {f.name: fill.get(f.type, []) for f in FLAGS}
+    row |= {"run_id": run_id, "class_name": class_name, "phrase": phrase, "direction": "for", "rank": 1}
+    return pa.Table.from_pylist([row], schema=FLAGS)
+
+
 def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
     """``phrase_specificity`` and ``shown_phrases`` against :func:`specific_among_strong` on dense arrays.
 
@@ -259,11 +267,26 @@ def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
     assert table.loc[("dog", "snow"), "specific"] and table.loc[("dog", "snow"), "r"] > 0.5
     fillers = table.drop(index="snow", level="phrase")
     assert not fillers[fillers["n_seen"] < fillers["n_strong"]]["specific"].any()
-    kept = sum(
-        int(table.loc[(c, p), "specific"]) * int(seen[cls == classes.index(c), phrases.index(p)].sum())
-        for c, p in table.index
-    )
-    assert shown == kept > 0
+
+    def kept(pairs: set[tuple[str, str]]) -> int:
+        return sum(
+            int(table.loc[(c, p), "specific"]) * int(seen[cls == classes.index(c), phrases.index(p)].sum())
+            for c, p in table.index
+            if (c, p) in pairs
+        )
+
+    # No flag yet: only a class's own name may be shown; a "for" flag adds its phrase, in this build and
+    # in a rebuild that reloads flags.parquet.
+    assert shown == kept({(c, c) for c in classes})
+    assert kept({("dog", "snow")}) > 0
+    with_flag = shown + kept({("dog", "snow")})
+    con = open_writable(run_dir)
+    store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+    assert con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0] == with_flag
+    con.close()
+    build_duckdb(run_dir)
+    with connect(run_dir) as con:
+        assert con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0] == with_flag
 
     # With the run's visibility model: a phrase CLIP sees in a probe image at 5 % but in half of the
     # class's strong explanations is about the image (base-rate witness); the others stay as they were.
