@@ -276,9 +276,10 @@ def cue_rows(
 
 
 def model_uses(m: Models, flags: pd.DataFrame) -> np.ndarray:
-    """(K, P) bool: phrase p is flagged "for" class k, or names it (``shown_phrases``' model gate)."""
-    classes, phrases = list(m.world.class_names), np.asarray(m.phrases)
-    uses = phrases[None, :] == np.asarray(classes)[:, None]
+    """(K, P) bool: phrase p is flagged "for" class k, or names it, case aside (``shown_phrases``' gate)."""
+    classes = list(m.world.class_names)
+    lower = np.char.lower
+    uses = lower(np.asarray(m.phrases, dtype=str))[None, :] == lower(np.asarray(classes, dtype=str))[:, None]
     mine = flags[flags["direction"] == "for"]
     uses[[classes.index(c) for c in mine["class_name"]], [m.phrases.index(p) for p in mine["phrase"]]] = True
     return uses
