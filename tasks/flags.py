@@ -409,14 +409,15 @@ def _compute_flags(
         return _empty(FLAGS), _empty(FLAG_CANDIDATES)
     null, cols = explanation_null(con, rule)
     threshold_of = null.thresholds(rule.quantile)
+    # The model test reaches the whole probe vocabulary, so every phrase it may test is checked too.
     text = _describes(
-        sorted(set(cols["phrase"])),
+        sorted(set(cols["phrase"]) | set(behaviour.phrases if behaviour is not None else ())),
         dict(zip(classes["class_name"], classes["class_index"], strict=True)),
         class_text,
         behaviour,
         rule.min_class_agreement,
     )
-    evidence = None if behaviour is None else _evidence(classes, cols, text, behaviour, rule)
+    evidence = None if behaviour is None else _evidence(classes, text, behaviour, rule)
     stats = _rows(con, rule, threshold_of, evidence)
     stats["threshold"] = stats["class_name"].map(threshold_of)
     stats["p_value"] = null.p_values(stats["class_name"], stats["z_lift"].to_numpy(np.float64))
@@ -475,14 +476,15 @@ def _ranked_flags(
 
 
 def _evidence(
-    classes: pd.DataFrame, cols: pd.DataFrame, text: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
+    classes: pd.DataFrame, text: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
 ) -> Evidence:
-    """The stepwise model test over every class of the run × phrase of its explanations × direction that
-    does not name a class of the task and is in the probe's vocabulary.
+    """The stepwise model test over every class of the run × phrase of the probe's vocabulary that does
+    not name a class of the task × direction.
 
-    Not gated on the explanations' statistics: a cue the model acts on is a finding even where the channel
-    bank does not name it (the flag card then shows how rarely its explanations do)."""
-    index = {p: i for i, p in enumerate(behaviour.phrases)}
+    Not gated on the explanations: a cue the model acts on is a finding even where the channel bank never
+    names it (the flag card then shows how rarely its explanations do). Gating on the phrases the run's
+    explanations selected lost cues the model fully used (docs/decisions.md, "The model test covers the
+    whole vocabulary")."""
     n_classes = (
         int(
             max(
@@ -493,14 +495,26 @@ def _evidence(
         )
         + 1
     )
-    ok = cols[cols["phrase"].isin(index) & ~cols["phrase"].map(text["describes"]).fillna(False).astype(bool)]
+    describes = text["describes"].reindex(behaviour.phrases).fillna(False).to_numpy(bool)
     eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
-    ci = classes["class_index"].to_numpy(np.int64)
-    pi = ok["phrase"].map(index).to_numpy(np.int64)
-    di = (ok["direction"] == "against").to_numpy(np.int64)
-    eligible[ci[:, None], pi[None, :], di[None, :]] = True
+    eligible[classes["class_index"].to_numpy(np.int64)] = ~describes[:, None]
     test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed"})
     return evidence_grid(behaviour, n_classes, eligible, **test)
+
+
+# Wanted pairs whose phrase no explanation of the run selected (in that direction) have no concept_stats
+# row: they get one that says so (selected by no image; no lift, z_lift or relative score).
+_UNNAMED_SQL = """
+SELECT k.class_name, w.class_index, w.phrase, w.direction, k.n_class, 0::BIGINT AS n_images,
+       0.0::DOUBLE AS frequency, 0.0::DOUBLE AS frequency_other, 0.0::DOUBLE AS mean_score,
+       k.n_misclassified, k.n_correct
+FROM _wanted AS w
+JOIN (SELECT class_index, any_value(class_name) AS class_name, any_value(n_class) AS n_class,
+             any_value(n_misclassified) AS n_misclassified, any_value(n_correct) AS n_correct
+      FROM concept_stats GROUP BY class_index) AS k USING (class_index)
+WHERE NOT EXISTS (SELECT 1 FROM concept_stats AS c
+                  WHERE c.class_index = w.class_index AND c.phrase = w.phrase AND c.direction = w.direction)
+"""
 
 
 def _rows(
@@ -511,8 +525,8 @@ def _rows(
 ) -> pd.DataFrame:
     """The ``concept_stats`` rows the rule and the candidates table need, selected in SQL: each class ×
     direction's top phrases by z_lift, the rows that can pass the explanation rule (without behaviour)
-    or the model rule's accepted pairs and top first-step pairs (with it). At 1000 classes × 5,505 phrases
-    that is a few rows per class instead of 11 M."""
+    or the model rule's accepted pairs and top first-step pairs (with it), also where no explanation
+    selected the phrase. At 1000 classes × 5,505 phrases that is a few rows per class instead of 11 M."""
     thr = pd.DataFrame({"class_name": list(threshold_of), "_threshold": list(threshold_of.values())})
     if evidence is None:
         wanted = pd.DataFrame({"class_index": [], "phrase": [], "direction": []}).astype(
@@ -539,7 +553,9 @@ def _rows(
             JOIN _thresholds AS t USING (class_name)
             LEFT JOIN _wanted AS w USING (class_index, phrase, direction)
             WHERE s._rank <= {N_CANDIDATES} OR w._wanted OR {passing}
-            ORDER BY s.class_name, s.direction, s.z_lift DESC NULLS LAST, s.phrase
+            UNION ALL BY NAME
+            {_UNNAMED_SQL}
+            ORDER BY class_name, direction, z_lift DESC NULLS LAST, phrase
             """
         ).df()
     finally:

@@ -258,13 +258,9 @@ def _probe(phrases: list[str], used: bool, n: int = 900, seed: int = 0):
 def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassText) -> None:
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
     used = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=True))
-    assert next((r.class_name, r.phrase, r.direction, r.rank) for r in used.itertuples()) == (
-        "dog",
-        "snow",
-        "for",
-        1,
-    )
-    top = used.iloc[0]
+    dog = used[used["class_name"] == "dog"]
+    assert next((r.phrase, r.direction, r.rank) for r in dog.itertuples()) == ("snow", "for", 1)
+    top = dog.iloc[0]
     assert top["effect"] > 0.9 and top["z_model"] > top["model_threshold"] and top["step"] == 1
     # The same explanations, but the model does not act on snow: the explanations' lift alone flags nothing.
     unused = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=False))

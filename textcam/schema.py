@@ -194,8 +194,9 @@ FLAGS = pa.schema(
         pa.field("rank", pa.int32(), nullable=False),  # 1 = strongest flag of the class
         pa.field("phrase", pa.string(), nullable=False),
         pa.field("direction", pa.string(), nullable=False),  # "for" | "against"
-        pa.field("z_lift", pa.float64(), nullable=False),
-        pa.field("lift", pa.float64(), nullable=False),
+        # null where no explanation selected the phrase (a model-test flag) or its score never varies
+        pa.field("z_lift", pa.float64(), nullable=True),
+        pa.field("lift", pa.float64(), nullable=True),
         pa.field("threshold", pa.float64(), nullable=False),  # the class's null 99th percentile
         pa.field("p_value", pa.float64(), nullable=False),
         pa.field("n_permutations", pa.int32(), nullable=False),
@@ -219,7 +220,7 @@ FLAGS = pa.schema(
         pa.field("step", pa.int32(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
     ],
-    metadata={"table": "flags", "version": "4"},
+    metadata={"table": "flags", "version": "5"},
 )
 
 
