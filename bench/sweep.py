@@ -275,14 +275,20 @@ def cue_rows(
     return out
 
 
-def model_uses(m: Models, flags: pd.DataFrame) -> np.ndarray:
-    """(K, P) bool: phrase p is flagged "for" class k, or names it, case aside (``shown_phrases``' gate)."""
-    classes = list(m.world.class_names)
+def names_class(m: Models) -> np.ndarray:
+    """(K, P) bool: phrase p is class k's name, case aside."""
     lower = np.char.lower
-    uses = lower(np.asarray(m.phrases, dtype=str))[None, :] == lower(np.asarray(classes, dtype=str))[:, None]
+    classes = np.asarray(list(m.world.class_names), dtype=str)
+    return lower(np.asarray(m.phrases, dtype=str))[None, :] == lower(classes)[:, None]
+
+
+def flagged_for(m: Models, flags: pd.DataFrame) -> np.ndarray:
+    """(K, P) bool: phrase p is flagged "for" class k (``shown_phrases``' model gate)."""
+    classes = list(m.world.class_names)
+    out = np.zeros((len(classes), len(m.phrases)), dtype=bool)
     mine = flags[flags["direction"] == "for"]
-    uses[[classes.index(c) for c in mine["class_name"]], [m.phrases.index(p) for p in mine["phrase"]]] = True
-    return uses
+    out[[classes.index(c) for c in mine["class_name"]], [m.phrases.index(p) for p in mine["phrase"]]] = True
+    return out
 
 
 def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +303,7 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     np.put_along_axis(dense, idx.clamp_min(0).numpy(), np.where(idx.numpy() >= 0, sc.numpy(), 0.0), 1)
     presence = vis.presence(emb)
     specific = image_specific(presence, dense, pred)
+    seen = vis.seen(emb, idx).numpy()
     visible = vis.visible(emb, idx, sc).numpy()
     shown = visible & specific[pred[:, None], idx.clamp_min(0).numpy()]
     # The audit flow's rule (tasks.store.phrase_specificity): the same test over the strong phrases only,
@@ -304,16 +311,25 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     strong = (dense > 0) & (dense >= 0.5 * sc.numpy()[:, :1])
     flow_specific = specific_among_strong(presence & strong, dense, strong, pred, vis.weights[-1])
     flow_ungated = visible & flow_specific[pred[:, None], idx.clamp_min(0).numpy()]
-    # ... then only what the model uses: a "for" flag of the class, or the class's own name.
-    flow_pairs = flow_specific & model_uses(m, a["flags"])
-    flow_shown = visible & flow_pairs[pred[:, None], idx.clamp_min(0).numpy()]
+    # ... then only what the model uses: the class's own name as before, any other phrase where it is
+    # flagged "for" the class and CLIP sees it, whatever its weight (the view since seed 10); and the
+    # previous view (a "for" flag on top of the weight and specificity tests) beside it.
+    at = (pred[:, None], idx.clamp_min(0).numpy())
+    own, flagged = names_class(m), flagged_for(m, a["flags"])
+    flow_shown = (visible & (flow_specific & own)[at]) | (seen & flagged[at])
+    flow_previous = visible & (flow_specific & (own | flagged))[at]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
     selected = (idx >= 0).numpy()
     class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
     true_of = np.take_along_axis(truth, idx.clamp_min(0).numpy(), 1)
     kinds = np.asarray(kind)[idx.clamp_min(0).numpy()]
-    res: dict[str, Any] = {"embeddings": emb, "visibility": vis, "flow_pairs": flow_pairs}
-    masks = {"flow": flow_shown, "flow_ungated": flow_ungated, "shown": shown}
+    res: dict[str, Any] = {
+        "embeddings": emb,
+        "visibility": vis,
+        "flagged": flagged,
+        "previous_pairs": flow_specific & (own | flagged),
+    }
+    masks = {"flow": flow_shown, "flow_previous": flow_previous, "flow_ungated": flow_ungated, "shown": shown}
     masks["selected"] = np.ones_like(shown)
     for name, mask in ((k, v & selected & ~class_phrase) for k, v in masks.items()):
         res[name] = {
@@ -328,23 +344,28 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def aligned_named(m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, Any]) -> tuple[int, int]:
-    """Aligned test images of ``spec``'s class, explained for that class: shown phrases name the cue."""
+def aligned_named(
+    m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, Any]
+) -> dict[str, tuple[int, int]]:
+    """Aligned test images of ``spec``'s class, explained for that class: shown phrases name the cue
+    (``flow``: the audit's view; ``previous``: the view before seed 10)."""
     recs = a["batch"].records
     cls = list(m.world.class_names).index(spec.label)
     aligned = np.flatnonzero(((recs["label"] == cls) & (recs[spec.attribute] == spec.value)).to_numpy())
     if not len(aligned):
-        return 0, 0
+        return {"flow": (0, 0), "previous": (0, 0)}
     x = to_classifier_tensor(a["batch"].images[aligned])
     eb, _ = explain(a["explainer"], x, torch.full((len(aligned),), cls, dtype=torch.long))
-    shown = res["visibility"].visible(
-        res["embeddings"][aligned], eb.phrases_for.indices, eb.phrases_for.scores
-    )
+    sel, emb = eb.phrases_for, res["embeddings"][aligned]
+    seen = res["visibility"].seen(emb, sel.indices)
+    shown = seen & res["visibility"].strong(sel.scores)
     phrase = m.phrases.index(m.world.phrases[spec.attribute][spec.value])
-    if not res["flow_pairs"][cls, phrase]:  # the audit tables would not show it for this class
-        return 0, len(aligned)
-    named = ((eb.phrases_for.indices == phrase) & shown).any(1)
-    return int(named.sum()), len(aligned)
+    is_cue = sel.indices == phrase
+    # the audit tables show the cue for this class only where it is flagged "for" it (previously: and
+    # passed the weight and specificity tests)
+    named = (is_cue & seen).any(1) & bool(res["flagged"][cls, phrase])
+    named_previous = (is_cue & shown).any(1) & bool(res["previous_pairs"][cls, phrase])
+    return {"flow": (int(named.sum()), len(aligned)), "previous": (int(named_previous.sum()), len(aligned))}
 
 
 FLAG_LINE = re.compile(r"^(?P<cls>[^:]+): (?P<phrase>.+) \((?P<direction>for|against), z ")
@@ -585,7 +606,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for c in r["test"]["cues"]
         if UNUSED <= c["gap"] < USED
     ]
-    for name in ("flow", "flow_ungated", "shown", "selected"):
+    for name in ("flow", "flow_previous", "flow_ungated", "shown", "selected"):
         scored_with = [r for r in scored if name in r["precision"]]  # older cached results lack "flow"
         n = sum(r["precision"][name]["n"] for r in scored_with)
         t = sum(r["precision"][name]["true"] for r in scored_with)
@@ -599,6 +620,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         # image-specific test over every image of the class.
         key = {
             "flow": "phrase_image_precision",
+            "flow_previous": "phrase_image_precision_previous_view",
             "flow_ungated": "phrase_image_precision_without_model_gate",
             "shown": "phrase_image_precision_all_images_test",
             "selected": "selected_image_precision",
@@ -608,10 +630,16 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{name}_phrases_per_image"] = float(
             np.mean([r["precision"][name]["per_image"] for r in scored_with])
         )
-    named = [v for r in scored for v in r.get("aligned_named", {}).values()]
-    out["aligned_cue_named_rate"] = (
-        sum(v[0] for v in named) / max(sum(v[1] for v in named), 1) if named else None
-    )
+    views = {"flow": "aligned_cue_named_rate", "previous": "aligned_cue_named_rate_previous_view"}
+    for view, key in views.items():
+        # results cached before seed 10 hold one (named, aligned) pair per cue: the previous view
+        named = [
+            v[view] if isinstance(v, dict) else (v if view == "previous" else None)
+            for r in scored
+            for v in r.get("aligned_named", {}).values()
+        ]
+        named = [v for v in named if v is not None]
+        out[key] = sum(v[0] for v in named) / max(sum(v[1] for v in named), 1) if named else None
     demos = {}
     for r in results:
         if r["kind"] == "demo":

@@ -343,16 +343,16 @@ class ShardFeed:
 
 
 def _explain(runtime: Runtime, pixels: torch.Tensor, clip_pixels: Sequence[torch.Tensor]) -> list[Any]:
-    """Explanations of a batch; with a CLIP in the runtime, each "for" phrase marked shown or not."""
+    """Explanations of a batch; with a CLIP in the runtime, each "for" phrase marked seen and shown or not."""
     eb = runtime.explainer.explain_tensors(pixels)
-    shown = None
+    shown = seen = None
     if runtime.clip is not None and runtime.visibility is not None and clip_pixels:
         with torch.no_grad():
-            emb = runtime.clip.encode_images(clip_pixels[0]).cpu()
-        k = eb.targets.shape[1]
+            emb = runtime.clip.encode_images(clip_pixels[0]).cpu().repeat_interleave(eb.targets.shape[1], 0)
         sel = eb.phrases_for
-        shown = runtime.visibility.visible(emb.repeat_interleave(k, 0), sel.indices, sel.scores)
-    return runtime.explainer.to_explanations(eb, shown)
+        seen = runtime.visibility.seen(emb, sel.indices)
+        shown = seen & runtime.visibility.strong(sel.scores)
+    return runtime.explainer.to_explanations(eb, shown, seen)
 
 
 def finished_file(shard: Shard, run_dir: str | os.PathLike[str]) -> Path | None:

@@ -36,7 +36,10 @@ them, or seeing it goes with a larger weight, or CLIP sees it there more often t
 image (``phrase_base_rate``); :func:`textcam.visibility.specific_among_strong` is the same rule in numpy.
 The view then keeps what the model uses: phrases flagged "for" the class (``flags``), and the class's
 own name. A phrase true of the image that the model does not act on ("blue" for a blue square under a
-model that reads shapes) is not an explanation of the prediction.
+model that reads shapes) is not an explanation of the prediction. A flagged phrase is shown wherever the
+explanation selects it and CLIP sees it in the image (``seen``), whatever its weight: the model test has
+already shown that the class's predictions follow it, which the weight and specificity tests stand in for
+elsewhere.
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ def _create_views(
         CREATE OR REPLACE {"TABLE" if materialize else kind} image_phrases AS
         SELECT p.image_id, p.class_name, p.class_index, p.labelled, p.misclassified,
                u.ph.text AS phrase, u.ph.direction AS direction, sum(abs(u.ph.score))::DOUBLE AS score,
-               bool_or(u.ph.shown) AS shown
+               bool_or(u.ph.shown) AS shown, bool_or(u.ph.seen) AS seen
         FROM predictions AS p, unnest(p.phrases) AS u(ph)
         GROUP BY ALL
         """
@@ -211,17 +214,18 @@ SELECT class_name, phrase, n_strong, n_seen, r, base_rate,
 FROM defined
 """
 
-# Shown phrases: CLIP sees the phrase in the image, it weighs at least half the first phrase, it is about
-# images of the class, not the class (phrase_specificity), and the model's predictions of the class depend
-# on it (a "for" flag), unless it names the class itself.
+# Shown phrases: the class's own name where CLIP sees it, it weighs at least half the first phrase and it is
+# about the images (phrase_specificity); any other phrase only where the model's predictions of the class
+# depend on it (a "for" flag) and CLIP sees it in the image. Files without ``seen``: the first rule's tests.
 _SHOWN_PHRASES_SQL = """
 CREATE OR REPLACE VIEW shown_phrases AS
 SELECT i.image_id, i.class_name, i.phrase, i.score
-FROM image_phrases AS i JOIN phrase_specificity AS s USING (class_name, phrase)
-WHERE i.direction = 'for' AND i.shown AND s.specific
-  AND (lower(i.phrase) = lower(i.class_name)
-       OR EXISTS (SELECT 1 FROM flags AS f
-                  WHERE f.class_name = i.class_name AND f.phrase = i.phrase AND f.direction = 'for'))
+FROM image_phrases AS i LEFT JOIN phrase_specificity AS s USING (class_name, phrase)
+WHERE i.direction = 'for'
+  AND ((lower(i.phrase) = lower(i.class_name) AND i.shown AND s.specific)
+       OR (coalesce(i.seen, i.shown AND s.specific)
+           AND EXISTS (SELECT 1 FROM flags AS f
+                       WHERE f.class_name = i.class_name AND f.phrase = i.phrase AND f.direction = 'for')))
 """
 
 

@@ -182,6 +182,8 @@ def test_visibility_shows_seen_and_strong_phrases_only() -> None:
     shown = vis.visible(images, indices, scores)
     assert shown.tolist() == [[True, False, False], [False, False, False]]
     assert vis.visible(images, indices, scores, min_ratio=0.0)[1].tolist() == [False, True, False]
+    # seen: CLIP's call alone, whatever the weight ("b" in image 2 at 0.3 of the first phrase)
+    assert vis.seen(images, indices).tolist() == [[True, False, False], [False, True, False]]
 
 
 def test_label_accuracy_counts_only_labelled_images() -> None:

@@ -306,3 +306,39 @@ def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
         assert bool(t["specific"]) == bool(expected[classes.index(c), phrases.index(p)]), (c, p, dict(t))
     leaves = table.xs("leaves", level="phrase")
     assert leaves[leaves["n_strong"] >= 20]["specific"].all() and (leaves["base_rate"] == 0.05).all()
+
+
+def test_a_flagged_phrase_is_shown_wherever_clip_sees_it(tmp_path: Path) -> None:
+    """Once flagged "for" a class, a phrase is shown in every explanation of that class that selected it
+    where CLIP sees it (``seen``), however small its weight; unflagged phrases that CLIP sees are not, and
+    a phrase CLIP does not see in the image is not either."""
+    from textcam.schema import EXPLANATIONS
+
+    run_dir = make_run(tmp_path, n_per_class=40, seed=2)
+    expected = 0
+    for path in sorted((run_dir / "explanations").glob("*.parquet")):
+        rows = pq.read_table(path).to_pylist()
+        for r in rows:
+            first = max((p["score"] for p in r["phrases"] if p["direction"] == "for"), default=0.0)
+            for n, p in enumerate(r["phrases"]):
+                if p["direction"] == "for":
+                    p["seen"] = (n + len(r["image_id"])) % 2 == 0  # half of them, whatever the weight
+                    p["shown"] = p["seen"] and p["score"] >= 0.5 * first
+                    counted = r["rank_of_target"] == 0 and r["pred_name"] == "dog" and p["text"] == "snow"
+                    expected += int(counted and p["seen"])
+        pq.write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS), path)
+    build_duckdb(run_dir)
+    con = open_writable(run_dir)
+    try:
+        store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+        rows = con.sql("SELECT class_name, phrase FROM shown_phrases").df()
+        weak = con.execute(
+            "SELECT count(*) FROM image_phrases AS i JOIN shown_phrases USING (image_id, class_name, phrase) "
+            "WHERE NOT i.shown"
+        ).fetchall()[0][0]
+    finally:
+        con.close()
+    flagged = rows[(rows["class_name"] == "dog") & (rows["phrase"] == "snow")]
+    assert expected > 0 and len(flagged) == expected
+    assert weak > 0  # some of them weigh under half the first phrase
+    assert (rows["phrase"].str.lower() == rows["class_name"].str.lower()).sum() == len(rows) - expected

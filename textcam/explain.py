@@ -38,6 +38,7 @@ class Phrase:
     score: float
     direction: str  # "for" | "against"
     shown: bool | None = None  # seen in the image by CLIP and strong enough to show; None: not checked
+    seen: bool | None = None  # seen in the image by CLIP, whatever its weight; None: not checked
 
 
 @dataclass(frozen=True)
@@ -273,9 +274,12 @@ class Explainer:
         eb = self.explain_tensors(images, targets)
         return self.to_explanations(eb)
 
-    def to_explanations(self, eb: ExplanationBatch, shown: torch.Tensor | None = None) -> list[Explanation]:
+    def to_explanations(
+        self, eb: ExplanationBatch, shown: torch.Tensor | None = None, seen: torch.Tensor | None = None
+    ) -> list[Explanation]:
         """One :class:`Explanation` per image × target; ``shown`` (B·K, n_phrases) bool marks the "for"
-        phrases to show (:meth:`textcam.visibility.PhraseVisibility.visible`)."""
+        phrases to show (:meth:`textcam.visibility.PhraseVisibility.visible`), ``seen`` those CLIP sees
+        in the image whatever their weight (:meth:`~textcam.visibility.PhraseVisibility.seen`)."""
         names = self.model.class_names
         b, k = eb.targets.shape
         top_p, top_i = eb.probs.topk(min(5, eb.probs.shape[1]), dim=1)
@@ -288,7 +292,7 @@ class Explainer:
             [(eb.group_of_channel == gi).sum(-1) for gi in range(self.n_groups)], dim=-1
         ).tolist()
         fi, fs = eb.phrases_for.indices.view(b, k, -1).tolist(), eb.phrases_for.scores.view(b, k, -1).tolist()
-        seen = shown.view(b, k, -1).tolist() if shown is not None else None
+        marks = [None if m is None else m.view(b, k, -1).tolist() for m in (shown, seen)]
         ai = eb.phrases_against.indices.view(b, k, -1)[..., : self.n_against].tolist()
         as_ = eb.phrases_against.scores.view(b, k, -1)[..., : self.n_against].tolist()
         targets, logits_t = eb.targets.tolist(), target_logit.tolist()
@@ -301,7 +305,7 @@ class Explainer:
             ]
             for j in range(k):
                 phrases = [
-                    Phrase(self.phrases[p], s, "for", None if seen is None else bool(seen[i][j][n]))
+                    Phrase(self.phrases[p], s, "for", *(m if m is None else bool(m[i][j][n]) for m in marks))
                     for n, (p, s) in enumerate(zip(fi[i][j], fs[i][j], strict=False))
                     if p >= 0
                 ]

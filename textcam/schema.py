@@ -19,6 +19,9 @@ PHRASE = pa.struct(
         # shown: CLIP sees it in the image and it weighs >= half the first phrase (textcam.visibility);
         # null: not checked
         pa.field("shown", pa.bool_(), nullable=True),
+        # seen: CLIP sees it in the image, whatever its weight ("for" phrases; null: not checked or a file
+        # written before the field existed)
+        pa.field("seen", pa.bool_(), nullable=True),
     ]
 )
 
@@ -64,7 +67,7 @@ EXPLANATIONS = pa.schema(
         pa.field("clip_id", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
     ],
-    metadata={"table": "explanations", "version": "2"},
+    metadata={"table": "explanations", "version": "3"},
 )
 
 #: Every input row that could not be explained, with the stage and a one-line reason.

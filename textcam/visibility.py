@@ -206,13 +206,20 @@ class PhraseVisibility:
     ) -> torch.Tensor:
         """(N, k) bool over selected phrases ``indices`` (-1: none) with coefficients ``scores``: the
         phrase is seen in its image and weighs at least ``min_ratio`` of the row's first phrase."""
+        return self.seen(image_embeddings, indices) & self.strong(scores, min_ratio)
+
+    @staticmethod
+    def strong(scores: torch.Tensor, min_ratio: float = 0.5) -> torch.Tensor:
+        """(N, k) bool: the coefficient is at least ``min_ratio`` of the row's first (largest) one."""
         if not 0.0 <= min_ratio <= 1.0:
             raise ValueError(f"min_ratio must lie in [0, 1], got {min_ratio}")
-        seen = torch.from_numpy(self.presence(image_embeddings))  # (N, P)
+        return scores.cpu() >= min_ratio * scores.cpu()[:, :1]
+
+    def seen(self, image_embeddings: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(N, k) bool over selected phrases ``indices`` (-1: none): CLIP sees the phrase in its image."""
+        presence = torch.from_numpy(self.presence(image_embeddings))  # (N, P)
         idx = indices.cpu().long()
-        hit = seen.gather(1, idx.clamp_min(0)) & (idx >= 0)
-        strong = scores.cpu() >= min_ratio * scores.cpu()[:, :1]
-        return hit & strong
+        return presence.gather(1, idx.clamp_min(0)) & (idx >= 0)
 
 
 def specific_among_strong(
