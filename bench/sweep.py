@@ -529,7 +529,9 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         add_unused_truth(m, result[audit]["cues"])
         if audit == "test":
             res = shown_precision(m, a)
-            result["precision"] = {k: res[k] for k in ("flow", "flow_ungated", "shown", "selected")}
+            result["precision"] = {
+                k: res[k] for k in ("flow", "flow_previous", "flow_ungated", "shown", "selected")
+            }
             result["aligned_named"] = {
                 str(b): aligned_named(m, a, b, res) for b in cfg.biases if gaps[str(b)]["gap"] >= USED
             }
