@@ -113,7 +113,8 @@ def simulate(
                     text.take(pa.array(flat_idx)),
                     pa.array(flat_score, pa.float32()),
                     pa.array(np.array(["for", "against"], dtype=object)[direction], pa.string()),
-                    pa.array(direction == 0, pa.bool_()),
+                    pa.array(direction == 0, pa.bool_()),  # shown
+                    pa.array(direction == 0, pa.bool_()),  # seen
                 ],
                 fields=list(EXPLANATIONS.field("phrases").type.value_type),
             ),
