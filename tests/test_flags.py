@@ -298,6 +298,40 @@ def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
     assert list(cue.iloc[0]["example_image_ids"]) == [] and cue.iloc[0]["frequency"] == 0.0
 
 
+def test_a_cue_no_explanation_selected_is_tested_and_flagged(
+    planted: Path, class_text: ClassText, tmp_path: Path
+) -> None:
+    """ "lava" is in the probe's vocabulary but in no explanation of the run: the model test still covers
+    it (the model calls every lava image a dog), the flag says the explanations never selected it, and
+    the report renders it."""
+    import shutil
+
+    from reports import render_report
+    from tasks.behaviour import ProbeBehaviour
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(planted, run_dir)
+    phrases = query(run_dir, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    assert "lava" not in phrases
+    phrases = [*phrases, "lava"]
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 900)
+    presence = rng.random((900, len(phrases))) < 0.5
+    pred = np.where(rng.random(900) < 0.9, labels, rng.integers(0, 3, 900))
+    pred[presence[:, -1]] = 2  # "dog" is class 2 of the planted run
+    got = flag_spurious(
+        run_dir, class_text, behaviour=ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    )
+    lava = got[(got["phrase"] == "lava") & (got["direction"] == "for")]
+    assert lava["class_name"].tolist() == ["dog"]
+    row = lava.iloc[0]
+    assert row["n_images"] == 0 and row["frequency"] == 0.0 and pd.isna(row["z_lift"])
+    assert row["effect"] > 0.5 and list(row["example_image_ids"]) == []
+    why = pq.read_table(run_dir / "flag_candidates.parquet").to_pandas()
+    assert why[(why["phrase"] == "lava") & (why["class_name"] == "dog")]["flagged"].any()
+    assert Path(render_report(run_dir)).read_text().count("lava") >= 1
+
+
 def test_text_closeness_to_a_class_needs_the_images_to_agree(planted: Path) -> None:
     """A weak text encoder puts "snow" as close to "dog" as a class name: excluded by text alone, but not
     when the probe shows CLIP sees snow independently of where it sees a dog; excluded again when the
