@@ -274,6 +274,18 @@ class Explainer:
         eb = self.explain_tensors(images, targets)
         return self.to_explanations(eb)
 
+    def _phrase_list(
+        self, fi: list[int], fs: list[float], marks: list[Any], ai: list[int], as_: list[float]
+    ) -> list[Phrase]:
+        """One explanation's "for" phrases, with CLIP's marks (shown, seen; None: not checked), then its
+        "against" phrases; -1 indices are empty slots."""
+        out = [
+            Phrase(self.phrases[p], s, "for", *(m if m is None else bool(m[n]) for m in marks))
+            for n, (p, s) in enumerate(zip(fi, fs, strict=False))
+            if p >= 0
+        ]
+        return out + [Phrase(self.phrases[p], s, "against") for p, s in zip(ai, as_, strict=False) if p >= 0]
+
     def to_explanations(
         self, eb: ExplanationBatch, shown: torch.Tensor | None = None, seen: torch.Tensor | None = None
     ) -> list[Explanation]:
@@ -304,16 +316,8 @@ class Explainer:
                 for c, p in zip(top_i_l[i], top_p_l[i], strict=False)
             ]
             for j in range(k):
-                phrases = [
-                    Phrase(self.phrases[p], s, "for", *(m if m is None else bool(m[i][j][n]) for m in marks))
-                    for n, (p, s) in enumerate(zip(fi[i][j], fs[i][j], strict=False))
-                    if p >= 0
-                ]
-                phrases += [
-                    Phrase(self.phrases[p], s, "against")
-                    for p, s in zip(ai[i][j], as_[i][j], strict=False)
-                    if p >= 0
-                ]
+                mark = [m if m is None else m[i][j] for m in marks]
+                phrases = self._phrase_list(fi[i][j], fs[i][j], mark, ai[i][j], as_[i][j])
                 groups = [
                     Group(self.phrases[p], share[i][j][g], n_in_group[i][j][g], gmaps[i, j, g])
                     for g, p in enumerate(fi[i][j][: self.n_groups])
