@@ -304,7 +304,7 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     presence = vis.presence(emb)
     specific = image_specific(presence, dense, pred)
     seen = vis.seen(emb, idx).numpy()
-    visible = vis.visible(emb, idx, sc).numpy()
+    visible = seen & vis.strong(sc).numpy()
     shown = visible & specific[pred[:, None], idx.clamp_min(0).numpy()]
     # The audit flow's rule (tasks.store.phrase_specificity): the same test over the strong phrases only,
     # from what each explanation stores.
@@ -316,8 +316,9 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     # previous view (a "for" flag on top of the weight and specificity tests) beside it.
     at = (pred[:, None], idx.clamp_min(0).numpy())
     own, flagged = names_class(m), flagged_for(m, a["flags"])
+    previous_pairs = flow_specific & (own | flagged)
     flow_shown = (visible & (flow_specific & own)[at]) | (seen & flagged[at])
-    flow_previous = visible & (flow_specific & (own | flagged))[at]
+    flow_previous = visible & previous_pairs[at]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
     selected = (idx >= 0).numpy()
     class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
@@ -327,7 +328,7 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
         "embeddings": emb,
         "visibility": vis,
         "flagged": flagged,
-        "previous_pairs": flow_specific & (own | flagged),
+        "previous_pairs": previous_pairs,
     }
     masks = {"flow": flow_shown, "flow_previous": flow_previous, "flow_ungated": flow_ungated, "shown": shown}
     masks["selected"] = np.ones_like(shown)
