@@ -14,6 +14,13 @@ unbiased test split), with the bank calibrated on the probe split:
 * fixed sizes (the top 8, 16, 32, 64 channels by the rule's ranking, probe mean): the trade-off curve;
 * DFR (Kirichenko et al. 2023): logistic regression on the target layer's pooled features of a
   group-balanced subset of the probe split (it needs group labels; suppression does not);
+* the refit (``textcam intervene --refit``): the cue's channels zeroed, then a new last layer on a labelled
+  held-out set where every group (class × cue *as CLIP sees it*, no group labels) weighs the same
+  (:func:`textcam.intervene.concept_balanced_head`). Two held-out sets: the biased training split (what
+  a self-audit's probe is) and the unbiased probe split. Beside it, on the same set and features: the
+  generator's groups instead of CLIP's (``truth``), no balancing (``erm``: what the data alone does),
+  groups by a random non-class phrase (``random_phrase``, 5 draws) and as many random channels zeroed
+  (``random_channels``, 5 draws);
 * ``clip_presence_agreement``: AUC of the tiny CLIP's image-phrase similarity for cue presence.
 
 Control worlds: suppressing the non-class phrase with the most channels; ``control_suppression_drop``
@@ -42,6 +49,7 @@ from textcam.bank import ChannelBank  # noqa: E402
 from textcam.clip import load_clip  # noqa: E402
 from textcam.intervene import (  # noqa: E402
     Suppression,
+    concept_balanced_head,
     concept_channels,
     dfr_predictions,
     group_accuracy,
@@ -53,6 +61,7 @@ from textcam.synthetic.classifier import to_classifier_tensor  # noqa: E402
 from textcam.synthetic.config import DEMO_BIAS  # noqa: E402
 from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
 from textcam.synthetic.world import build_world, split_batch  # noqa: E402
+from textcam.visibility import PhraseVisibility  # noqa: E402
 from textcam.vocab import load_vocabulary  # noqa: E402
 
 SIZES = (8, 16, 32, 64)
@@ -63,6 +72,71 @@ def auc(scores: np.ndarray, truth: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(truth, scores)) if 0 < truth.sum() < truth.size else float("nan")
+
+
+def clip_embeddings(clip, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        parts = [
+            clip.encode_images(to_clip_tensor(images[i : i + batch])) for i in range(0, len(images), batch)
+        ]
+        return torch.cat(parts).float().cpu()
+
+
+def held_out_set(model, clip, text: torch.Tensor, config, split: str) -> dict[str, Any]:
+    """A labelled held-out split for the refit: pooled target-layer features, labels, CLIP presence of
+    every phrase (the split's own visibility model, as a run's probe has) and the generator's records."""
+    batch = split_batch(config, split)
+    _, feats = layer_features(model.module, model.target_layer, to_classifier_tensor(batch.images))
+    emb = clip_embeddings(clip, batch.images)
+    return {
+        "features": feats.numpy().astype(np.float64),
+        "labels": batch.records["label"].to_numpy(),
+        "presence": PhraseVisibility.fit(emb, text).presence(emb),
+        "records": batch.records,
+    }
+
+
+def refit_figures(
+    held: dict[str, Any],
+    truth: np.ndarray,
+    phrase_index: int,
+    channels: tuple[int, ...],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    null_phrases: list[int],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Group accuracies on the test split of last layers refitted on ``held`` (zeroed channels: their
+    pooled features are 0, exactly what a zero suppression at the target layer gives)."""
+    feats_test, labels_test, present_test, cls = test
+    n_classes = int(labels_test.max()) + 1
+
+    def head(channels_: tuple[int, ...], groups: np.ndarray | None) -> dict[str, Any]:
+        f, ft = held["features"].copy(), feats_test.copy()
+        f[:, list(channels_)], ft[:, list(channels_)] = 0.0, 0.0
+        present = groups if groups is not None else np.zeros(len(f), dtype=bool)
+        if groups is None:  # no balancing: one group per class, every image the same weight
+            from textcam.intervene import logistic_head
+
+            weight, bias = logistic_head(f, held["labels"], np.ones(len(f)), n_classes)
+        else:
+            weight, bias = concept_balanced_head(f, held["labels"], present, n_classes)
+        return group_accuracy((ft @ weight.T + bias).argmax(1), labels_test, present_test, cls)
+
+    clip_groups = held["presence"][:, phrase_index]
+    n_all = feats_test.shape[1]
+    out = {
+        "refit": head(channels, clip_groups),
+        "truth": head(channels, truth),
+        "erm": head(channels, None),
+        "clip_groups_agree": float((clip_groups == truth).mean()),
+    }
+    phrase_draws = rng.choice(null_phrases, RANDOM_DRAWS, replace=False)
+    out["random_phrase"] = [head(channels, held["presence"][:, q]) for q in phrase_draws]
+    out["random_channels"] = [
+        head(tuple(int(c) for c in rng.choice(n_all, len(channels), replace=False)), clip_groups)
+        for _ in range(RANDOM_DRAWS)
+    ]
+    return out
 
 
 def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[str, Any]:
@@ -92,6 +166,10 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
     names = list(world.class_names)
     rng = np.random.default_rng(0)
     n_channels = bank.directions.shape[0]
+    splits = ("train", "probe") if kind != "control" else ()
+    held = {s: held_out_set(model, clip, text, config, s) for s in splits}
+    null_phrases = [i for i, p in enumerate(phrases) if p not in names]
+    refit_rng = np.random.default_rng(1)  # its own draws: the suppression figures keep theirs
     out: dict[str, Any] = {
         "name": name,
         "kind": kind,
@@ -168,6 +246,19 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
         row["dfr"] = group_accuracy(dfr, labels, present, cls)
         sim = (img @ unit_text[phrases.index(phrase)]).numpy()
         row["clip_presence_auc"] = auc(sim, present)
+        test_side = (feats_test.numpy().astype(np.float64), labels, present, cls)
+        row["refit"] = {
+            split: refit_figures(
+                h,
+                (h["records"][spec.attribute] == spec.value).to_numpy(),
+                phrases.index(phrase),
+                cc.channels,
+                test_side,
+                [q for q in null_phrases if q != phrases.index(phrase)],
+                refit_rng,
+            )
+            for split, h in held.items()
+        }
         out["cues"].append(row)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -200,6 +291,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "random_gain": mean([c["random_conflicting"] - c["before"]["conflicting"] for c in with_channels]),
         "dfr_conflicting_acc": mean([c["dfr"]["conflicting"] for c in cues]),
+        "dfr_win_rate": round(
+            sum(c["dfr"]["conflicting"] - c["before"]["conflicting"] >= 0.3 for c in cues) / len(cues), 4
+        )
+        if cues
+        else None,
         "dfr_worst_group": mean([c["dfr"]["worst_group"] for c in cues]),
         "dfr_accuracy": mean([c["dfr"]["accuracy"] for c in cues]),
         "clip_presence_agreement": mean([c["clip_presence_auc"] for c in cues]),
@@ -231,6 +327,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             for k in SIZES
         },
     }
+    for split in ("train", "probe"):
+        out |= refit_summary(cues, split, mean)
     out["per_cue"] = [
         {
             "spec": c["spec"],
@@ -245,9 +343,39 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 round(c.get("zero", c["before"])["worst_group"], 3),
             ],
             "dfr_conflicting": round(c["dfr"]["conflicting"], 3),
+            "refit_conflicting": {
+                k: round(v["refit"]["conflicting"], 3) for k, v in c.get("refit", {}).items()
+            },
         }
         for c in cues
     ]
+    return out
+
+
+def refit_summary(cues: list[dict[str, Any]], split: str, mean) -> dict[str, Any]:
+    """The refit's figures on one held-out split (``train``: biased, ``probe``: unbiased), beside its
+    controls; a win is +0.3 or more on bias-conflicting test images, as for suppression."""
+    cues = [c for c in cues if split in c.get("refit", {})]
+    if not cues:
+        return {}
+    key = f"refit_{split}"
+
+    def conflicting(c: dict[str, Any], variant: str) -> float:
+        v = c["refit"][split][variant]
+        return float(np.mean([d["conflicting"] for d in v])) if isinstance(v, list) else v["conflicting"]
+
+    out: dict[str, Any] = {}
+    for variant in ("refit", "truth", "erm", "random_phrase", "random_channels"):
+        name = key if variant == "refit" else f"{key}_{variant}"
+        values = [conflicting(c, variant) for c in cues]
+        out[f"{name}_conflicting_acc"] = mean(values)
+        wins = [v - c["before"]["conflicting"] >= 0.3 for v, c in zip(values, cues, strict=True)]
+        out[f"{name}_win_rate"] = round(sum(wins) / len(cues), 4)
+    out[f"{key}_worst_group"] = mean([c["refit"][split]["refit"]["worst_group"] for c in cues])
+    out[f"{key}_clean_acc_drop"] = mean(
+        [c["before"]["accuracy"] - c["refit"][split]["refit"]["accuracy"] for c in cues]
+    )
+    out[f"{key}_clip_groups_agree"] = mean([c["refit"][split]["clip_groups_agree"] for c in cues])
     return out
 
 
@@ -287,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             "; ".join(
                 f"{c['spec']} gap {c['gap']:+.2f} ch {len(c['channels'])} conflicting "
                 f"{c['before']['conflicting']:.2f}->{c.get('zero', c['before'])['conflicting']:.2f}"
-                f"/{c.get('mean', c['before'])['conflicting']:.2f} (dfr {c['dfr']['conflicting']:.2f})"
+                f"/{c.get('mean', c['before'])['conflicting']:.2f} (dfr {c['dfr']['conflicting']:.2f}; refit "
+                + "/".join(f"{v['refit']['conflicting']:.2f}" for v in c.get("refit", {}).values())
+                + ")"
                 for c in r["cues"]
             )
             or f"control: {r.get('control')} drop {r.get('control_suppression_drop', 0):+.3f}"

@@ -258,10 +258,10 @@ def flag_task(
 
 
 @task(name="intervene", cache_policy=NO_CACHE)
-def intervene_task(run: RunInfo) -> int:
+def intervene_task(run: RunInfo, refit: bool) -> int:
     from tasks.intervene import intervene_run
 
-    frame = intervene_run(run.run_dir)
+    frame = intervene_run(run.run_dir, refit=refit)
     get_run_logger().info("%d interventions: %s", len(frame), RunDir(run.run_dir).table("interventions"))
     return len(frame)
 
@@ -357,7 +357,7 @@ def audit(config: dict[str, Any] | AuditConfig) -> dict[str, Any]:
             flags = flag_task(cfg, run, manifest, bank)
         if cfg.intervene and any(f["direction"] == "for" for f in flags):
             with timer.stage("intervene"):
-                intervene_task(run)
+                intervene_task(run, cfg.intervene_refit)
         summary = summarise(run, manifest, bank, outcomes, timer, len(flags))  # the report reads it
         with timer.stage("report"):
             report = render_report_task(run)

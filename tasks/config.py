@@ -142,6 +142,8 @@ class AuditConfig(_Settings):
     intervene: bool = False
     """After flagging: suppress each "for" flag's channels, measure it, save the edited model
     (``tasks.intervene``; the same as ``textcam intervene RUN_DIR``)."""
+    intervene_refit: bool = False
+    """With ``intervene``: also a last layer balanced by the concept (``textcam intervene --refit``)."""
     calibration: CalibrationSettings = CalibrationSettings()
     explanation: ExplanationSettings = ExplanationSettings()
     flags: FlagRule = FlagRule()
@@ -157,6 +159,7 @@ class AuditConfig(_Settings):
             "cache_dir",
             "device",
             "intervene",
+            "intervene_refit",
             "loader_workers",
             "batch_size",
             "fail_on_quarantine",

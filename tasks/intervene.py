@@ -74,6 +74,7 @@ def intervene(
     flags: pd.DataFrame,
     *,
     mode: str = "mean",
+    refit: bool = False,
     out_dir: str | Path | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -95,9 +96,11 @@ def intervene(
     pred0 = logits.argmax(1).numpy()
     presence = PhraseVisibility.fit(probe.embeddings, text).presence(probe.embeddings)[images.presence_rows]
     labelled = images.labels >= 0
+    if refit and not labelled.any():
+        raise ValueError("a refit needs labelled probe images; this run's probe has no labels")
     means = feats.mean(0)
     rng = np.random.default_rng(seed)
-    base = _Baseline(images, pred0, presence, labelled, means, layer, mode)
+    base = _Baseline(images, pred0, presence, labelled, means, layer, mode, refit)
     rows = [
         _flag_row(f, model, bank, phrases, text, base, out, rng) | {"run_id": run_dir.name}
         for f in flags.itertuples()
@@ -123,6 +126,18 @@ class _Baseline:
     means: torch.Tensor
     layer: str
     mode: str
+    refit: bool
+
+    def predict(self, model: Any, suppression: Any, present: np.ndarray) -> np.ndarray:
+        """The labelled images' classes with ``suppression``: the model's own last layer, or with
+        ``refit`` a concept-balanced one (cross-fitted; ``present``: the concept over those images)."""
+        from textcam.intervene import crossfit_predictions, layer_features
+
+        logits, feats = layer_features(model.module, self.layer, self.images.x, suppression=suppression)
+        if not self.refit:
+            return logits.argmax(1).numpy()[self.labelled]
+        labels = self.images.labels[self.labelled]
+        return crossfit_predictions(feats.numpy()[self.labelled], labels, present, logits.shape[1])
 
 
 def _flag_row(
@@ -137,42 +152,54 @@ def _flag_row(
 ) -> dict[str, Any]:
     """One flag: its channels, the edited checkpoint, and the group accuracies before and after (beside
     as many random channels)."""
-    from textcam.intervene import concept_channels, group_accuracy, layer_features
+    from textcam.intervene import concept_channels, group_accuracy
     from textcam.models import save_edited_checkpoint
 
     cc = concept_channels(bank.directions, text, phrases, f.phrase)
     s = _suppression(base.layer, cc.channels, base.mode, base.means, note=f"{f.class_name}: {f.phrase}")
+    lab = base.labelled
+    present = base.presence[lab, list(phrases).index(f.phrase)]
+    head = _refit_head(model, base, s, present) if base.refit else None
     safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
+    safe += "-refit" if base.refit else ""
     row = {
         "class_name": f.class_name,
         "phrase": f.phrase,
         "mode": base.mode,
+        "refit": base.refit,
         "n_channels": len(cc.channels),
         "channels": list(cc.channels),
         "null_threshold": cc.threshold,
         "expected_by_chance": cc.expected_by_chance,
-        "n_images": int(base.labelled.sum()),
-        "checkpoint": str(save_edited_checkpoint(model, out / f"{safe}.safetensors", s)),
+        "n_images": int(lab.sum()),
+        "checkpoint": str(save_edited_checkpoint(model, out / f"{safe}.safetensors", s, head)),
     }
-    if not (base.labelled.any() and cc.channels):
+    if not (lab.any() and (cc.channels or base.refit)):
         return row
-    lab = base.labelled
-    groups = (base.images.labels[lab], base.presence[lab, list(phrases).index(f.phrase)], int(f.class_index))
-
-    def accuracy(suppression: Any) -> dict[str, float]:
-        logits, _ = layer_features(model.module, base.layer, base.images.x, suppression=suppression)
-        return group_accuracy(logits.argmax(1).numpy()[lab], *groups)
-
+    groups = (base.images.labels[lab], present, int(f.class_index))
     n_all, k = bank.directions.shape[0], len(cc.channels)
+
+    def random_channels() -> Any:
+        pick = tuple(int(c) for c in rng.choice(n_all, k, replace=False))
+        return _suppression(base.layer, pick, base.mode, base.means)
+
     random = [
-        accuracy(
-            _suppression(
-                base.layer, tuple(int(c) for c in rng.choice(n_all, k, replace=False)), base.mode, base.means
-            )
-        )
-        for _ in range(RANDOM_DRAWS)
+        group_accuracy(base.predict(model, random_channels(), present), *groups) for _ in range(RANDOM_DRAWS)
     ]
-    return row | _figures(group_accuracy(base.pred[lab], *groups), accuracy(s), random)
+    after = group_accuracy(base.predict(model, s, present), *groups)
+    return row | _figures(group_accuracy(base.pred[lab], *groups), after, random)
+
+
+def _refit_head(
+    model: Any, base: _Baseline, s: Any, present: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concept-balanced last layer on every labelled probe image, channels suppressed (it is saved)."""
+    from textcam.intervene import concept_balanced_head, layer_features
+
+    logits, feats = layer_features(model.module, base.layer, base.images.x, suppression=s)
+    labels = base.images.labels[base.labelled]
+    weight, bias = concept_balanced_head(feats.numpy()[base.labelled], labels, present, logits.shape[1])
+    return torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
 
 
 def _suppression(
@@ -202,7 +229,12 @@ def _figures(before: dict, after: dict, random: list[dict]) -> dict[str, float]:
 
 
 def intervene_run(
-    run_dir: str | Path, flag: str | None = None, *, mode: str = "mean", out_dir: str | Path | None = None
+    run_dir: str | Path,
+    flag: str | None = None,
+    *,
+    mode: str = "mean",
+    refit: bool = False,
+    out_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """:func:`intervene` on an audit run directory: its config, bank, probe set and flags."""
     from tasks.calibrate import probe_images
@@ -243,4 +275,6 @@ def intervene_run(
     if x.shape[0] != len(paths):
         raise ValueError(f"{len(paths) - x.shape[0]} probe images could no longer be read; re-run the audit")
     images = ProbeImages(x, labels[keep], np.arange(len(keep)))
-    return intervene(run_dir, model, bank, phrases, text, probe, images, flags, mode=mode, out_dir=out_dir)
+    return intervene(
+        run_dir, model, bank, phrases, text, probe, images, flags, mode=mode, refit=refit, out_dir=out_dir
+    )

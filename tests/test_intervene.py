@@ -11,11 +11,15 @@ from handnets import ConvGapLinear
 
 from textcam.intervene import (
     Suppression,
+    attach_head,
     channel_phrase_z,
+    concept_balanced_head,
     concept_channels,
+    crossfit_predictions,
     dfr_predictions,
     group_accuracy,
     layer_features,
+    logistic_head,
     probe_means,
     suppressed,
 )
@@ -93,6 +97,54 @@ def test_group_accuracy_and_dfr_by_hand() -> None:
     assert (dfr_predictions(feats, y, y, feats) == y).mean() > 0.95
     with pytest.raises(ValueError, match="two held-out images"):
         dfr_predictions(feats[:3], y[:3], np.array([0, 1, 2]), feats)
+
+
+def test_a_new_head_replaces_the_output_by_hand() -> None:
+    """pooled conv = (1, 5, 9) on an all-ones input; head rows pick channels 0 and 2, biases 0.5 and -1."""
+    from textcam.cams import build_cam
+
+    model, x = tiny(), torch.ones(1, 2, 2, 2)
+    weight, bias = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([0.5, -1.0])
+    with suppressed(model, Suppression("conv", (2,), "mean", (3.0,))):
+        attach_head(model, "conv", weight, bias)
+        assert model(x).tolist() == [[1.5, 2.0]]  # the head sees the suppressed channel: 3 - 1
+    assert model(x).tolist() == [[1.5, 8.0]]
+    # CAM reads the new head (the last linear layer), and a gradient CAM reaches the layer through it
+    # (Grad-CAM: the spatial mean of d logit / d A = W / (h·w) over a 2×2 map)
+    cam_w = build_cam("cam", model, "conv")(x, targets=[1]).weights
+    grad_w = build_cam("gradcam", model, "conv")(x, targets=[1]).weights
+    assert cam_w.flatten().tolist() == [0.0, 0.0, 1.0] and grad_w.flatten().tolist() == [0.0, 0.0, 0.25]
+
+
+def test_the_concept_balanced_head_learns_the_class_not_the_cue() -> None:
+    """Biased data: the cue (feature 1) is on 95% of class 1 and 5% of class 0; the class signal
+    (feature 0) is noisier. Unbalanced, the head calls everything with the cue class 1; balanced by
+    class × cue it calls class-1 images without the cue class 1."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = rng.integers(0, 2, n)
+    cue = np.where(y == 1, rng.random(n) < 0.95, rng.random(n) < 0.05)
+    feats = np.c_[y + 0.6 * rng.standard_normal(n), 3.0 * cue + 0.1 * rng.standard_normal(n)]
+    y_test = np.repeat([0, 1], 500)
+    cue_test = np.tile([True, False], 500)  # the cue independent of the class
+    test = np.c_[y_test + 0.6 * rng.standard_normal(1000), 3.0 * cue_test + 0.1 * rng.standard_normal(1000)]
+
+    def conflicting(weight: np.ndarray, bias: np.ndarray) -> float:
+        return group_accuracy((test @ weight.T + bias).argmax(1), y_test, cue_test, 1)["conflicting"]
+
+    plain = conflicting(*logistic_head(feats, y, np.ones(n), 2))
+    balanced = conflicting(*concept_balanced_head(feats, y, cue, 2))
+    assert plain < 0.3 and balanced > 0.7
+    # the balance is a reweighting: each of the 4 groups weighs n/4 in total
+    group = y * 2 + cue
+    by_hand = np.array([n / 4 / (group == g).sum() for g in group])
+    np.testing.assert_allclose(
+        concept_balanced_head(feats, y, cue, 2)[0], logistic_head(feats, y, by_hand, 2)[0]
+    )
+    pred = crossfit_predictions(feats, y, cue, 2)
+    assert pred.shape == (n,) and (pred == y).mean() > 0.75
+    with pytest.raises(ValueError, match=r"\[1\] have none"):
+        logistic_head(feats[y == 0], y[y == 0], np.ones(int((y == 0).sum())), 2)
 
 
 def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_cache, tmp_path: Path) -> None:

@@ -9,6 +9,11 @@ null of a phrase drawn at random from the vocabulary (which would select about `
 A :class:`Suppression` replaces those channels' activations, by zero or by their mean over the probe
 set, with a forward hook on the target layer; it travels in a checkpoint's config (``suppress``) so that
 :func:`textcam.models.load_model` rebuilds the edited model from the original weights.
+
+A concept can also be balanced out of the last layer: :func:`concept_balanced_head` refits it on the
+target layer's pooled features of labelled images, every group (class × concept present/absent, presence
+as CLIP sees it) weighing the same: Deep Feature Reweighting's group balance with the groups read off a
+flagged phrase instead of annotated. :func:`attach_head` puts such a head on a network.
 """
 
 from __future__ import annotations
@@ -150,6 +155,11 @@ def concept_channels(
     )
 
 
+def pooled(output: torch.Tensor) -> torch.Tensor:
+    """A layer's output averaged over space (B, C, h, w) or over tokens (B, N, C): (B, C)."""
+    return output.mean(dim=(2, 3)) if output.dim() == 4 else output.mean(dim=1)
+
+
 @torch.no_grad()
 def layer_features(
     module: nn.Module,
@@ -163,7 +173,7 @@ def layer_features(
     feats: list[torch.Tensor] = []
 
     def grab(_mod: nn.Module, _inp: object, output: torch.Tensor) -> None:
-        feats.append(output.float().mean(dim=(2, 3)) if output.dim() == 4 else output.float().mean(dim=1))
+        feats.append(pooled(output).float())
 
     logits = []
     # grab after the suppression's hook
@@ -217,17 +227,105 @@ def dfr_predictions(
 ) -> np.ndarray:
     """Deep Feature Reweighting (Kirichenko et al. 2023): a new last layer, logistic regression on the
     target layer's pooled features of a group-balanced held-out set (every group cut to the smallest)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     rng = np.random.default_rng(seed)
     groups = np.unique(train_groups)
     n = min(int((train_groups == g).sum()) for g in groups)
     if n < 2:
         raise ValueError("DFR needs at least two held-out images in every group")
     pick = np.concatenate([rng.choice(np.flatnonzero(train_groups == g), n, replace=False) for g in groups])
-    scaler = StandardScaler().fit(train_features[pick])
-    clf = LogisticRegression(C=1.0, max_iter=5000).fit(
-        scaler.transform(train_features[pick]), train_labels[pick]
+    n_classes = int(train_labels.max()) + 1
+    weight, bias = logistic_head(train_features[pick], train_labels[pick], np.ones(pick.size), n_classes)
+    return (test_features @ weight.T + bias).argmax(1)
+
+
+def logistic_head(
+    features: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray, n_classes: int, *, c: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weight (K, C) and bias (K,) of an L2 logistic regression on standardised features, the
+    standardisation folded in so that ``features @ weight.T + bias`` are the logits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    missing = sorted(set(range(n_classes)) - set(np.unique(labels).tolist()))
+    if missing:
+        raise ValueError(f"a new last layer needs labelled images of every class; {missing} have none")
+    scaler = StandardScaler().fit(features, sample_weight=sample_weight)
+    clf = LogisticRegression(C=c, max_iter=5000).fit(
+        scaler.transform(features), labels, sample_weight=sample_weight
     )
-    return clf.predict(scaler.transform(test_features))
+    coef, intercept = clf.coef_, clf.intercept_
+    if n_classes == 2:  # sklearn gives one logit for two classes: logits (0, z) decide the same way
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
+    weight = coef / scaler.scale_
+    return weight, intercept - weight @ scaler.mean_
+
+
+def concept_balanced_head(
+    features: np.ndarray, labels: np.ndarray, present: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`logistic_head` where every group (class × concept present/absent) weighs the same in
+    total: DFR's balance by reweighting instead of subsampling, since a biased set may hold a handful of
+    images in a group (why, measured: ``docs/decisions.md``, "Balance the last layer by the concept")."""
+    group = labels.astype(np.int64) * 2 + present.astype(np.int64)
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inverse]
+    return logistic_head(features, labels, weight * labels.size / weight.sum(), n_classes)
+
+
+def crossfit_predictions(
+    features: np.ndarray,
+    labels: np.ndarray,
+    present: np.ndarray,
+    n_classes: int,
+    *,
+    folds: int = 2,
+    seed: int = 0,
+) -> np.ndarray:
+    """Each image's class by a :func:`concept_balanced_head` fitted on the other folds (folds drawn
+    within each group), so that a refit is never scored on the images it was fitted on."""
+    rng = np.random.default_rng(seed)
+    group = labels.astype(np.int64) * 2 + present.astype(np.int64)
+    fold = np.empty(labels.size, dtype=np.int64)
+    for g in np.unique(group):
+        members = rng.permutation(np.flatnonzero(group == g))
+        fold[members] = np.arange(members.size) % folds
+    pred = np.empty(labels.size, dtype=np.int64)
+    for f in range(folds):
+        fit = fold != f
+        weight, bias = concept_balanced_head(features[fit], labels[fit], present[fit], n_classes)
+        pred[~fit] = (features[~fit] @ weight.T + bias).argmax(1)
+    return pred
+
+
+HEAD_MODULE = "textcam_head"
+
+
+def attach_head(module: nn.Module, layer: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """Make ``module``'s output a new linear layer on ``layer``'s pooled output. The head is registered
+    as the submodule ``textcam_head``, so a checkpoint holds its weights and CAM finds it as the last
+    linear layer; gradients flow through it to ``layer`` like through the original head."""
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    module.add_module(HEAD_MODULE, head)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_mod: nn.Module, _inp: object, output: torch.Tensor) -> None:
+        seen["pooled"] = pooled(output)
+
+    def replace(_mod: nn.Module, _inp: object, _output: torch.Tensor) -> torch.Tensor:
+        return head(seen.pop("pooled").to(head.weight.dtype))
+
+    target, grabbing = get_layer(module, layer), []
+
+    def grab_last(_mod: nn.Module, _inp: object) -> None:
+        # Re-registered at every forward so that it runs after every other hook on the layer: a CAM's
+        # gradient leaf or a suppression replaces the output the head must read.
+        while grabbing:
+            grabbing.pop().remove()
+        grabbing.append(target.register_forward_hook(grab))
+
+    module.register_forward_pre_hook(grab_last)
+    module.register_forward_hook(replace)
+    return head

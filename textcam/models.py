@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -445,14 +446,33 @@ def save_checkpoint(
     return path
 
 
-def save_edited_checkpoint(model: LoadedModel, path: str | Path, suppression: Any) -> Path:
-    """``model``'s weights with a :class:`textcam.intervene.Suppression` in the checkpoint's config:
-    :func:`load_model` opens it like any other and attaches the suppression."""
+#: The checkpoint-config key of a refitted last layer (:func:`save_edited_checkpoint`).
+HEAD_KEY = "refit_head"
+
+
+def save_edited_checkpoint(
+    model: LoadedModel,
+    path: str | Path,
+    suppression: Any,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Path:
+    """``model``'s weights with a :class:`textcam.intervene.Suppression` in the checkpoint's config, and
+    optionally a new last layer ``head`` = (weight (K, C), bias (K,)) on the suppressed layer's pooled
+    output (:func:`textcam.intervene.attach_head`): :func:`load_model` opens it like any other."""
     if model.config is None:
         raise ValueError("only models loaded through load_model can be saved as edited checkpoints")
+    if HEAD_KEY in model.metadata:
+        raise ValueError("the model already has a refitted head; edit the original checkpoint instead")
     meta = {k: v for k, v in model.metadata.items() if k != "suppress"}
+    module, extra = model.module, {}
+    if head is not None:
+        from textcam.intervene import attach_head
+
+        module = copy.deepcopy(model.module)  # the caller's model keeps its own output
+        attach_head(module, suppression.layer, *head)
+        extra[HEAD_KEY] = {"layer": suppression.layer, "in_features": int(head[0].shape[1])}
     return save_checkpoint(
-        model.module,
+        module,
         path,
         arch=model.config.name,
         class_names=model.class_names,
@@ -461,6 +481,7 @@ def save_edited_checkpoint(model: LoadedModel, path: str | Path, suppression: An
         output=model.output,  # type: ignore[arg-type]
         model_kwargs=meta.get("model_kwargs") or dict(model.config.model_kwargs) or None,
         suppress=suppression.to_config(),
+        **extra,
     )
 
 
@@ -632,11 +653,16 @@ def _build_module(
             "There is probably no network; use weights='none' for random weights or "
             "weights='path/to/checkpoint' for a local file."
         ) from exc
-    if checkpoint is not None:
-        _load_state(module, checkpoint)
-    module = module.to(device).eval()
     if "suppress" in meta_config:  # an edited model (textcam.intervene): the same weights, channels replaced
         from textcam.intervene import Suppression
 
         Suppression.from_config(meta_config["suppress"]).attach(module)
-    return module
+    if HEAD_KEY in meta_config:  # ... and a new last layer, whose weights the checkpoint holds
+        from textcam.intervene import attach_head
+
+        head = meta_config[HEAD_KEY]
+        shape = (n_classes, int(head["in_features"]))
+        attach_head(module, str(head["layer"]), torch.zeros(shape), torch.zeros(n_classes))
+    if checkpoint is not None:
+        _load_state(module, checkpoint)
+    return module.to(device).eval()

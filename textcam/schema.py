@@ -254,6 +254,8 @@ INTERVENTIONS = pa.schema(
         pa.field("class_name", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
         pa.field("mode", pa.string(), nullable=False),  # "mean" | "zero"
+        # a new last layer balanced by the concept (figures cross-fitted on the probe images)
+        pa.field("refit", pa.bool_(), nullable=False),
         pa.field("n_channels", pa.int32(), nullable=False),
         pa.field("channels", pa.list_(pa.int32()), nullable=False),
         pa.field("null_threshold", pa.float64(), nullable=False),
@@ -272,7 +274,7 @@ INTERVENTIONS = pa.schema(
         pa.field("random_reliance_after", pa.float64(), nullable=True),
         pa.field("checkpoint", pa.string(), nullable=False),
     ],
-    metadata={"table": "interventions", "version": "1"},
+    metadata={"table": "interventions", "version": "2"},
 )
 
 
