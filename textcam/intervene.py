@@ -248,7 +248,10 @@ def logistic_head(
 
     missing = sorted(set(range(n_classes)) - set(np.unique(labels).tolist()))
     if missing:
-        raise ValueError(f"a new last layer needs labelled images of every class; {missing} have none")
+        shown = ", ".join(str(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"a new last layer needs labelled images of every class; {len(missing)} have none ({shown})"
+        )
     scaler = StandardScaler().fit(features, sample_weight=sample_weight)
     clf = LogisticRegression(C=c, max_iter=5000).fit(
         scaler.transform(features), labels, sample_weight=sample_weight
