@@ -49,11 +49,13 @@ from textcam.bank import ChannelBank  # noqa: E402
 from textcam.clip import load_clip  # noqa: E402
 from textcam.intervene import (  # noqa: E402
     Suppression,
+    class_concept_groups,
     concept_balanced_head,
     concept_channels,
     dfr_predictions,
     group_accuracy,
     layer_features,
+    logistic_head,
     probe_means,
 )
 from textcam.models import load_model  # noqa: E402
@@ -113,13 +115,10 @@ def refit_figures(
     def head(channels_: tuple[int, ...], groups: np.ndarray | None) -> dict[str, Any]:
         f, ft = held["features"].copy(), feats_test.copy()
         f[:, list(channels_)], ft[:, list(channels_)] = 0.0, 0.0
-        present = groups if groups is not None else np.zeros(len(f), dtype=bool)
         if groups is None:  # no balancing: one group per class, every image the same weight
-            from textcam.intervene import logistic_head
-
             weight, bias = logistic_head(f, held["labels"], np.ones(len(f)), n_classes)
         else:
-            weight, bias = concept_balanced_head(f, held["labels"], present, n_classes)
+            weight, bias = concept_balanced_head(f, held["labels"], groups, n_classes)
         return group_accuracy((ft @ weight.T + bias).argmax(1), labels_test, present_test, cls)
 
     clip_groups = held["presence"][:, phrase_index]
@@ -241,7 +240,7 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
             for k in SIZES
             if k <= n_channels
         }
-        groups = probe_labels * 2 + (probe.records[spec.attribute] == spec.value).to_numpy()
+        groups = class_concept_groups(probe_labels, (probe.records[spec.attribute] == spec.value).to_numpy())
         dfr = dfr_predictions(feats_probe.numpy(), probe_labels, groups, feats_test.numpy())
         row["dfr"] = group_accuracy(dfr, labels, present, cls)
         sim = (img @ unit_text[phrases.index(phrase)]).numpy()

@@ -128,16 +128,22 @@ class _Baseline:
     mode: str
     refit: bool
 
-    def predict(self, model: Any, suppression: Any, present: np.ndarray) -> np.ndarray:
-        """The labelled images' classes with ``suppression``: the model's own last layer, or with
-        ``refit`` a concept-balanced one (cross-fitted; ``present``: the concept over those images)."""
-        from textcam.intervene import crossfit_predictions, layer_features
+    def labelled_outputs(self, model: Any, suppression: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled target-layer features of the labelled images with ``suppression``."""
+        from textcam.intervene import layer_features
 
         logits, feats = layer_features(model.module, self.layer, self.images.x, suppression=suppression)
+        return logits.numpy()[self.labelled], feats.numpy()[self.labelled]
+
+    def predict(self, outputs: tuple[np.ndarray, np.ndarray], present: np.ndarray) -> np.ndarray:
+        """The labelled images' classes: the model's own last layer, or with ``refit`` a concept-balanced
+        one (cross-fitted; ``present``: the concept over those images)."""
+        from textcam.intervene import crossfit_predictions
+
+        logits, feats = outputs
         if not self.refit:
-            return logits.argmax(1).numpy()[self.labelled]
-        labels = self.images.labels[self.labelled]
-        return crossfit_predictions(feats.numpy()[self.labelled], labels, present, logits.shape[1])
+            return logits.argmax(1)
+        return crossfit_predictions(feats, self.images.labels[self.labelled], present, logits.shape[1])
 
 
 def _flag_row(
@@ -159,7 +165,8 @@ def _flag_row(
     s = _suppression(base.layer, cc.channels, base.mode, base.means, note=f"{f.class_name}: {f.phrase}")
     lab = base.labelled
     present = base.presence[lab, list(phrases).index(f.phrase)]
-    head = _refit_head(model, base, s, present) if base.refit else None
+    outputs = base.labelled_outputs(model, s)
+    head = _refit_head(base, outputs, present) if base.refit else None
     safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
     safe += "-refit" if base.refit else ""
     row = {
@@ -184,21 +191,22 @@ def _flag_row(
         return _suppression(base.layer, pick, base.mode, base.means)
 
     random = [
-        group_accuracy(base.predict(model, random_channels(), present), *groups) for _ in range(RANDOM_DRAWS)
+        group_accuracy(base.predict(base.labelled_outputs(model, random_channels()), present), *groups)
+        for _ in range(RANDOM_DRAWS)
     ]
-    after = group_accuracy(base.predict(model, s, present), *groups)
+    after = group_accuracy(base.predict(outputs, present), *groups)
     return row | _figures(group_accuracy(base.pred[lab], *groups), after, random)
 
 
 def _refit_head(
-    model: Any, base: _Baseline, s: Any, present: np.ndarray
+    base: _Baseline, outputs: tuple[np.ndarray, np.ndarray], present: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The concept-balanced last layer on every labelled probe image, channels suppressed (it is saved)."""
-    from textcam.intervene import concept_balanced_head, layer_features
+    from textcam.intervene import concept_balanced_head
 
-    logits, feats = layer_features(model.module, base.layer, base.images.x, suppression=s)
+    logits, feats = outputs
     labels = base.images.labels[base.labelled]
-    weight, bias = concept_balanced_head(feats.numpy()[base.labelled], labels, present, logits.shape[1])
+    weight, bias = concept_balanced_head(feats, labels, present, logits.shape[1])
     return torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
 
 

@@ -263,14 +263,20 @@ def logistic_head(
     return weight, intercept - weight @ scaler.mean_
 
 
+def class_concept_groups(labels: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """One group id per image: its class × whether the concept is present (``2 * class + present``)."""
+    return labels.astype(np.int64) * 2 + present.astype(np.int64)
+
+
 def concept_balanced_head(
     features: np.ndarray, labels: np.ndarray, present: np.ndarray, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`logistic_head` where every group (class × concept present/absent) weighs the same in
     total: DFR's balance by reweighting instead of subsampling, since a biased set may hold a handful of
     images in a group (why, measured: ``docs/decisions.md``, "Balance the last layer by the concept")."""
-    group = labels.astype(np.int64) * 2 + present.astype(np.int64)
-    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(
+        class_concept_groups(labels, present), return_inverse=True, return_counts=True
+    )
     weight = 1.0 / counts[inverse]
     return logistic_head(features, labels, weight * labels.size / weight.sum(), n_classes)
 
@@ -287,7 +293,7 @@ def crossfit_predictions(
     """Each image's class by a :func:`concept_balanced_head` fitted on the other folds (folds drawn
     within each group), so that a refit is never scored on the images it was fitted on."""
     rng = np.random.default_rng(seed)
-    group = labels.astype(np.int64) * 2 + present.astype(np.int64)
+    group = class_concept_groups(labels, present)
     fold = np.empty(labels.size, dtype=np.int64)
     for g in np.unique(group):
         members = rng.permutation(np.flatnonzero(group == g))
