@@ -20,7 +20,10 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
 * stepwise: the phrase with the largest |z| among the pairs that pass (|z| over the threshold and
   |effect| ≥ ``min_effect``) is accepted with every class it passes for, then becomes a stratum, and the
   test runs again. A phrase that only rides on an accepted one (every image left for the other classes
-  shows "sand background" once the water images go to circle) has no effect within its strata.
+  shows "sand background" once the water images go to circle) has no effect within its strata. Where the
+  run's explanations name some of the passing pairs (``support``), the largest |z| is taken among those:
+  a word whose presence call happens to follow the cue more closely than the cue's own phrase would
+  otherwise be accepted first and explain the cue away.
 
 ``min_effect`` (0.2) sits between the truth sweep's definitions of an unused cue (accuracy gap < 0.1)
 and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a world.
@@ -29,7 +32,7 @@ and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a w
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +295,24 @@ def _permuted_max(
     return out
 
 
+#: which of the asked (K, P, 2) class × phrase × direction pairs the explanations name (same shape, bool)
+Support = Callable[[np.ndarray], np.ndarray]
+
+
+def _step(
+    behaviour: ProbeBehaviour, n_classes: int, given: list[int]
+) -> tuple[np.ndarray, _Tables, np.ndarray, np.ndarray]:
+    """One step's strata, tables, (K, P, 2) z and effect in each direction, given the accepted phrases."""
+    stratum, stratum_label = _strata(behaviour.labels, behaviour.presence, given)
+    tables = _tables(stratum, stratum_label, behaviour.predictions, n_classes, behaviour.presence)
+    z = _cmh_z(tables)
+    own, other = _effects(tables, n_classes)
+    with warnings.catch_warnings():  # a pair with neither effect defined stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ed = np.stack([np.fmax(own, other), -np.fmin(own, other)], -1)
+    return stratum, tables, np.stack([z, -z], -1), ed  # z large when the direction holds
+
+
 @dataclass(frozen=True)
 class Evidence:
     """The stepwise test's figures for every class × phrase × direction, as (K, P, 2) arrays."""
@@ -359,8 +380,13 @@ def evidence_grid(
     n_permutations: int = 200,
     max_steps: int = 8,
     seed: int = 0,
+    support: Support | None = None,
 ) -> Evidence:
-    """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows."""
+    """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
+
+    ``support``: which pairs the explanations name (:data:`Support`); with it, each step accepts the
+    phrase with the largest z among the passing pairs they name, and among all passing pairs only where
+    they name none."""
     if not 0.0 < alpha < 1.0:
         raise ValueError("alpha must lie in (0, 1)")
     if n_permutations < 1:
@@ -378,14 +404,7 @@ def evidence_grid(
     }
     accepted = np.zeros((k, p, 2), dtype=bool)
     for step in range(1, max_steps + 1):
-        stratum, stratum_label = _strata(behaviour.labels, x, given)
-        tables = _tables(stratum, stratum_label, pred, k, x)
-        z = _cmh_z(tables)
-        own, other = _effects(tables, k)
-        zd = np.stack([z, -z], -1)  # (K, P, 2): large when the direction holds
-        with warnings.catch_warnings():  # a pair with neither effect defined stays NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ed = np.stack([np.fmax(own, other), -np.fmin(own, other)], -1)
+        stratum, tables, zd, ed = _step(behaviour, k, given)
         open_ = eligible & ~decided
         open_[:, given, :] = False
         any_open = open_.any(axis=2)
@@ -401,9 +420,13 @@ def evidence_grid(
         # The phrase with the largest z, evidence *for* a class first: a cue and its complement ("large"
         # for circle, "small" against it) have the same |z|, and the finding is the cue.
         side = 0 if passing[..., 0].any() else 1
+        # What the explanations name goes first: the model test alone can prefer a word whose presence
+        # call follows the cue more closely than the cue's own (docs/decisions.md, "Named first").
+        named = passing & support(passing) if support is not None else passing
+        pool = named if named[..., side].any() else passing
         # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
-        best = np.round(np.where(passing[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax()
+        best = int(np.round(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax())
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
-        given.append(int(best))
+        given.append(best)
     return Evidence(list(behaviour.phrases), eligible, accepted, record, given)

@@ -51,7 +51,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from tasks.behaviour import Evidence, ProbeBehaviour, evidence_grid
+from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, evidence_grid
 from tasks.config import FlagRule
 from tasks.store import open_writable, store_table
 from textcam.schema import FLAG_CANDIDATES, FLAGS
@@ -417,7 +417,7 @@ def _compute_flags(
         behaviour,
         rule.min_class_agreement,
     )
-    evidence = None if behaviour is None else _evidence(classes, text, behaviour, rule)
+    evidence = None if behaviour is None else _evidence(con, classes, text, behaviour, rule)
     stats = _rows(con, rule, threshold_of, evidence)
     stats["threshold"] = stats["class_name"].map(threshold_of)
     stats["p_value"] = null.p_values(stats["class_name"], stats["z_lift"].to_numpy(np.float64))
@@ -476,7 +476,11 @@ def _ranked_flags(
 
 
 def _evidence(
-    classes: pd.DataFrame, text: pd.DataFrame, behaviour: ProbeBehaviour, rule: FlagRule
+    con: duckdb.DuckDBPyConnection,
+    classes: pd.DataFrame,
+    text: pd.DataFrame,
+    behaviour: ProbeBehaviour,
+    rule: FlagRule,
 ) -> Evidence:
     """The stepwise model test over every class of the run × phrase of the probe's vocabulary that does
     not name a class of the task × direction.
@@ -499,7 +503,41 @@ def _evidence(
     eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
     eligible[classes["class_index"].to_numpy(np.int64)] = ~describes[:, None]
     test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed"})
-    return evidence_grid(behaviour, n_classes, eligible, **test)
+    support = _explanation_support(con, behaviour.phrases, rule.min_relative_score)
+    return evidence_grid(behaviour, n_classes, eligible, support=support, **test)
+
+
+def _explanation_support(
+    con: duckdb.DuckDBPyConnection, phrases: list[str], min_relative_score: float
+) -> Support:
+    """Which asked class × phrase × direction pairs the run's explanations name: lifted (``lift`` > 0) and
+    at least ``min_relative_score`` of the class's main phrase in that direction (the explanation rule's
+    "main evidence"). Read from ``concept_stats`` for the asked pairs only."""
+
+    def support(asked: np.ndarray) -> np.ndarray:
+        ci, pi, di = np.nonzero(asked)
+        out = np.zeros_like(asked, dtype=bool)
+        pairs = pd.DataFrame(
+            {
+                "class_index": ci.astype(np.int32),
+                "phrase": np.asarray(phrases, dtype=object)[pi],
+                "direction": np.asarray(DIRECTIONS, dtype=object)[di],
+                "_row": np.arange(ci.shape[0]),
+            }
+        )
+        con.register("_asked", pairs)
+        try:
+            rows = con.sql(
+                "SELECT _row FROM _asked JOIN concept_stats USING (class_index, phrase, direction) "
+                "WHERE lift > 0 AND relative_score >= ?",
+                params=[float(min_relative_score)],
+            ).fetchnumpy()["_row"]
+        finally:
+            con.unregister("_asked")
+        out[ci[rows], pi[rows], di[rows]] = True
+        return out
+
+    return support
 
 
 # Wanted pairs whose phrase no explanation of the run selected (in that direction) have no concept_stats

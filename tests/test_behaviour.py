@@ -14,6 +14,7 @@ from tasks.behaviour import (
     _effects,
     _strata,
     _tables,
+    evidence_grid,
     model_evidence,
     probe_behaviour,
 )
@@ -131,6 +132,34 @@ def test_a_used_cue_is_accepted_a_filler_and_a_rider_are_not() -> None:
     filler = ev[ev["phrase"] == "filler"]
     assert not filler["accepted"].any()
     assert (filler["z_first"].abs() < 4).all()
+
+
+def test_the_phrase_the_explanations_name_goes_first() -> None:
+    """ "proxy" is present exactly where the cue is, "cue" on 70 % of those images: by z the proxy wins
+    and explains the cue away; when the explanations name "cue" (and only then), it is accepted first."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    labels = rng.integers(0, 2, n)
+    truth = rng.random(n) < 0.5
+    pred = np.where(truth, 1, labels)
+    x = np.stack([truth & (rng.random(n) < 0.7), truth, rng.random(n) < 0.5], 1)
+    behaviour = ProbeBehaviour(x, ["cue", "proxy", "filler"], pred, labels, np.zeros(3))
+    eligible = np.ones((2, 3, 2), dtype=bool)
+    asked: list[np.ndarray] = []
+
+    def names_cue(pairs: np.ndarray) -> np.ndarray:
+        asked.append(pairs.copy())
+        named = np.zeros_like(pairs)
+        named[:, 0, :] = True
+        return named
+
+    plain = evidence_grid(behaviour, 2, eligible, n_permutations=30)
+    named = evidence_grid(behaviour, 2, eligible, n_permutations=30, support=names_cue)
+    nobody = evidence_grid(behaviour, 2, eligible, n_permutations=30, support=np.zeros_like)
+    assert plain.given[0] == 1 and not plain.accepted[:, 0, :].any()
+    assert named.given[:2] == [0, 1] and named.accepted[1, 0, 0] and named.accepted[1, 1, 0]
+    assert nobody.given == plain.given
+    assert all(a.shape == (2, 3, 2) for a in asked) and asked[0][1, 0, 0]  # asked about passing pairs
 
 
 def test_an_unused_cue_and_ineligible_pairs_are_not_accepted() -> None:

@@ -332,6 +332,37 @@ def test_a_cue_no_explanation_selected_is_tested_and_flagged(
     assert Path(render_report(run_dir)).read_text().count("lava") >= 1
 
 
+def test_what_the_explanations_name_is_accepted_before_a_closer_proxy(
+    planted: Path, class_text: ClassText, tmp_path: Path
+) -> None:
+    """The model predicts dog wherever a cue is; CLIP calls "snow" (which the dog explanations name) on
+    70 % of those images and "lava" (which no explanation selected) on all of them. The model test alone
+    prefers lava; the flag names snow first and still reports lava, at a later step."""
+    import shutil
+
+    from tasks.behaviour import ProbeBehaviour
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(planted, run_dir)
+    phrases = [*query(run_dir, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"], "lava"]
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 900)
+    presence = rng.random((900, len(phrases))) < 0.5
+    cue = presence[:, -1]  # lava: exactly where the cue is
+    presence[:, phrases.index("snow")] = cue & (rng.random(900) < 0.7)
+    pred = np.where(rng.random(900) < 0.9, labels, rng.integers(0, 3, 900))
+    pred[cue] = 2
+    got = flag_spurious(
+        run_dir, class_text, behaviour=ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    )
+    dog = got[(got["class_name"] == "dog") & (got["direction"] == "for")].set_index("phrase")
+    assert dog.index[0] == "snow" and dog.loc["snow", "rank"] == 1 and dog.loc["snow", "step"] == 1
+    assert dog.loc["lava", "step"] > 1  # the misses of CLIP's "snow" call are still the model's cue
+    why = pq.read_table(run_dir / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    first = why[why["direction"] == "for"]["z_first"]
+    assert first[("dog", "lava")] > first[("dog", "snow")]  # by z alone, lava would have gone first
+
+
 def test_text_closeness_to_a_class_needs_the_images_to_agree(planted: Path) -> None:
     """A weak text encoder puts "snow" as close to "dog" as a class name: excluded by text alone, but not
     when the probe shows CLIP sees snow independently of where it sees a dog; excluded again when the
