@@ -11,11 +11,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing dependencies (first run takes a few minutes)"
-  .venv/bin/pip install -q --upgrade pip
+  echo "[setup] installing dependencies (first run takes a few minutes; pip's output: .venv/setup.log)"
+  # pip's warnings about the machine's package indexes go to the log; on failure its end is shown.
+  install() { .venv/bin/pip install -q "$@" >>.venv/setup.log 2>&1 || { tail -n 30 .venv/setup.log >&2; exit 1; }; }
+  install --upgrade pip
   # torch first and pinned: a bare 'torch' requirement would otherwise pick a newer CUDA build.
-  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -q -e '.[audit,test]'
+  install torch==2.14.1 torchvision==0.29.1
+  install -e '.[audit,test]'
   echo "$want" > "$stamp"
 fi
 # Headless Chromium for the report's browser test (Debian package; needs root or sudo).
