@@ -512,7 +512,8 @@ def _explanation_support(
 ) -> Support:
     """Which asked class × phrase × direction pairs the run's explanations name: lifted (``lift`` > 0) and
     at least ``min_relative_score`` of the class's main phrase in that direction (the explanation rule's
-    "main evidence"). Read from ``concept_stats`` for the asked pairs only."""
+    relative-score test, without its ``min_images``). Read from ``concept_stats`` for the asked pairs
+    only."""
 
     def support(asked: np.ndarray) -> np.ndarray:
         ci, pi, di = np.nonzero(asked)
