@@ -23,7 +23,11 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   shows "sand background" once the water images go to circle) has no effect within its strata. Where the
   run's explanations name some of the passing pairs (``support``), the largest |z| is taken among those:
   a word whose presence call happens to follow the cue more closely than the cue's own phrase would
-  otherwise be accepted first and explain the cue away.
+  otherwise be accepted first and explain the cue away;
+* an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
+  (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
+  of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
+  of its images, a word that follows the concept on those images would pass on exactly them.
 
 ``min_effect`` (0.2) sits between the truth sweep's definitions of an unused cue (accuracy gap < 0.1)
 and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a world.
@@ -152,10 +156,10 @@ def _strata(
     """Stratum code per image and the true label of each stratum (-1: unknown / no labels)."""
     n = presence.shape[0]
     lab = np.full(n, -1, dtype=np.int64) if labels is None else labels
-    key = lab + 1
-    for p in given:
-        key = key * 2 + presence[:, p]
-    codes, inverse = np.unique(key, return_inverse=True)
+    # Rows, not an integer code: a code of label and presence bits overflows past about 50 phrases.
+    key = np.column_stack([lab, presence[:, given].astype(np.int64)])
+    codes, inverse = np.unique(key, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
     stratum_label = np.full(codes.shape[0], -1, dtype=np.int64)
     stratum_label[inverse] = lab
     return inverse, stratum_label
@@ -320,7 +324,8 @@ class Evidence:
     phrases: list[str]
     eligible: np.ndarray  # (K, P, 2) bool
     accepted: np.ndarray  # (K, P, 2) bool
-    figures: dict[str, np.ndarray]  # z_first, effect_first, z_model, effect, threshold, step: (K, P, 2)
+    # z_first, effect_first, z_model, effect, threshold, step, proxy_of (NaN: none): (K, P, 2)
+    figures: dict[str, np.ndarray]
     given: list[int]  # accepted phrases, in order
 
     def top(self, n: int) -> np.ndarray:
@@ -381,12 +386,19 @@ def evidence_grid(
     max_steps: int = 8,
     seed: int = 0,
     support: Support | None = None,
+    proxy_agreement: float = 0.5,
 ) -> Evidence:
     """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
 
     ``support``: which pairs the explanations name (:data:`Support`); with it, each step accepts the
     phrase with the largest z among the passing pairs they name, and among all passing pairs only where
-    they name none."""
+    they name none.
+
+    ``proxy_agreement``: a phrase whose presence agrees with an accepted phrase's (|phi| within true
+    labels at least this) is its *proxy*: it is not tested again, and the later steps are conditioned on
+    it too (figure ``proxy_of``: the accepted phrase's index). The concept, as CLIP sees it through every
+    phrase that follows it, explains what it explains: a word that tracks the images on which CLIP's call
+    of the accepted phrase fails would otherwise pass on exactly those (docs/decisions.md, "Proxies")."""
     if not 0.0 < alpha < 1.0:
         raise ValueError("alpha must lie in (0, 1)")
     if n_permutations < 1:
@@ -400,13 +412,13 @@ def evidence_grid(
     decided = np.zeros((k, p, 2), dtype=bool)
     record = {
         name: np.full((k, p, 2), np.nan)
-        for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step")
+        for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step", "proxy_of")
     }
     accepted = np.zeros((k, p, 2), dtype=bool)
+    conditioned: list[int] = []  # the accepted phrases and their proxies: the strata
     for step in range(1, max_steps + 1):
-        stratum, tables, zd, ed = _step(behaviour, k, given)
+        stratum, tables, zd, ed = _step(behaviour, k, conditioned)
         open_ = eligible & ~decided
-        open_[:, given, :] = False
         any_open = open_.any(axis=2)
         null = _permuted_max(stratum, tables, pred, x, any_open, n_permutations, rng)
         thr = float(np.quantile(null, 1.0 - alpha)) if np.isfinite(null).any() else np.inf
@@ -429,4 +441,11 @@ def evidence_grid(
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
         given.append(best)
+        agree = np.abs(phi(x[:, [best]], x, behaviour.labels))[0] >= proxy_agreement
+        agree[[*conditioned, best]] = False
+        proxies = np.flatnonzero(agree)
+        absorbed = eligible[:, proxies, :] & ~decided[:, proxies, :]
+        record["proxy_of"][:, proxies, :] = np.where(absorbed, best, np.nan)
+        decided[:, proxies, :] = True
+        conditioned += [best, *proxies.tolist()]
     return Evidence(list(behaviour.phrases), eligible, accepted, record, given)

@@ -103,6 +103,8 @@ class FlagRule(_Settings):
     min_effect: float = 0.2
     #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
+    #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)
+    proxy_agreement: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class AuditConfig(_Settings):

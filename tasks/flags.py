@@ -502,7 +502,7 @@ def _evidence(
     describes = text["describes"].reindex(behaviour.phrases).fillna(False).to_numpy(bool)
     eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
     eligible[classes["class_index"].to_numpy(np.int64)] = ~describes[:, None]
-    test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed"})
+    test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed", "proxy_agreement"})
     support = _explanation_support(con, behaviour.phrases, rule.min_relative_score)
     return evidence_grid(behaviour, n_classes, eligible, support=support, **test)
 
@@ -665,6 +665,7 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
             out["accepted"].to_numpy(),
             out["describes"].to_numpy(),
             ~out["phrase"].isin(index).to_numpy(),
+            out["proxy_of"].notna().to_numpy(),
             (passes_first & out["given"].fillna("").ne("")).to_numpy(),
             out["z_model"].isna().to_numpy(),
             ~(out["z_model"] > out["model_threshold"]).to_numpy(),
@@ -673,6 +674,8 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
             "flagged",
             "names a class of the task",
             "not in the probe's vocabulary",
+            "a proxy of an earlier flag: where CLIP sees it follows where it sees "
+            + out["proxy_of"].map(lambda i: evidence.phrases[int(i)] if pd.notna(i) else ""),
             "explained by an earlier flag (" + out["given"].fillna("") + ")",
             "no contrast in the probe (presence or predictions constant within labels)",
             "model evidence under the permutation null",

@@ -127,7 +127,7 @@ def test_a_used_cue_is_accepted_a_filler_and_a_rider_are_not() -> None:
     assert cue["step"] == 1
     rider = ev[(ev["class_index"] == 0) & (ev["phrase"] == "rider") & (ev["direction"] == "for")].iloc[0]
     assert rider["effect_first"] == pytest.approx(1.0)  # alone it looks like a cue...
-    assert rider["given"] == "cue"  # ...but it was tested again given the cue, and has no effect there
+    assert rider["proxy_of"] == 0  # ...but where it is seen is where the cue is not: the cue's proxy
     assert not rider["accepted"]
     filler = ev[ev["phrase"] == "filler"]
     assert not filler["accepted"].any()
@@ -136,7 +136,8 @@ def test_a_used_cue_is_accepted_a_filler_and_a_rider_are_not() -> None:
 
 def test_the_phrase_the_explanations_name_goes_first() -> None:
     """ "proxy" is present exactly where the cue is, "cue" on 70 % of those images: by z the proxy wins
-    and explains the cue away; when the explanations name "cue" (and only then), it is accepted first."""
+    and explains the cue away; when the explanations name "cue" (and only then), it is accepted first,
+    and "proxy", whose presence agrees with the cue's (phi 0.65), is its proxy and not flagged."""
     rng = np.random.default_rng(3)
     n = 2000
     labels = rng.integers(0, 2, n)
@@ -157,7 +158,8 @@ def test_the_phrase_the_explanations_name_goes_first() -> None:
     named = evidence_grid(behaviour, 2, eligible, n_permutations=30, support=names_cue)
     nobody = evidence_grid(behaviour, 2, eligible, n_permutations=30, support=np.zeros_like)
     assert plain.given[0] == 1 and not plain.accepted[:, 0, :].any()
-    assert named.given[:2] == [0, 1] and named.accepted[1, 0, 0] and named.accepted[1, 1, 0]
+    assert named.given == [0] and named.accepted[1, 0, 0] and not named.accepted[:, 1, :].any()
+    assert (named.figures["proxy_of"][:, 1, :] == 0).all()
     assert nobody.given == plain.given
     assert all(a.shape == (2, 3, 2) for a in asked) and asked[0][1, 0, 0]  # asked about passing pairs
 

@@ -337,7 +337,7 @@ def test_what_the_explanations_name_is_accepted_before_a_closer_proxy(
 ) -> None:
     """The model predicts dog wherever a cue is; CLIP calls "snow" (which the dog explanations name) on
     70 % of those images and "lava" (which no explanation selected) on all of them. The model test alone
-    prefers lava; the flag names snow first and still reports lava, at a later step."""
+    prefers lava; the flag names snow, and lava, seen where snow is, is its proxy."""
     import shutil
 
     from tasks.behaviour import ProbeBehaviour
@@ -357,10 +357,12 @@ def test_what_the_explanations_name_is_accepted_before_a_closer_proxy(
     )
     dog = got[(got["class_name"] == "dog") & (got["direction"] == "for")].set_index("phrase")
     assert dog.index[0] == "snow" and dog.loc["snow", "rank"] == 1 and dog.loc["snow", "step"] == 1
-    assert dog.loc["lava", "step"] > 1  # the misses of CLIP's "snow" call are still the model's cue
+    assert "lava" not in dog.index
     why = pq.read_table(run_dir / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
-    first = why[why["direction"] == "for"]["z_first"]
-    assert first[("dog", "lava")] > first[("dog", "snow")]  # by z alone, lava would have gone first
+    first = why[why["direction"] == "for"]
+    assert first.loc[("dog", "lava"), "z_first"] > first.loc[("dog", "snow"), "z_first"]  # by z, lava first
+    assert first.loc[("dog", "lava"), "reason"].startswith("a proxy of an earlier flag")
+    assert first.loc[("dog", "lava"), "reason"].endswith("snow")
 
 
 def test_text_closeness_to_a_class_needs_the_images_to_agree(planted: Path) -> None:
