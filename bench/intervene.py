@@ -34,10 +34,12 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +140,61 @@ def refit_figures(
     return out
 
 
-def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[str, Any]:
+def cue_refits(
+    held: dict[str, dict[str, Any]],
+    spec,
+    acted: dict[str, str | None],
+    vocabulary: tuple[ChannelBank, torch.Tensor, list[str]],
+    test_side: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    null_phrases: list[int],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The refit on each held-out split, acting on the flag of that split's audit (the biased training
+    split is what a self-audit's probe is); None where that audit flagged nothing for the class."""
+    bank, text, phrases = vocabulary
+    acts_on = {"train": acted["self"], "probe": acted["test"]}
+    out: dict[str, Any] = {}
+    for split, h in held.items():
+        phrase = acts_on[split]
+        if phrase is None:
+            out[split] = None
+            continue
+        q = phrases.index(phrase)
+        out[split] = refit_figures(
+            h,
+            (h["records"][spec.attribute] == spec.value).to_numpy(),
+            q,
+            concept_channels(bank.directions, text, phrases, phrase).channels,
+            test_side,
+            [i for i in null_phrases if i != q],
+            rng,
+        )
+    return out
+
+
+#: (audit, class name) → the phrase a user would act on: the class's first "for" flag (None: no flag)
+ActsOn = Callable[[str, str], "str | None"]
+
+
+def flags_reader(runs: Path, world_name: str) -> ActsOn:
+    """The first "for" flag of a class in the truth sweep's audit of this world (``runs`` is a sweep's
+    ``seed-S/runs`` folder; ``test``: the unbiased test split, ``self``: the training split on itself)."""
+
+    def acts_on(audit: str, class_name: str) -> str | None:
+        path = runs / f"{world_name}-{audit}" / "flags.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: run the truth sweep for this seed with --out first")
+        flags = pd.read_parquet(path, columns=["class_name", "phrase", "direction", "rank"])
+        mine = flags[(flags["class_name"] == class_name) & (flags["direction"] == "for")]
+        return str(mine.sort_values("rank")["phrase"].iloc[0]) if len(mine) else None
+
+    return acts_on
+
+
+def evaluate_world(
+    config, cache_dir: str | None, kind: str, name: str, acts_on: ActsOn | None = None
+) -> dict[str, Any]:
+    """``acts_on``: which phrase to act on per cue (the audits' flags); None: the planted cue's phrase."""
     t0 = time.perf_counter()
     world = build_world(config, cache_dir, progress=False)
     model = load_model(world.classifier_checkpoint)
@@ -198,16 +254,32 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
     for spec in config.biases:
         cls = names.index(spec.label)
         present = (test.records[spec.attribute] == spec.value).to_numpy()
-        phrase = world.phrases[spec.attribute][spec.value]
+        planted = world.phrases[spec.attribute][spec.value]
+        acted = {a: planted if acts_on is None else acts_on(a, spec.label) for a in ("test", "self")}
         before = group_accuracy(pred0, labels, present, cls)
         gap = before["groups"]["class_with"] - before["groups"]["class_without"]
         row: dict[str, Any] = {
             "spec": str(spec),
-            "phrase": phrase,
+            "phrase": planted,
+            "acted_on": acted,  # per audit: the phrase acted on (None: the class has no flag)
             "gap": gap,
             "used": gap >= USED,
             "before": before,
         }
+        groups = class_concept_groups(probe_labels, (probe.records[spec.attribute] == spec.value).to_numpy())
+        dfr = dfr_predictions(feats_probe.numpy(), probe_labels, groups, feats_test.numpy())
+        row["dfr"] = group_accuracy(dfr, labels, present, cls)
+        sim = (img @ unit_text[phrases.index(planted)]).numpy()
+        row["clip_presence_auc"] = auc(sim, present)
+        test_side = (feats_test.numpy().astype(np.float64), labels, present, cls)
+        row["refit"] = cue_refits(
+            held, spec, acted, (bank, text, phrases), test_side, null_phrases, refit_rng
+        )
+        phrase = acted["test"]
+        if phrase is None:  # nothing flagged: a user has nothing to suppress
+            row["channels"], row["sizes"] = [], {}
+            out["cues"].append(row)
+            continue
         cc = concept_channels(bank.directions, text, phrases, phrase)
         row["channels"] = list(cc.channels)
         row["null_threshold"], row["expected_by_chance"] = cc.threshold, cc.expected_by_chance
@@ -240,24 +312,6 @@ def evaluate_world(config, cache_dir: str | None, kind: str, name: str) -> dict[
             for k in SIZES
             if k <= n_channels
         }
-        groups = class_concept_groups(probe_labels, (probe.records[spec.attribute] == spec.value).to_numpy())
-        dfr = dfr_predictions(feats_probe.numpy(), probe_labels, groups, feats_test.numpy())
-        row["dfr"] = group_accuracy(dfr, labels, present, cls)
-        sim = (img @ unit_text[phrases.index(phrase)]).numpy()
-        row["clip_presence_auc"] = auc(sim, present)
-        test_side = (feats_test.numpy().astype(np.float64), labels, present, cls)
-        row["refit"] = {
-            split: refit_figures(
-                h,
-                (h["records"][spec.attribute] == spec.value).to_numpy(),
-                phrases.index(phrase),
-                cc.channels,
-                test_side,
-                [q for q in null_phrases if q != phrases.index(phrase)],
-                refit_rng,
-            )
-            for split, h in held.items()
-        }
         out["cues"].append(row)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -273,10 +327,16 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     best = [max(c["zero"]["conflicting"], c["mean"]["conflicting"]) for c in with_channels]
     gains = [b - c["before"]["conflicting"] for b, c in zip(best, with_channels, strict=True)]
+    acted = [c.get("acted_on", {}).get("test", c["phrase"]) for c in cues]
     out = {
         "worlds": len(results),
         "used_cues": len(cues),
         "used_cues_with_channels": len(with_channels),
+        # the phrase acted on is the planted cue's / the class has no flag (test audits' first flags)
+        "acted_on_cue_rate": round(np.mean([a == c["phrase"] for a, c in zip(acted, cues, strict=True)]), 4)
+        if cues
+        else None,
+        "acted_on_none_rate": round(np.mean([a is None for a in acted]), 4) if cues else None,
         "conflicting_acc_before": mean([c["before"]["conflicting"] for c in cues]),
         "conflicting_acc_after_zero": mean([c["zero"]["conflicting"] for c in with_channels]),
         "conflicting_acc_after_mean": mean([c["mean"]["conflicting"] for c in with_channels]),
@@ -342,8 +402,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 round(c.get("zero", c["before"])["worst_group"], 3),
             ],
             "dfr_conflicting": round(c["dfr"]["conflicting"], 3),
+            "acted_on": c.get("acted_on"),
             "refit_conflicting": {
-                k: round(v["refit"]["conflicting"], 3) for k, v in c.get("refit", {}).items()
+                k: None if v is None else round(v["refit"]["conflicting"], 3)
+                for k, v in c.get("refit", {}).items()
             },
         }
         for c in cues
@@ -354,7 +416,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def refit_summary(cues: list[dict[str, Any]], split: str, mean) -> dict[str, Any]:
     """The refit's figures on one held-out split (``train``: biased, ``probe``: unbiased), beside its
     controls; a win is +0.3 or more on bias-conflicting test images, as for suppression."""
-    cues = [c for c in cues if split in c.get("refit", {})]
+    asked = [c for c in cues if split in c.get("refit", {})]
+    cues = [c for c in asked if c["refit"][split] is not None]
     if not cues:
         return {}
     key = f"refit_{split}"
@@ -363,13 +426,14 @@ def refit_summary(cues: list[dict[str, Any]], split: str, mean) -> dict[str, Any
         v = c["refit"][split][variant]
         return float(np.mean([d["conflicting"] for d in v])) if isinstance(v, list) else v["conflicting"]
 
-    out: dict[str, Any] = {}
+    # A cue whose audit flagged nothing for its class is not refitted: it counts as no gain.
+    out: dict[str, Any] = {f"{key}_unflagged": len(asked) - len(cues)}
     for variant in ("refit", "truth", "erm", "random_phrase", "random_channels"):
         name = key if variant == "refit" else f"{key}_{variant}"
         values = [conflicting(c, variant) for c in cues]
         out[f"{name}_conflicting_acc"] = mean(values)
         wins = [v - c["before"]["conflicting"] >= 0.3 for v, c in zip(values, cues, strict=True)]
-        out[f"{name}_win_rate"] = round(sum(wins) / len(cues), 4)
+        out[f"{name}_win_rate"] = round(sum(wins) / len(asked), 4)
     out[f"{key}_worst_group"] = mean([c["refit"][split]["refit"]["worst_group"] for c in cues])
     out[f"{key}_clean_acc_drop"] = mean(
         [c["before"]["accuracy"] - c["refit"][split]["refit"]["accuracy"] for c in cues]
@@ -385,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="world cache (default: the sweep's)")
     ap.add_argument("--only", help="evaluate only these worlds (comma-separated names, e.g. demo,b00)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "intervene", help="per-world results")
+    ap.add_argument(
+        "--flags-from",
+        type=Path,
+        help="act on the flags of this truth sweep's audits (its --out folder), as a user would: each "
+        "cue's class's first 'for' flag (test audit; the self audit's for the refit on the train split). "
+        "Default: the planted cue's phrase",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
@@ -401,11 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind, config in draws:
         if kind == "biased" and name != "demo" and n_biased >= args.max_worlds:
             continue
-        cache = args.out / f"seed-{args.seed}-{name}-{config.world_key()}-{config.clip_key()}.json"
+        tag = "-flags" if args.flags_from else ""
+        cache = args.out / f"seed-{args.seed}-{name}-{config.world_key()}-{config.clip_key()}{tag}.json"
+        acts_on = None
+        if args.flags_from:  # the sweep names the demo world by its CLIP
+            runs = args.flags_from / f"seed-{args.seed}" / "runs"
+            acts_on = flags_reader(runs, "demo-clip0" if name == "demo" else name)
         if cache.is_file():
             r = json.loads(cache.read_text())
         else:
-            r = evaluate_world(config, args.cache_dir, kind, name)
+            r = evaluate_world(config, args.cache_dir, kind, name, acts_on)
             cache.write_text(json.dumps(r, default=float))
         if kind == "biased" and name != "demo":
             n_biased += any(c["used"] for c in r["cues"])
@@ -415,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c['spec']} gap {c['gap']:+.2f} ch {len(c['channels'])} conflicting "
                 f"{c['before']['conflicting']:.2f}->{c.get('zero', c['before'])['conflicting']:.2f}"
                 f"/{c.get('mean', c['before'])['conflicting']:.2f} (dfr {c['dfr']['conflicting']:.2f}; refit "
-                + "/".join(f"{v['refit']['conflicting']:.2f}" for v in c.get("refit", {}).values())
+                + "/".join(
+                    "-" if v is None else f"{v['refit']['conflicting']:.2f}"
+                    for v in c.get("refit", {}).values()
+                )
                 + ")"
                 for c in r["cues"]
             )

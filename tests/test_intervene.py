@@ -201,3 +201,48 @@ def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_ca
     assert before["reliance"] > 0.5  # the planted shortcut
     assert after["reliance"] < random_reliance - 0.3
     assert after["groups"]["others_with"] > max(r["groups"]["others_with"] for r in random) + 0.3
+
+
+def _intervene_bench():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("intervene_bench", root / "bench" / "intervene.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_acts_on_each_audits_first_flag_and_counts_an_unflagged_cue_as_no_gain(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+
+    bench = _intervene_bench()
+    runs = tmp_path / "runs"
+    for audit, rows in {
+        "test": [("circle", "night sky", "for", 2), ("circle", "water background", "for", 1)],
+        "self": [("circle", "water background", "against", 1), ("square", "blue", "for", 1)],
+    }.items():
+        (runs / f"b00-{audit}").mkdir(parents=True)
+        pd.DataFrame(rows, columns=["class_name", "phrase", "direction", "rank"]).to_parquet(
+            runs / f"b00-{audit}" / "flags.parquet"
+        )
+    acts_on = bench.flags_reader(runs, "b00")
+    assert acts_on("test", "circle") == "water background"  # rank 1 of the "for" flags
+    assert acts_on("self", "circle") is None  # only evidence against it: nothing to act on
+    with pytest.raises(FileNotFoundError, match="truth sweep"):
+        bench.flags_reader(runs, "b01")("test", "circle")
+
+    def cue(refit: float | None) -> dict:
+        before = {"conflicting": 0.1}
+        fit = None if refit is None else {"conflicting": refit, "worst_group": refit, "accuracy": 0.8}
+        variants = None if fit is None else {v: fit for v in ("refit", "truth", "erm")}
+        if variants is not None:
+            variants |= {"random_phrase": [fit], "random_channels": [fit], "clip_groups_agree": 1.0}
+        return {"before": {**before, "accuracy": 0.8}, "refit": {"train": variants}}
+
+    out = bench.refit_summary([cue(0.6), cue(None)], "train", lambda v: float(np.mean(v)))
+    assert out["refit_train_unflagged"] == 1
+    assert out["refit_train_win_rate"] == 0.5  # the unflagged cue is a miss, not left out
+    assert out["refit_train_conflicting_acc"] == pytest.approx(0.6)
