@@ -1,6 +1,6 @@
 """Debiasing by concept suppression (issue 13), measured against the ground truth and the DFR anchor.
 
-    .venv/bin/python bench/intervene.py [--seed 3] [--max-worlds 12] [--cache-dir DIR]
+    .venv/bin/python bench/intervene.py [--seed 3] [--max-worlds 12] [--cache-dir DIR] [--flags-from OUT]
 
 Worlds: the demo's biased world and control (CLIP seed 0), then the truth sweep's worlds of ``--seed``
 (``bench/sweep.py``'s generator; worlds not yet in the cache are built, so run the sweep first to share
@@ -22,6 +22,11 @@ unbiased test split), with the bank calibrated on the probe split:
   groups by a random non-class phrase (``random_phrase``, 5 draws) and as many random channels zeroed
   (``random_channels``, 5 draws);
 * ``clip_presence_agreement``: AUC of the tiny CLIP's image-phrase similarity for cue presence.
+
+With ``--flags-from`` (a truth sweep's ``--out`` folder for the same seed) each cue is acted on through its
+class's first "for" flag in the sweep's audits, as a user would: the test audit's for suppression and the
+probe-split refit, the self audit's for the refit on the training split. A cue whose audit flagged
+nothing for its class is not acted on and counts as no gain (``acted_on_*``, ``refit_*_unflagged``).
 
 Control worlds: suppressing the non-class phrase with the most channels; ``control_suppression_drop``
 is the test accuracy lost. Last line: one JSON object.
