@@ -375,6 +375,37 @@ def model_evidence(
     return evidence_grid(behaviour, n_classes, eligible, **options).frame()
 
 
+def _check_grid(alpha: float, n_permutations: int, eligible: np.ndarray, shape: tuple[int, int, int]) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must lie in (0, 1)")
+    if n_permutations < 1:
+        raise ValueError("n_permutations must be at least 1")
+    if eligible.shape != shape:
+        raise ValueError(f"eligible must be {shape}, got {eligible.shape}")
+
+
+def _proxies(behaviour: ProbeBehaviour, best: int, conditioned: list[int], agreement: float) -> np.ndarray:
+    """The phrases, not yet conditioned on, whose presence agrees with ``best``'s: |phi| within true
+    labels at least ``agreement``."""
+    x = behaviour.presence
+    agree = np.abs(phi(x[:, [best]], x, behaviour.labels))[0] >= agreement
+    agree[[*conditioned, best]] = False
+    return np.flatnonzero(agree)
+
+
+def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -> int:
+    """The phrase a step accepts among the (K, P, 2) ``passing`` pairs: the largest z, evidence *for* a
+    class first (a cue and its complement, "large" for circle and "small" against it, have the same |z|,
+    and the finding is the cue), among the pairs the explanations name where they name some (the model
+    test alone can prefer a word whose presence call follows the cue more closely than the cue's own:
+    docs/decisions.md, "Named first")."""
+    side = 0 if passing[..., 0].any() else 1
+    named = passing & support(passing) if support is not None else passing
+    pool = named if named[..., side].any() else passing
+    # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
+    return int(np.round(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax())
+
+
 def evidence_grid(
     behaviour: ProbeBehaviour,
     n_classes: int,
@@ -399,13 +430,8 @@ def evidence_grid(
     it too (figure ``proxy_of``: the accepted phrase's index). The concept, as CLIP sees it through every
     phrase that follows it, explains what it explains: a word that tracks the images on which CLIP's call
     of the accepted phrase fails would otherwise pass on exactly those (docs/decisions.md, "Proxies")."""
-    if not 0.0 < alpha < 1.0:
-        raise ValueError("alpha must lie in (0, 1)")
-    if n_permutations < 1:
-        raise ValueError("n_permutations must be at least 1")
     k, p = n_classes, len(behaviour.phrases)
-    if eligible.shape != (k, p, 2):
-        raise ValueError(f"eligible must be ({k}, {p}, 2), got {eligible.shape}")
+    _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions
     rng = np.random.default_rng(seed)
     given: list[int] = []
@@ -429,21 +455,11 @@ def evidence_grid(
         passing = open_ & (zd > thr) & (ed >= min_effect)
         if not passing.any():
             break
-        # The phrase with the largest z, evidence *for* a class first: a cue and its complement ("large"
-        # for circle, "small" against it) have the same |z|, and the finding is the cue.
-        side = 0 if passing[..., 0].any() else 1
-        # What the explanations name goes first: the model test alone can prefer a word whose presence
-        # call follows the cue more closely than the cue's own (docs/decisions.md, "Named first").
-        named = passing & support(passing) if support is not None else passing
-        pool = named if named[..., side].any() else passing
-        # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
-        best = int(np.round(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax())
+        best = _best_phrase(passing, zd, support)
         accepted[:, best, :] = passing[:, best, :]
         decided[:, best, :] = True
         given.append(best)
-        agree = np.abs(phi(x[:, [best]], x, behaviour.labels))[0] >= proxy_agreement
-        agree[[*conditioned, best]] = False
-        proxies = np.flatnonzero(agree)
+        proxies = _proxies(behaviour, best, conditioned, proxy_agreement)
         absorbed = eligible[:, proxies, :] & ~decided[:, proxies, :]
         record["proxy_of"][:, proxies, :] = np.where(absorbed, best, np.nan)
         decided[:, proxies, :] = True
