@@ -35,6 +35,7 @@ is the test accuracy lost. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -55,6 +56,7 @@ from flows.demo import demo_world  # noqa: E402
 from textcam.bank import ChannelBank  # noqa: E402
 from textcam.clip import load_clip  # noqa: E402
 from textcam.intervene import (  # noqa: E402
+    ConceptChannels,
     Suppression,
     class_concept_groups,
     concept_balanced_head,
@@ -149,14 +151,14 @@ def cue_refits(
     held: dict[str, dict[str, Any]],
     spec,
     acted: dict[str, str | None],
-    vocabulary: tuple[ChannelBank, torch.Tensor, list[str]],
+    phrases: list[str],
+    channels_of: Callable[[str], ConceptChannels],
     test_side: tuple[np.ndarray, np.ndarray, np.ndarray, int],
     null_phrases: list[int],
     rng: np.random.Generator,
 ) -> dict[str, Any]:
     """The refit on each held-out split, acting on the flag of that split's audit (the biased training
     split is what a self-audit's probe is); None where that audit flagged nothing for the class."""
-    bank, text, phrases = vocabulary
     acts_on = {"train": acted["self"], "probe": acted["test"]}
     out: dict[str, Any] = {}
     for split, h in held.items():
@@ -169,7 +171,7 @@ def cue_refits(
             h,
             (h["records"][spec.attribute] == spec.value).to_numpy(),
             q,
-            concept_channels(bank.directions, text, phrases, phrase).channels,
+            channels_of(phrase).channels,
             test_side,
             [i for i in null_phrases if i != q],
             rng,
@@ -229,6 +231,8 @@ def evaluate_world(
     splits = ("train", "probe") if kind != "control" else ()
     held = {s: held_out_set(model, clip, text, config, s) for s in splits}
     null_phrases = [i for i, p in enumerate(phrases) if p not in names]
+    # One channel search per phrase: suppression and the refits may act on the same one.
+    channels_of = functools.cache(lambda phrase: concept_channels(bank.directions, text, phrases, phrase))
     refit_rng = np.random.default_rng(1)  # its own draws: the suppression figures keep theirs
     out: dict[str, Any] = {
         "name": name,
@@ -277,15 +281,13 @@ def evaluate_world(
         sim = (img @ unit_text[phrases.index(planted)]).numpy()
         row["clip_presence_auc"] = auc(sim, present)
         test_side = (feats_test.numpy().astype(np.float64), labels, present, cls)
-        row["refit"] = cue_refits(
-            held, spec, acted, (bank, text, phrases), test_side, null_phrases, refit_rng
-        )
+        row["refit"] = cue_refits(held, spec, acted, phrases, channels_of, test_side, null_phrases, refit_rng)
         phrase = acted["test"]
         if phrase is None:  # nothing flagged: a user has nothing to suppress
             row["channels"], row["sizes"] = [], {}
             out["cues"].append(row)
             continue
-        cc = concept_channels(bank.directions, text, phrases, phrase)
+        cc = channels_of(phrase)
         row["channels"] = list(cc.channels)
         row["null_threshold"], row["expected_by_chance"] = cc.threshold, cc.expected_by_chance
         if cc.channels:
