@@ -39,7 +39,7 @@ from tasks.lifecycle import (
     write_summary,
 )
 from tasks.manifest import Manifest, read_manifest
-from tasks.quality import ValidationResult, prepare_validation, validate_shard
+from tasks.quality import ValidationResult, validate_shard
 from tasks.rundir import RunDir
 from tasks.shards import Shard, plan_shards
 
@@ -156,20 +156,9 @@ def validate_shard_task(result: ShardResult, shard: Shard, run: RunInfo) -> Shar
     return outcome
 
 
-@task(name="prepare-validation", cache_policy=NO_CACHE)
-def prepare_validation_task() -> None:
-    """Build the Great Expectations context and suite (~3 s, mostly the import) while the first
-    shard's model loads, instead of serially before the first shard's validation."""
-    _prepare_validation()
-
-
-# The two helpers below are module-level functions: pickled by reference for Dask, unlike a task's
-# own body (which would carry the lock by value).
-def _prepare_validation() -> None:
-    with _GX_LOCK:
-        prepare_validation("explanations")
-
-
+# A module-level function: pickled by reference for Dask, unlike a task's own body (which would carry
+# the lock by value). Great Expectations is imported at the first validation, not beside the first
+# shard: on a busy CPU that import stalls the model passes for more than it costs alone.
 def _validate(path: str) -> ValidationResult:
     with _GX_LOCK:
         return validate_shard(path)
@@ -197,7 +186,6 @@ def explain_shards(
     logger = get_run_logger()
     images = pq.read_table(RunDir(run.run_dir).images, columns=["image_id", "path", "label"])
     shards = plan_shards(images, shard_size, run_id=run.run_id)
-    warm_up = prepare_validation_task.submit()
     outcomes: list[ShardOutcome] = []
     pairs = []
     # Inline, the shards still to compute share one image loader (workers started once).
@@ -230,7 +218,6 @@ def explain_shards(
         progress.close()
         if feed is not None:
             feed.close()
-    warm_up.wait()
     return outcomes
 
 

@@ -1,7 +1,7 @@
 """The audit report: one self-contained HTML file per run (Jinja2, autoescaped, no network resources).
 
-Everything is embedded: thumbnails and saliency / group overlays as base64 data URIs, plots as base64 PNG
-(matplotlib Agg), CSS inline. A Content-Security-Policy meta tag forbids scripts and any non-``data:``
+Everything is embedded: thumbnails and saliency / group overlays as base64 data URIs, plots as base64 SVG
+(:mod:`reports.charts`), CSS inline. A Content-Security-Policy meta tag forbids scripts and any non-``data:``
 resource, so even a string that escaped escaping could not run. Images are read only from inside the
 dataset root: paths that resolve outside it (``..``, absolute paths elsewhere, symlinks pointing out) are
 not embedded, and the card says so.
@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from reports import charts
 from tasks.rundir import RunDir
 from tasks.store import build_duckdb, connect
 from textcam.io import write_text
@@ -258,74 +259,55 @@ def _evidence(row: pd.Series, phrase: str, root: Path | None) -> dict[str, Any]:
 # -- plots ------------------------------------------------------------------------------------------
 
 
-def _figure_uri(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _plots(
     tops: pd.DataFrame, heat: pd.DataFrame, flags: pd.DataFrame, classes: list[str]
 ) -> list[dict[str, str]]:
     """Concept frequency heatmap (classes × phrases, ``heat``) and per-class z_lift bars against the
     threshold (``tops``: each class's top phrases)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     plots: list[dict[str, str]] = []
     if tops.empty:
         return plots
-    # Labels are data: never let mathtext interpret "$...$" in a phrase or class name.
-    with matplotlib.rc_context({"text.parse_math": False, "font.size": 8}):
-        freq = heat.pivot_table(index="class_name", columns="phrase", values="frequency", fill_value=0.0)
-        if not freq.empty:
-            top = freq.var(axis=0).sort_values(ascending=False).index
-            freq = freq.loc[[c for c in classes if c in freq.index], top]
-            fig, ax = plt.subplots(figsize=(1.2 + 0.32 * len(top), 1.0 + 0.28 * len(freq)))
-            im = ax.imshow(freq.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(top)), [str(t) for t in top], rotation=60, ha="right")
-            ax.set_yticks(range(len(freq)), [str(c) for c in freq.index])
-            fig.colorbar(im, ax=ax, label="share of the class's images")
-            ax.set_title("Concept frequency per predicted class (evidence for)")
-            plots.append(
-                {
-                    "title": "Concept frequency per class",
-                    "uri": _figure_uri(fig),
-                    "alt": "heatmap of phrase frequency per class",
-                }
-            )
-        lift_classes = (flags["class_name"].drop_duplicates().tolist() if not flags.empty else classes)[:6]
-        if lift_classes:
-            fig, axes = plt.subplots(
-                1, len(lift_classes), figsize=(3.2 * len(lift_classes), 3.0), squeeze=False
-            )
-            for ax, cname in zip(axes[0], lift_classes, strict=True):
-                rows = tops[(tops["class_name"] == cname) & tops["z_lift"].notna()]
-                rows = rows.sort_values("z_lift", ascending=False).head(8)[::-1]
-                colors = ["#c0392b" if d == "against" else "#2e86c1" for d in rows["direction"]]
-                ax.barh(
-                    [f"{p} ({d})" for p, d in zip(rows["phrase"], rows["direction"], strict=True)],
-                    rows["z_lift"],
-                    color=colors,
+    freq = heat.pivot_table(index="class_name", columns="phrase", values="frequency", fill_value=0.0)
+    if not freq.empty:
+        top = freq.var(axis=0).sort_values(ascending=False).index
+        freq = freq.loc[[c for c in classes if c in freq.index], top]
+        uri = charts.heatmap(
+            freq.to_numpy(),
+            [str(c) for c in freq.index],
+            [str(t) for t in top],
+            title="Concept frequency per predicted class (evidence for)",
+            legend="share of the class's images",
+        )
+        plots.append(
+            {
+                "title": "Concept frequency per class",
+                "uri": uri,
+                "alt": "heatmap of phrase frequency per class",
+            }
+        )
+    lift_classes = (flags["class_name"].drop_duplicates().tolist() if not flags.empty else classes)[:6]
+    if lift_classes:
+        panels = []
+        for cname in lift_classes:
+            rows = tops[(tops["class_name"] == cname) & tops["z_lift"].notna()]
+            rows = rows.sort_values("z_lift", ascending=False).head(8)
+            thr = flags.loc[flags["class_name"] == cname, "threshold"]
+            panels.append(
+                charts.BarPanel(
+                    title=str(cname),
+                    labels=[f"{p} ({d})" for p, d in zip(rows["phrase"], rows["direction"], strict=True)],
+                    values=rows["z_lift"].astype(float).tolist(),
+                    against=(rows["direction"] == "against").tolist(),
+                    threshold=float(thr.iloc[0]) if len(thr) else None,
                 )
-                thr = flags.loc[flags["class_name"] == cname, "threshold"]
-                if len(thr):
-                    ax.axvline(float(thr.iloc[0]), color="black", linestyle="--", linewidth=1)
-                ax.set_title(str(cname))
-                ax.set_xlabel("z_lift (dashed: null 99th pct.)")
-            fig.tight_layout()
-            plots.append(
-                {
-                    "title": "Standardised lift of the top phrases",
-                    "uri": _figure_uri(fig),
-                    "alt": "bar charts of z_lift per class",
-                }
             )
+        plots.append(
+            {
+                "title": "Standardised lift of the top phrases",
+                "uri": charts.bars(panels, "z_lift (dashed: null 99th pct.)"),
+                "alt": "bar charts of z_lift per class",
+            }
+        )
     return plots
 
 

@@ -111,7 +111,10 @@ def test_report_is_self_contained(report: Path) -> None:
     html = report.read_text()
     tags = parse(html)
     srcs = [a["src"] for _, a in tags if "src" in a]
-    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in srcs)
+    assert srcs and all(
+        s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/svg+xml;base64,"))
+        for s in srcs
+    )
     hrefs = [a["href"] for t, a in tags if t == "a"]
     assert all(h.startswith("#") or ("://" not in h and not h.startswith("/")) for h in hrefs)
     assert "explanations/" in hrefs and "run.duckdb" in hrefs  # two shards: one line for the folder
