@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's code, not whichever one the environment installed
 SHARED = ROOT.parent / "shared"
 SAMPLES, TSV = SHARED / "imagenet-samples", SHARED / "imagenet-samples.tsv"
 
