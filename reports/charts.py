@@ -90,6 +90,7 @@ def bars(panels: Sequence[BarPanel], x_label: str) -> str:
     bar_h, plot_w = 14, 120
     label_w = CHAR_W * max((len(lab) for p in panels for lab in p.labels), default=1) + 8
     panel_w = label_w + plot_w + 24
+    title_chars = int(1.4 * plot_w / CHAR_W)  # centred over the bars, it stays clear of its neighbours
     n_bars = max((len(p.labels) for p in panels), default=1)
     top = 2.0 * FONT
     height = top + n_bars * (bar_h + 4) + 3 * FONT
@@ -100,7 +101,9 @@ def bars(panels: Sequence[BarPanel], x_label: str) -> str:
         limits = [0.0, *values.tolist(), *([panel.threshold] if panel.threshold is not None else [])]
         lo, hi = min(limits), max(limits)
         scale = plot_w / (hi - lo if hi > lo else 1.0)
-        parts.append(_text(x0 + plot_w / 2, FONT * 1.3, panel.title, anchor="middle", weight="bold"))
+        parts.append(
+            _text(x0 + plot_w / 2, FONT * 1.3, _fit(panel.title, title_chars), anchor="middle", weight="bold")
+        )
         for i, (label, value, against) in enumerate(zip(panel.labels, values, panel.against, strict=True)):
             y = top + i * (bar_h + 4)
             start, end = sorted((x0 + (0 - lo) * scale, x0 + (value - lo) * scale))
@@ -121,7 +124,7 @@ def bars(panels: Sequence[BarPanel], x_label: str) -> str:
                 f'<line x1="{x:.1f}" y1="{top - 2}" x2="{x:.1f}" y2="{axis_y}" stroke="black" '
                 'stroke-dasharray="4 3"/>'
             )
-    return _svg(panel_w * max(len(panels), 1), height, parts)
+    return _svg(panel_w * max(len(panels), 1) + 0.2 * plot_w, height, parts)
 
 
 def _colour_bar(x: float, top: float, height: float, legend: str) -> str:
@@ -150,6 +153,11 @@ def _text(
     turn = f' transform="rotate({rotate[0]} {rotate[1]:.1f} {rotate[2]:.1f})"' if rotate else ""
     bold = ' font-weight="bold"' if weight == "bold" else ""
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{bold}{turn}>{_esc(text)}</text>'
+
+
+def _fit(text: str, chars: int) -> str:
+    """``text`` cut to ``chars`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
 def _esc(text: str) -> str:

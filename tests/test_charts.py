@@ -56,3 +56,12 @@ def test_negative_values_extend_left_of_zero() -> None:
     a, b = (r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None)
     assert float(a.get("x")) + float(a.get("width")) == pytest.approx(float(b.get("x")), abs=0.2)
     assert float(b.get("width")) == pytest.approx(3 * float(a.get("width")), rel=1e-2)
+
+
+def test_long_panel_titles_are_cut_and_stay_inside_the_chart() -> None:
+    name = "Greater Swiss Mountain dog from a very long class list"
+    root = _parse(bars([BarPanel(name, ["a"], [1.0], [False])], "z"))
+    title = next(t for t in root.iter(f"{SVG}text") if t.get("font-weight") == "bold")
+    assert title.text.endswith("…") and name.startswith(title.text[:-1]) and len(title.text) < len(name)
+    half_width = 0.6 * 11 * len(title.text) / 2  # centred text at the layout's mean glyph width
+    assert float(title.get("x")) + half_width <= float(root.get("width"))
