@@ -65,7 +65,9 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], tit
     grid_w, grid_h = cell_w * len(columns), cell_h * len(rows)
     # labels slanted at 60 degrees: their vertical extent is sin(60°) of their length
     below = 10 + 0.87 * CHAR_W * max((len(c) for c in columns), default=1)
-    width, height = left + grid_w + 90, top + grid_h + below
+    # the legend runs down beside the colour bar, past it when the grid is shorter than the legend
+    legend_h = CHAR_W * len(legend) + 10
+    width, height = left + grid_w + 90, top + max(grid_h + below, legend_h)
     colours = viridis(np.asarray(matrix, dtype=np.float64).ravel())
     parts = [_text(left, FONT * 1.3, title, weight="bold")]
     for k, colour in enumerate(colours):
@@ -136,7 +138,7 @@ def _colour_bar(x: float, top: float, height: float, legend: str) -> str:
         for i, c in enumerate(colours)
     ]
     parts += [_text(x + 16, top + FONT * 0.8, "1"), _text(x + 16, top + height, "0")]
-    mid_x, mid_y = x + 34, top + height / 2
+    mid_x, mid_y = x + 34, top + max(height, CHAR_W * len(legend)) / 2
     parts.append(_text(mid_x, mid_y, legend, anchor="middle", rotate=(90, mid_x, mid_y)))
     return "".join(parts)
 

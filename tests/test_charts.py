@@ -65,3 +65,12 @@ def test_long_panel_titles_are_cut_and_stay_inside_the_chart() -> None:
     assert title.text.endswith("…") and name.startswith(title.text[:-1]) and len(title.text) < len(name)
     half_width = 0.6 * 11 * len(title.text) / 2  # centred text at the layout's mean glyph width
     assert float(title.get("x")) + half_width <= float(root.get("width"))
+
+
+def test_the_colour_legend_fits_a_heatmap_of_one_row() -> None:
+    legend = "share of the class's images"
+    root = _parse(heatmap(np.array([[0.5, 1.0]]), ["circle"], ["red", "blue"], title="t", legend=legend))
+    text = next(t for t in root.iter(f"{SVG}text") if t.text == legend)
+    half_length = 0.6 * 11 * len(legend) / 2  # rotated 90 degrees: it runs from y - half to y + half
+    assert float(text.get("y")) - half_length >= 0
+    assert float(text.get("y")) + half_length <= float(root.get("height"))
