@@ -68,11 +68,10 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], tit
     # the legend runs down beside the colour bar, past it when the grid is shorter than the legend
     legend_h = CHAR_W * len(legend) + 10
     width, height = left + grid_w + 90, top + max(grid_h + below, legend_h)
-    colours = viridis(np.asarray(matrix, dtype=np.float64).ravel())
+    values = np.asarray(matrix, dtype=np.float64).ravel()
     parts = [_text(left, FONT * 1.3, title, weight="bold")]
-    for k, colour in enumerate(colours):
+    for k, (value, colour) in enumerate(zip(values, viridis(values), strict=True)):
         i, j = divmod(k, len(columns))
-        value = float(np.asarray(matrix).ravel()[k])
         parts.append(
             f'<rect x="{left + j * cell_w:.1f}" y="{top + i * cell_h:.1f}" width="{cell_w}" '
             f'height="{cell_h}" fill="{colour}"><title>{_esc(rows[i])} · {_esc(columns[j])}: '

@@ -235,7 +235,8 @@ def validate_table(
 
 
 def prepare_validation(table: str = "explanations", *, max_phrases: int = DEFAULT_MAX_PHRASES) -> None:
-    """Import Great Expectations and build the suite for ``table`` now (seconds), e.g. while a model loads."""
+    """Import Great Expectations and build the suite for ``table`` now (seconds) rather than at the first
+    validation; not beside model passes on a busy CPU, where the import stalls them (docs/decisions.md)."""
     if table not in _SCHEMAS:
         raise ValueError(f"unknown table {table!r}; one of {sorted(_SCHEMAS)}")
     _validation(table, max_phrases)
