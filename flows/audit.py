@@ -164,8 +164,7 @@ def _validate(path: str) -> ValidationResult:
         return validate_shard(path)
 
 
-@flow(name="explain-shards", validate_parameters=False)
-def explain_shards(
+def explain_and_validate(
     spec: RuntimeSpec,
     run: RunInfo,
     shard_size: int,
@@ -173,15 +172,16 @@ def explain_shards(
     loader_workers: int,
     inline: bool = False,
 ) -> list[ShardOutcome]:
-    """Explain and validate every shard on this flow's task runner (threads or Dask).
+    """Explain and validate every shard, committing each as soon as it is explained.
 
-    The shards are planned again here from ``RUN_DIR/images.parquet`` (deterministic: the same plan
-    as the parent's) instead of being passed in: the Prefect API stores flow-run parameters and
-    refuses more than 512 kB, which a shard list passes at a few thousand images.
+    ``inline``: one shard after another in the calling flow's own thread, from one shared loader: with
+    one shard at a time a worker thread gains nothing and slows the model passes, and validation
+    (GIL-bound) beside them stalls them (``docs/decisions.md``, flow overhead). Otherwise the shards are
+    submitted to the running flow's task runner (threads or Dask).
 
-    ``inline``: explain and validate the shards one after another in this flow's own thread, from
-    one shared loader: with one shard at a time a worker thread gains nothing and slows the model
-    passes, and validation (GIL-bound) beside them stalls them (``docs/decisions.md``, flow overhead).
+    The shards are planned again here from ``RUN_DIR/images.parquet`` (deterministic: the same plan as
+    the parent's) instead of being passed in: the Prefect API stores flow-run parameters and refuses
+    more than 512 kB, which a shard list passes at a few thousand images.
     """
     logger = get_run_logger()
     images = pq.read_table(RunDir(run.run_dir).images, columns=["image_id", "path", "label"])
@@ -219,6 +219,14 @@ def explain_shards(
         if feed is not None:
             feed.close()
     return outcomes
+
+
+@flow(name="explain-shards", validate_parameters=False)
+def explain_shards(
+    spec: RuntimeSpec, run: RunInfo, shard_size: int, batch_size: int, loader_workers: int
+) -> list[ShardOutcome]:
+    """:func:`explain_and_validate` on this flow's task runner (shard workers: threads or Dask)."""
+    return explain_and_validate(spec, run, shard_size, batch_size, loader_workers)
 
 
 def images_progress(total: int) -> Any:
@@ -313,15 +321,14 @@ def explain_all(
         bank = channel_bank(cfg, probe_paths(cfg, manifest), run)
     with timer.stage("plan"):
         plan_shards_task(manifest.images, cfg.shard_size, run)  # sweeps what a killed run left
+    args = (runtime_spec(cfg, bank), run, cfg.shard_size, cfg.batch_size, cfg.loader_workers)
     with timer.stage("explain"), _runner_environment(cfg):
-        outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(
-            runtime_spec(cfg, bank),
-            run,
-            cfg.shard_size,
-            cfg.batch_size,
-            cfg.loader_workers,
-            inline=cfg.runner == "default" and cfg.workers == 1,
-        )
+        if cfg.runner == "default" and cfg.workers == 1:
+            # One shard at a time needs no task runner: a nested flow would only add its own run
+            # (0.7 s warm, 2.3 s cold on 2 cores, docs/decisions.md).
+            outcomes = explain_and_validate(*args, inline=True)
+        else:
+            outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(*args)
     return bank, outcomes
 
 
