@@ -324,8 +324,8 @@ def explain_all(
     args = (runtime_spec(cfg, bank), run, cfg.shard_size, cfg.batch_size, cfg.loader_workers)
     with timer.stage("explain"), _runner_environment(cfg):
         if cfg.runner == "default" and cfg.workers == 1:
-            # One shard at a time needs no task runner: a nested flow would only add its own run
-            # (0.7 s warm, 2.3 s cold on 2 cores, docs/decisions.md).
+            # One shard at a time needs no task runner: a nested flow run would only add its own
+            # set-up and API calls (docs/decisions.md, flow overhead).
             outcomes = explain_and_validate(*args, inline=True)
         else:
             outcomes = explain_shards.with_options(task_runner=task_runner_for(cfg))(*args)
