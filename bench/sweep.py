@@ -14,7 +14,7 @@ Two audits per world, each through the library functions the audit flow calls:
 
 * ``test``: explanations of the unbiased test split, bank and probe behaviour from the probe split;
 * ``self``: explanations of the biased training split, bank and probe behaviour from the same split
-  ("my training set, my model").
+  ("my training set, my model"), flagged with ``flags.probe_seen_in_training``.
 
 A cue is *used* when the classifier's accuracy gap (aligned − conflicting, test split) is ≥ 0.3 and
 *unused* below 0.1 (in between: reported, not scored). Control worlds measure three random cues each
@@ -193,7 +193,9 @@ def phrase_truth(records: pd.DataFrame, world: World, phrases: list[str]) -> tup
 def audit_split(
     m: Models, audited: str, probe: str, run_dir: Path, labelled_probe: bool = True
 ) -> dict[str, Any]:
-    """Calibrate on ``probe``, explain ``audited``, flag with the probe's behaviour; the raw material."""
+    """Calibrate on ``probe``, explain ``audited``, flag with the probe's behaviour; the raw material.
+    A probe from the training split is flagged as one (``flags.probe_seen_in_training``), as its user
+    would."""
     cfg = m.world.config
     probe_manifest = m.world.manifest(probe)
     bank = ChannelBank.calibrate(
@@ -231,7 +233,9 @@ def audit_split(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flags = flag_spurious(run_dir, m.class_text, None, behaviour=behaviour)
+        flags = flag_spurious(
+            run_dir, m.class_text, None, behaviour=behaviour, probe_seen_in_training=probe == "train"
+        )
     candidates = pd.read_parquet(run_dir / "flag_candidates.parquet")
     return {
         "bank": bank,

@@ -406,6 +406,24 @@ def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -
     return int(np.round(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax())
 
 
+def _passing(
+    over_null: np.ndarray,
+    ed: np.ndarray,
+    min_effect: float,
+    named_min_effect: float | None,
+    support: Support | None,
+) -> np.ndarray:
+    """The pairs over the null with ``min_effect``; where there are none, the pairs *for* a class that
+    the explanations name with ``named_min_effect``: weaker evidence goes after all the strong evidence,
+    so it cannot step ahead of a cue and take it into its strata."""
+    passing = over_null & (ed >= min_effect)
+    if passing.any() or named_min_effect is None or support is None:
+        return passing
+    weak = over_null & (ed >= named_min_effect)
+    weak[..., 1] = False
+    return weak & support(weak) if weak.any() else weak
+
+
 def evidence_grid(
     behaviour: ProbeBehaviour,
     n_classes: int,
@@ -418,6 +436,7 @@ def evidence_grid(
     seed: int = 0,
     support: Support | None = None,
     proxy_agreement: float = 0.5,
+    named_min_effect: float | None = None,
 ) -> Evidence:
     """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
 
@@ -429,7 +448,12 @@ def evidence_grid(
     labels at least this) is its *proxy*: it is not tested again, and the later steps are conditioned on
     it too (figure ``proxy_of``: the accepted phrase's index). The concept, as CLIP sees it through every
     phrase that follows it, explains what it explains: a word that tracks the images on which CLIP's call
-    of the accepted phrase fails would otherwise pass on exactly those (docs/decisions.md, "Proxies")."""
+    of the accepted phrase fails would otherwise pass on exactly those (docs/decisions.md, "Proxies").
+
+    ``named_min_effect``: once no pair passes, a pair *for* a class that the explanations name
+    (``support``) passes with this effect instead of ``min_effect`` (None: never). For a probe the model
+    was trained on, where it is right on nearly every image and in-sample effects shrink
+    (docs/decisions.md, "Training-split audits")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions
@@ -452,7 +476,7 @@ def evidence_grid(
             record["z_first"][:], record["effect_first"][:] = zd, ed
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
             np.copyto(record[name], value, where=open_)
-        passing = open_ & (zd > thr) & (ed >= min_effect)
+        passing = _passing(open_ & (zd > thr), ed, min_effect, named_min_effect, support)
         if not passing.any():
             break
         best = _best_phrase(passing, zd, support)

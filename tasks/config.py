@@ -105,6 +105,9 @@ class FlagRule(_Settings):
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
     #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)
     proxy_agreement: float = Field(0.5, gt=0.0, le=1.0)
+    #: the probe images (the audited data unless ``calibration.probe`` is given) were in the classifier's
+    #: training data: a pair over the null that the class's explanations name needs no ``min_effect``
+    probe_seen_in_training: bool = False
 
 
 class AuditConfig(_Settings):

@@ -103,8 +103,12 @@ def warn_if_memorised(cfg: AuditConfig, seen: Any) -> bool:
     log.warning(
         "the model predicts the label of %.1f%% of the audited images the probe was drawn from (its "
         "training data?): within a label its predictions hardly vary, so the flags can show little of "
-        "what it relies on; a held-out probe (calibration.probe) shows more",
+        "what it relies on; a held-out probe (calibration.probe) shows more%s",
         100 * accuracy,
+        ""
+        if cfg.flags.probe_seen_in_training
+        else ", and if these are its training images, "
+        "flags.probe_seen_in_training lets what the explanations name pass on a smaller effect",
     )
     return True
 

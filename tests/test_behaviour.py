@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -180,6 +181,57 @@ def test_a_weak_effect_is_not_accepted_however_significant() -> None:
     assert cue["z_first"] > cue["threshold"]  # significant...
     assert cue["effect_first"] < 0.2  # ...but small
     assert not ev["accepted"].any()
+
+
+def _names(phrases: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """A :data:`Support` under which the explanations name ``phrases`` for every class, both ways."""
+
+    def support(pairs: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(pairs)
+        out[:, phrases, :] = True
+        return out
+
+    return support
+
+
+def test_a_weak_named_effect_passes_only_when_the_probe_was_trained_on() -> None:
+    """In-sample the effect shrinks: with ``named_min_effect`` the cue the explanations name passes for
+    its class on its significance alone (not against the other, a mirror); the filler they also name
+    has no significance, and unnamed pairs still need 0.2."""
+    behaviour, eligible = _world(n=20000, used=0.1)
+    trained = evidence_grid(
+        behaviour, 2, eligible, n_permutations=20, support=_names([0, 1]), named_min_effect=0.0
+    )
+    assert trained.given == [0] and trained.accepted[1, 0, 0]
+    assert trained.accepted.sum() == 1
+    assert 0 < trained.figures["effect"][1, 0, 0] < 0.2
+    for support, named_min_effect in ((_names([1]), 0.0), (_names([0, 1]), None)):
+        ev = evidence_grid(
+            behaviour, 2, eligible, n_permutations=20, support=support, named_min_effect=named_min_effect
+        )
+        assert not ev.accepted.any()
+
+
+def test_weak_named_evidence_goes_after_every_strong_pair() -> None:
+    """A weakly used cue with the larger z waits until the strongly used one is accepted."""
+    rng = np.random.default_rng(4)
+    n = 20000
+    labels = rng.integers(0, 2, n)
+    strong, weak = rng.random(n) < 0.01, rng.random(n) < 0.5
+    pred = labels.copy()
+    pred[strong & (rng.random(n) < 0.6)] = 1
+    pred[weak & (rng.random(n) < 0.15)] = 0
+    x = np.stack([weak, strong], 1)
+    behaviour = ProbeBehaviour(x, ["weak", "strong"], pred, labels, np.zeros(2))
+    eligible = np.ones((2, 2, 2), dtype=bool)
+    ev = evidence_grid(
+        behaviour, 2, eligible, n_permutations=20, support=_names([0, 1]), named_min_effect=0.0
+    )
+    first = ev.figures["z_first"]
+    assert first[0, 0, 0] > first[1, 1, 0]  # by z alone the weak cue would go first
+    assert ev.given == [1, 0]
+    assert ev.accepted[1, 1, 0] and ev.accepted[0, 0, 0]
+    assert ev.figures["effect"][0, 0, 0] < 0.2 <= ev.figures["effect"][1, 1, 0]
 
 
 def test_without_labels_one_stratum() -> None:
