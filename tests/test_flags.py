@@ -277,6 +277,29 @@ def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassTex
     assert query(planted, "SELECT count(*) AS n FROM flag_candidates")["n"][0] == len(why)
 
 
+def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, class_text: ClassText) -> None:
+    """A model right on 97 % of its own images leans on "snow" only a little in-sample (effect about
+    0.1): flagged for dog, whose explanations name it, only when the probe is said to be training data."""
+    from tasks.behaviour import ProbeBehaviour
+
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 6000)
+    presence = rng.random((6000, len(phrases))) < 0.5
+    pred = np.where(rng.random(6000) < 0.97, labels, rng.integers(0, 3, 6000))
+    pred[presence[:, phrases.index("snow")] & (rng.random(6000) < 0.12)] = 2
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    held_out = flag_spurious(planted, class_text, behaviour=behaviour)
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
+    snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
+    assert held_out.empty and snow["reason"] == "effect under 0.2"
+    assert snow["z_model"] > snow["model_threshold"] and 0.05 < snow["effect"] < 0.2
+    trained = flag_spurious(planted, class_text, behaviour=behaviour, probe_seen_in_training=True)
+    assert list(zip(trained["class_name"], trained["phrase"], trained["direction"], strict=True)) == [
+        ("dog", "snow", "for")
+    ]
+
+
 def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
     planted: Path, class_text: ClassText
 ) -> None:
