@@ -405,6 +405,7 @@ def _gather(con: Any, run_dir: Path, root: Path | None, summary: dict, config: d
         "run_id": run_id,
         "summary_items": _flatten(summary),
         "config_items": _flatten(config),
+        "probe_seen_in_training": bool((config.get("flags") or {}).get("probe_seen_in_training")),
         "counts": _counts(con),
         "dataset_root": str(root) if root else None,
         "flags": _flag_cards(con, flags.head(MAX_FLAGS), root),

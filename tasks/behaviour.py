@@ -24,6 +24,10 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   run's explanations name some of the passing pairs (``support``), the largest |z| is taken among those:
   a word whose presence call happens to follow the cue more closely than the cue's own phrase would
   otherwise be accepted first and explain the cue away;
+* with ``named_min_effect`` (``flags.probe_seen_in_training``: the probe is the classifier's training
+  data, where it is right on nearly every image and within a label a cue changes little), once no pair
+  passes, the pairs *for* a class that the explanations name need only that effect: weak evidence after
+  all the strong, so it cannot step ahead of a cue and take it into its strata;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -440,19 +444,14 @@ def evidence_grid(
 ) -> Evidence:
     """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
 
-    ``support``: which pairs the explanations name (:data:`Support`); with it, each step accepts the
-    phrase with the largest z among the passing pairs they name, and among all passing pairs only where
-    they name none.
+    ``support``: which pairs the explanations name (:data:`Support`); each step accepts the phrase with
+    the largest z among the passing pairs they name, where they name some.
 
-    ``proxy_agreement``: a phrase whose presence agrees with an accepted phrase's (|phi| within true
-    labels at least this) is its *proxy*: it is not tested again, and the later steps are conditioned on
-    it too (figure ``proxy_of``: the accepted phrase's index). The concept, as CLIP sees it through every
-    phrase that follows it, explains what it explains: a word that tracks the images on which CLIP's call
-    of the accepted phrase fails would otherwise pass on exactly those (docs/decisions.md, "Proxies").
+    ``proxy_agreement``: a phrase whose presence agrees with an accepted one's (|phi| within labels ≥ this)
+    is its *proxy*: not tested again, a stratum of later steps (``proxy_of``; docs/decisions.md, "Proxies").
 
-    ``named_min_effect``: once no pair passes, a pair *for* a class that the explanations name
-    (``support``) passes with this effect instead of ``min_effect`` (None: never). For a probe the model
-    was trained on, where it is right on nearly every image and in-sample effects shrink
+    ``named_min_effect``: once no pair passes, a pair *for* a class that the explanations name passes
+    with this effect instead of ``min_effect`` (None: never): for a probe the model was trained on
     (docs/decisions.md, "Training-split audits")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))

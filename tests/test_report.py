@@ -180,6 +180,9 @@ def test_no_dataset_root_means_no_images(tmp_path: Path) -> None:
     (run_dir / "config.yaml").write_text("model: toy\n")
     html = render_report(run_dir).read_text()
     assert "no dataset root known: image not embedded" in html
+    assert 'id="seen-in-training"' not in html
+    (run_dir / "config.yaml").write_text("model: toy\nflags:\n  probe_seen_in_training: true\n")
+    assert 'id="seen-in-training"' in render_report(run_dir).read_text()  # says why an effect is small
 
 
 @pytest.mark.browser
