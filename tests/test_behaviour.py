@@ -300,3 +300,8 @@ def test_a_memorised_probe_drawn_from_the_audit_warns_and_a_separate_one_does_no
         assert not warn_if_memorised(separate, perfect)
         assert not warn_if_memorised(own, usual)
     assert len(caplog.records) == 1 and "100.0% of the audited images" in caplog.records[0].getMessage()
+    assert "flags.probe_seen_in_training" in caplog.records[0].getMessage()  # what the user can say
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.flag_inputs"):
+        assert warn_if_memorised(own.replace(flags={"probe_seen_in_training": True}), perfect)
+    assert "probe_seen_in_training" not in caplog.records[0].getMessage()  # said already
