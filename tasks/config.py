@@ -106,7 +106,8 @@ class FlagRule(_Settings):
     #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)
     proxy_agreement: float = Field(0.5, gt=0.0, le=1.0)
     #: the probe images (the audited data unless ``calibration.probe`` is given) were in the classifier's
-    #: training data: a pair over the null that the class's explanations name needs no ``min_effect``
+    #: training data: once no pair passes, a pair *for* a class that its explanations name needs no
+    #: ``min_effect``, only an effect in its direction
     probe_seen_in_training: bool = False
 
 

@@ -685,10 +685,19 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
             "no contrast in the probe (presence or predictions constant within labels)",
             "model evidence under the permutation null",
         ],
-        f"effect under {rule.min_effect:g}"
-        + (" and not named by the class's explanations" if rule.probe_seen_in_training else ""),
+        _effect_reason(out, rule),
     )
     return out, out["accepted"]
+
+
+def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:
+    """Why a pair over the null was not flagged: its effect, and with a probe seen in training, that a
+    pair *for* the class was not named by its explanations either (the only way it had left)."""
+    reason = f"effect under {rule.min_effect:g}"
+    if not rule.probe_seen_in_training:
+        return np.full(len(out), reason, dtype=object)
+    named_way = (out["direction"] == "for").to_numpy()
+    return np.where(named_way, reason + " and not named by the class's explanations", reason).astype(object)
 
 
 def _candidates(stats: pd.DataFrame, keep: pd.Series, rule: FlagRule) -> pd.DataFrame:

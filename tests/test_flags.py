@@ -298,6 +298,9 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
     assert list(zip(trained["class_name"], trained["phrase"], trained["direction"], strict=True)) == [
         ("dog", "snow", "for")
     ]
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    assert why.loc[("cat", "snow"), "direction"] == "against"  # never relaxed: the plain reason
+    assert why.loc[("cat", "snow"), "reason"] == "effect under 0.2"
 
 
 def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
