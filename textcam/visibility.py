@@ -27,6 +27,9 @@ from textcam.schema import SPECIFIC_Z
 # Nats per image by which two Gaussians must beat one on a phrase's "present" images to split them:
 # two equal modes about 4 sds apart (docs/decisions.md).
 SPLIT_GAIN = 0.12
+# A near mode farther (in pooled sds) than this many times its distance to the top mode from the
+# absent images is the phrase itself, shifted by another attribute (docs/decisions.md).
+NEAR_RATIO = 2.0
 
 
 def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
@@ -118,7 +121,9 @@ def presence_mixture(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.
     the phrase's value and of the values CLIP holds close to it: "red" on purple images), it is split
     and only its top mode is "present"; the near mode keeps weight 0 elsewhere. "Itself two modes": two
     Gaussians fit the upper images better than one by more than ``SPLIT_GAIN`` nats per image
-    (docs/decisions.md).
+    (docs/decisions.md). A lower mode that sits far closer to the top one than to the absent images
+    (``NEAR_RATIO``) is not another value but the phrase seen a little less ("with a logo" on images
+    that also have a border), and stays "present".
     """
     w, mu, sd = two_gaussians(sim, iters)
     log_p = _log_density(sim, w, mu, sd)
@@ -126,10 +131,17 @@ def presence_mixture(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.
     centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
     w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
     split = (loglik - _one_gaussian_loglik(sim, upper) > SPLIT_GAIN) & (upper.sum(0) >= 4)
+    below, above = _separation(mu[0], sd[0], mu2[0], sd2[0]), _separation(mu2[0], sd2[0], mu2[1], sd2[1])
+    split &= below <= NEAR_RATIO * above
     weights = np.stack([w[0], np.where(split, w[1] * w2[0], 0.0), np.where(split, w[1] * w2[1], w[1])])
     means = np.stack([mu[0], np.where(split, mu2[0], mu[0]), np.where(split, mu2[1], mu[1])])
     sds = np.stack([sd[0], np.where(split, sd2[0], sd[0]), np.where(split, sd2[1], sd[1])])
     return weights, means, sds
+
+
+def _separation(mu_a: np.ndarray, sd_a: np.ndarray, mu_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
+    """|μa − μb| in pooled standard deviations (Ashman's D)."""
+    return np.abs(mu_b - mu_a) / np.sqrt((sd_a**2 + sd_b**2) / 2)
 
 
 def centre_images(sim: np.ndarray) -> np.ndarray:
