@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,14 @@ from textcam.clip import load_clip  # noqa: E402
 from textcam.synthetic.config import WorldConfig  # noqa: E402
 from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
 from textcam.synthetic.world import ensure_tiny_clip, split_batch, world_phrases  # noqa: E402
-from textcam.visibility import PhraseVisibility  # noqa: E402
+from textcam.visibility import (  # noqa: E402
+    NEAR_RATIO,
+    PhraseVisibility,
+    _log_density,
+    centre_images,
+    cosine,
+    upper_modes,
+)
 from textcam.vocab import load_vocabulary  # noqa: E402
 
 ATTRIBUTES = ("shape", "color", "size", "texture", "background", "watermark", "border")
@@ -66,7 +74,27 @@ def clip_presence(clip_seed: int, n: int, cache_dir: str | None) -> dict[str, di
             "argmax_accuracy": round(float((argmax == truth).mean()), 3) if argmax is not None else None,
         }
     out["bimodality"] = bimodality(visibility, phrases, names)
+    out["splits"] = splits(centre_images(cosine(images, text)), phrases, names, batch.records)
     return out
+
+
+def splits(sim: np.ndarray, phrases: list[str], names: dict, records: Any) -> list[dict[str, Any]]:
+    """Every phrase whose "present" images hold two modes: how far the lower mode lies from the absent
+    images and from the top mode (pooled sds), whether the split is kept (``NEAR_RATIO``), and for the
+    world's phrases the share of the lower mode's images that have the value."""
+    (w, mu, sd), (w2, mu2, sd2), two_modes, ratio = upper_modes(sim)
+    upper = _log_density(sim, w, mu, sd).argmax(0) == 1
+    lower = upper & (_log_density(sim, w2, mu2, sd2).argmax(0) == 0)  # (N, P)
+    truth = {text: (a, v) for a, values in names.items() for v, text in values.items()}
+    rows = []
+    for j in np.flatnonzero(two_modes):
+        row: dict[str, Any] = {"phrase": phrases[j], "ratio": round(float(ratio[j]), 2)}
+        row["kept"] = bool(ratio[j] <= NEAR_RATIO)
+        if phrases[j] in truth and lower[:, j].any():
+            a, v = truth[phrases[j]]
+            row["lower_has_value"] = round(float((records[a].to_numpy()[lower[:, j]] == v).mean()), 2)
+        rows.append(row)
+    return rows
 
 
 def bimodality(visibility: PhraseVisibility, phrases: list[str], names: dict) -> dict[str, list[float]]:
@@ -93,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         per = clip_presence(seed, args.n, args.cache_dir)
         spread = per.pop("bimodality")
         print(f"clip {seed} Ashman's D, world phrases {spread['world']}, distractors {spread['distractor']}")
+        for row in per.pop("splits"):
+            print(f"clip {seed} split {row}")
         for attribute, r in per.items():
             print(
                 f"clip {seed} {attribute:10s} precision {r['precision']:.3f} recall {r['recall']:.3f} "

@@ -32,6 +32,9 @@ SPLIT_GAIN = 0.12
 NEAR_RATIO = 2.0
 
 
+Gaussians = tuple[np.ndarray, np.ndarray, np.ndarray]  # weights, means, sds; each (K, P)
+
+
 def cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
     """(N, P) cosine similarity of every image to every phrase, float64."""
     img = torch.nn.functional.normalize(image_embeddings.double().cpu(), dim=1)
@@ -125,18 +128,27 @@ def presence_mixture(sim: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.
     (``NEAR_RATIO``) is not another value but the phrase seen a little less ("with a logo" on images
     that also have a border), and stays "present".
     """
+    (w, mu, sd), (w2, mu2, sd2), two_modes, ratio = upper_modes(sim, iters)
+    split = two_modes & (ratio <= NEAR_RATIO)
+    weights = np.stack([w[0], np.where(split, w[1] * w2[0], 0.0), np.where(split, w[1] * w2[1], w[1])])
+    means = np.stack([mu[0], np.where(split, mu2[0], mu[0]), np.where(split, mu2[1], mu[1])])
+    sds = np.stack([sd[0], np.where(split, sd2[0], sd[0]), np.where(split, sd2[1], sd[1])])
+    return weights, means, sds
+
+
+def upper_modes(sim: np.ndarray, iters: int = 100) -> tuple[Gaussians, Gaussians, np.ndarray, np.ndarray]:
+    """Per column of ``sim`` (N, P): the absent/present Gaussians (weights, means, sds, each (2, P)), the
+    present images' own two modes (the same, lower mode first), whether those are two modes
+    (``SPLIT_GAIN``) and, (P,), how many times farther the lower mode lies from the absent images than
+    from the top mode (``NEAR_RATIO``)."""
     w, mu, sd = two_gaussians(sim, iters)
     log_p = _log_density(sim, w, mu, sd)
     upper = log_p[1] > log_p[0]
     centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
     w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
-    split = (loglik - _one_gaussian_loglik(sim, upper) > SPLIT_GAIN) & (upper.sum(0) >= 4)
+    two_modes = (loglik - _one_gaussian_loglik(sim, upper) > SPLIT_GAIN) & (upper.sum(0) >= 4)
     below, above = _separation(mu[0], sd[0], mu2[0], sd2[0]), _separation(mu2[0], sd2[0], mu2[1], sd2[1])
-    split &= below <= NEAR_RATIO * above
-    weights = np.stack([w[0], np.where(split, w[1] * w2[0], 0.0), np.where(split, w[1] * w2[1], w[1])])
-    means = np.stack([mu[0], np.where(split, mu2[0], mu[0]), np.where(split, mu2[1], mu[1])])
-    sds = np.stack([sd[0], np.where(split, sd2[0], sd[0]), np.where(split, sd2[1], sd[1])])
-    return weights, means, sds
+    return (w, mu, sd), (w2, mu2, sd2), two_modes, below / np.maximum(above, 1e-12)
 
 
 def _separation(mu_a: np.ndarray, sd_a: np.ndarray, mu_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
