@@ -32,9 +32,9 @@ from textcam.synthetic.world import ensure_tiny_clip, split_batch, world_phrases
 from textcam.visibility import (  # noqa: E402
     NEAR_RATIO,
     PhraseVisibility,
-    _log_density,
     centre_images,
     cosine,
+    log_density,
     upper_modes,
 )
 from textcam.vocab import load_vocabulary  # noqa: E402
@@ -83,8 +83,8 @@ def splits(sim: np.ndarray, phrases: list[str], names: dict, records: Any) -> li
     images and from the top mode (pooled sds), whether the split is kept (``NEAR_RATIO``), and for the
     world's phrases the share of the lower mode's images that have the value."""
     (w, mu, sd), (w2, mu2, sd2), two_modes, ratio = upper_modes(sim)
-    upper = _log_density(sim, w, mu, sd).argmax(0) == 1
-    lower = upper & (_log_density(sim, w2, mu2, sd2).argmax(0) == 0)  # (N, P)
+    upper = log_density(sim, w, mu, sd).argmax(0) == 1
+    lower = upper & (log_density(sim, w2, mu2, sd2).argmax(0) == 0)  # (N, P)
     truth = {text: (a, v) for a, values in names.items() for v, text in values.items()}
     rows = []
     for j in np.flatnonzero(two_modes):

@@ -27,8 +27,8 @@ from textcam.schema import SPECIFIC_Z
 # Nats per image by which two Gaussians must beat one on a phrase's "present" images to split them:
 # two equal modes about 4 sds apart (docs/decisions.md).
 SPLIT_GAIN = 0.12
-# A near mode farther (in pooled sds) than this many times its distance to the top mode from the
-# absent images is the phrase itself, shifted by another attribute (docs/decisions.md).
+# A lower "present" mode more than this many times as far from the absent images as from the top mode
+# (pooled sds) is the phrase itself, seen a little less, not a neighbouring value (docs/decisions.md).
 NEAR_RATIO = 2.0
 
 
@@ -67,7 +67,7 @@ def otsu_thresholds(sim: np.ndarray, bins: int = 128) -> np.ndarray:
     return lo + cut / bins * width
 
 
-def _log_density(sim: np.ndarray, weights: np.ndarray, means: np.ndarray, sds: np.ndarray) -> np.ndarray:
+def log_density(sim: np.ndarray, weights: np.ndarray, means: np.ndarray, sds: np.ndarray) -> np.ndarray:
     """(K, N, P) log of each component's weighted Gaussian density at ``sim`` (N, P), up to a constant;
     ``weights``, ``means``, ``sds`` are (K, P)."""
     return (
@@ -88,7 +88,7 @@ def _em(sim: np.ndarray, resp: np.ndarray, members: np.ndarray, iters: int) -> t
         w = r.sum(1).clip(1e-9)
         mu = (r * sim[None]).sum(1) / w
         sd = np.sqrt((r * (sim[None] - mu[:, None]) ** 2).sum(1) / w).clip(1e-6)
-        log_p = _log_density(sim, w / n, mu, sd)
+        log_p = log_density(sim, w / n, mu, sd)
         top = log_p.max(0)
         p = np.exp(log_p - top[None])
         resp = p[1] / p.sum(0)
@@ -142,7 +142,7 @@ def upper_modes(sim: np.ndarray, iters: int = 100) -> tuple[Gaussians, Gaussians
     (``SPLIT_GAIN``) and, (P,), how many times farther the lower mode lies from the absent images than
     from the top mode (``NEAR_RATIO``)."""
     w, mu, sd = two_gaussians(sim, iters)
-    log_p = _log_density(sim, w, mu, sd)
+    log_p = log_density(sim, w, mu, sd)
     upper = log_p[1] > log_p[0]
     centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
     w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
@@ -210,7 +210,7 @@ class PhraseVisibility:
         return self._posterior(centre_images(cosine(image_embeddings, self.text_embeddings)))
 
     def _posterior(self, sim: np.ndarray) -> np.ndarray:
-        log_p = _log_density(sim, self.weights.clip(1e-12), self.means, self.sds)
+        log_p = log_density(sim, self.weights.clip(1e-12), self.means, self.sds)
         log_p -= log_p.max(0, keepdims=True)
         p = np.exp(log_p)
         return p[-1] / p.sum(0)
