@@ -35,6 +35,7 @@ from textcam.visibility import (  # noqa: E402
     centre_images,
     cosine,
     log_density,
+    separation,
     upper_modes,
 )
 from textcam.vocab import load_vocabulary  # noqa: E402
@@ -102,7 +103,7 @@ def bimodality(visibility: PhraseVisibility, phrases: list[str], names: dict) ->
     and over the distractor words the world never draws: would "well separated" (D > 2) tell them apart?"""
     mu, sd = visibility.means, visibility.sds
     # present (last) against the component below it (the near mode where split, else absent)
-    d = np.sqrt(2) * np.abs(mu[-1] - mu[-2]) / np.sqrt(sd[-2] ** 2 + sd[-1] ** 2)
+    d = separation(mu[-2], sd[-2], mu[-1], sd[-1])
     world = {text for values in names.values() for text in values.values()}
     groups = {"world": [d[j] for j, p in enumerate(phrases) if p in world]}
     groups["distractor"] = [d[j] for j, p in enumerate(phrases) if p not in world]

@@ -147,11 +147,11 @@ def upper_modes(sim: np.ndarray, iters: int = 100) -> tuple[Gaussians, Gaussians
     centre = (sim * upper).sum(0) / upper.sum(0).clip(1)
     w2, mu2, sd2, _, loglik = _em(sim, (sim > centre).astype(np.float64), upper, iters)
     two_modes = (loglik - _one_gaussian_loglik(sim, upper) > SPLIT_GAIN) & (upper.sum(0) >= 4)
-    below, above = _separation(mu[0], sd[0], mu2[0], sd2[0]), _separation(mu2[0], sd2[0], mu2[1], sd2[1])
+    below, above = separation(mu[0], sd[0], mu2[0], sd2[0]), separation(mu2[0], sd2[0], mu2[1], sd2[1])
     return (w, mu, sd), (w2, mu2, sd2), two_modes, below / np.maximum(above, 1e-12)
 
 
-def _separation(mu_a: np.ndarray, sd_a: np.ndarray, mu_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
+def separation(mu_a: np.ndarray, sd_a: np.ndarray, mu_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
     """|μa − μb| in pooled standard deviations (Ashman's D)."""
     return np.abs(mu_b - mu_a) / np.sqrt((sd_a**2 + sd_b**2) / 2)
 
