@@ -14,13 +14,14 @@ unbiased test split), with the bank calibrated on the probe split:
 * fixed sizes (the top 8, 16, 32, 64 channels by the rule's ranking, probe mean): the trade-off curve;
 * DFR (Kirichenko et al. 2023): logistic regression on the target layer's pooled features of a
   group-balanced subset of the probe split (it needs group labels; suppression does not);
-* the refit (``textcam intervene --refit``): the cue's channels zeroed, then a new last layer on a labelled
-  held-out set where every group (class × cue *as CLIP sees it*, no group labels) weighs the same
-  (:func:`textcam.intervene.concept_balanced_head`). Two held-out sets: the biased training split (what
-  a self-audit's probe is) and the unbiased probe split. Beside it, on the same set and features: the
-  generator's groups instead of CLIP's (``truth``), no balancing (``erm``: what the data alone does),
-  groups by a random non-class phrase (``random_phrase``, 5 draws) and as many random channels zeroed
-  (``random_channels``, 5 draws);
+* the refit (``textcam intervene --refit``): a new last layer on a labelled held-out set, the cue (*as
+  CLIP sees it*, no group labels) erased from the features within classes and every group (class × cue)
+  weighing the same (:func:`textcam.intervene.concept_balanced_head`); no channel is suppressed. Two
+  held-out sets: the biased training split (what a self-audit's probe is) and the unbiased probe split.
+  Beside it, on the same set: the balance without the erasure (``no_erase``), the cue's channels zeroed
+  as well (``zeroed``), the generator's groups instead of CLIP's (``truth``), no erasure and no balance
+  (``erm``: what the data alone does) and a random non-class phrase erased and balanced by
+  (``random_phrase``, 5 draws);
 * ``clip_presence_agreement``: AUC of the tiny CLIP's image-phrase similarity for cue presence.
 
 With ``--flags-from`` (a truth sweep's ``--out`` folder for the same seed) each cue is acted on through its
@@ -121,29 +122,26 @@ def refit_figures(
     feats_test, labels_test, present_test, cls = test
     n_classes = int(labels_test.max()) + 1
 
-    def head(channels_: tuple[int, ...], groups: np.ndarray | None) -> dict[str, Any]:
+    def head(channels_: tuple[int, ...], groups: np.ndarray | None, erase: bool = True) -> dict[str, Any]:
         f, ft = held["features"].copy(), feats_test.copy()
         f[:, list(channels_)], ft[:, list(channels_)] = 0.0, 0.0
         if groups is None:  # no balancing: one group per class, every image the same weight
             weight, bias = logistic_head(f, held["labels"], np.ones(len(f)), n_classes)
         else:
-            weight, bias = concept_balanced_head(f, held["labels"], groups, n_classes)
+            weight, bias = concept_balanced_head(f, held["labels"], groups, n_classes, erase=erase)
         return group_accuracy((ft @ weight.T + bias).argmax(1), labels_test, present_test, cls)
 
     clip_groups = held["presence"][:, phrase_index]
-    n_all = feats_test.shape[1]
     out = {
-        "refit": head(channels, clip_groups),
-        "truth": head(channels, truth),
-        "erm": head(channels, None),
+        "refit": head((), clip_groups),
+        "no_erase": head((), clip_groups, erase=False),
+        "zeroed": head(channels, clip_groups),
+        "truth": head((), truth),
+        "erm": head((), None),
         "clip_groups_agree": float((clip_groups == truth).mean()),
     }
     phrase_draws = rng.choice(null_phrases, RANDOM_DRAWS, replace=False)
-    out["random_phrase"] = [head(channels, held["presence"][:, q]) for q in phrase_draws]
-    out["random_channels"] = [
-        head(tuple(int(c) for c in rng.choice(n_all, len(channels), replace=False)), clip_groups)
-        for _ in range(RANDOM_DRAWS)
-    ]
+    out["random_phrase"] = [head((), held["presence"][:, q]) for q in phrase_draws]
     return out
 
 
@@ -429,19 +427,19 @@ def refit_summary(cues: list[dict[str, Any]], split: str, mean) -> dict[str, Any
         return {}
     key = f"refit_{split}"
 
-    def conflicting(c: dict[str, Any], variant: str) -> float:
+    def figure(c: dict[str, Any], variant: str, what: str = "conflicting") -> float:
         v = c["refit"][split][variant]
-        return float(np.mean([d["conflicting"] for d in v])) if isinstance(v, list) else v["conflicting"]
+        return float(np.mean([d[what] for d in v])) if isinstance(v, list) else v[what]
 
     # A cue whose audit flagged nothing for its class is not refitted: it counts as no gain.
     out: dict[str, Any] = {f"{key}_unflagged": len(asked) - len(cues)}
-    for variant in ("refit", "truth", "erm", "random_phrase", "random_channels"):
+    for variant in ("refit", "no_erase", "zeroed", "truth", "erm", "random_phrase"):
         name = key if variant == "refit" else f"{key}_{variant}"
-        values = [conflicting(c, variant) for c in cues]
+        values = [figure(c, variant) for c in cues]
         out[f"{name}_conflicting_acc"] = mean(values)
         wins = [v - c["before"]["conflicting"] >= 0.3 for v, c in zip(values, cues, strict=True)]
         out[f"{name}_win_rate"] = round(sum(wins) / len(asked), 4)
-    out[f"{key}_worst_group"] = mean([c["refit"][split]["refit"]["worst_group"] for c in cues])
+        out[f"{name}_worst_group"] = mean([figure(c, variant, "worst_group") for c in cues])
     out[f"{key}_clean_acc_drop"] = mean(
         [c["before"]["accuracy"] - c["refit"][split]["refit"]["accuracy"] for c in cues]
     )

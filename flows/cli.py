@@ -72,7 +72,7 @@ HELP = {
     "device": "auto, cpu or cuda (default auto)",
     "fail_on_quarantine": "exit with an error when any shard is quarantined",
     "intervene": "after flagging, suppress each flag's channels, save the edited models (textcam intervene)",
-    "intervene_refit": "with --intervene, also refit the last layer balanced by each flag (--refit)",
+    "intervene_refit": "with --intervene, a new last layer instead, each flag erased and balanced (--refit)",
     # the ``flags`` section (tasks.config.FlagRule), as --flag-<name>; the other sections' fields keep
     # their own names (--bank-m, --method)
     "flags.n_permutations": "label permutations of the explanations' and model test's nulls (default 200)",

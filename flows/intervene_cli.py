@@ -19,17 +19,19 @@ For each flag of RUN_DIR (or one, --flag CLASS:PHRASE): find the phrase's channe
 layer, replace them by their probe mean (or zero), report accuracy overall, per group and worst
 group before and after (and for as many random channels), and save the edited model.
 
---refit also fits a new last layer on the labelled probe images, with the channels suppressed and every
-group (class x concept present/absent, as CLIP sees it) weighing the same: Deep Feature Reweighting with
-the groups read off the flag instead of annotated. It needs labelled probe images; its figures are
-cross-fitted (two folds), so none is measured on an image its head was fitted on.
+--refit instead fits a new last layer on the labelled probe images, every group (class x concept
+present/absent, as CLIP sees it) weighing the same: Deep Feature Reweighting with the groups read off the
+flag instead of annotated. No channel is suppressed: before the fit, the concept's linear trace within
+classes is erased from the features (LEACE), and the eraser is folded into the head. Beside it, the same
+refit by random phrases. It needs labelled probe images; its figures are cross-fitted (two folds), so
+none is measured on an image its head was fitted on.
 """
 
 EPILOG = """\
 examples:
   textcam intervene runs/r1                                  every "for" flag of the run
   textcam intervene runs/r1 --flag "circle:water background" --mode zero
-  textcam intervene runs/r1 --refit                          suppression plus a concept-balanced last layer
+  textcam intervene runs/r1 --refit                          a concept-erased, concept-balanced last layer
   textcam audit --model runs/r1/interventions/circle-water-background.safetensors ...   re-audit it
 
 Accuracy is measured on the run's labelled probe images (the images the bank was calibrated on), with
@@ -42,7 +44,7 @@ def add_intervene_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="an audit run directory with flags")
     p.add_argument("--flag", metavar="CLASS:PHRASE", help="one flag to act on (default: every 'for' flag)")
     p.add_argument("--mode", choices=("mean", "zero"), default="mean", help="replacement (default mean)")
-    p.add_argument("--refit", action="store_true", help="also refit the last layer, balanced by the concept")
+    p.add_argument("--refit", action="store_true", help="a new last layer, concept erased and balanced")
     p.add_argument("--out", help="folder for the edited checkpoints (default RUN_DIR/interventions)")
     p.set_defaults(func=cmd_intervene)
 
@@ -55,14 +57,15 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     if not (result["n_images"] > 0).any():
         print("the probe images have no labels: channels and edited models written, accuracy not measured")
     for r in result.itertuples():
-        how = f"{r.mode}, refit" if r.refit else r.mode
-        line = f"{r.class_name}: {r.phrase!r} - {r.n_channels} channels ({how})"
+        edit = "a new last layer, the phrase erased" if r.refit else f"{r.n_channels} channels ({r.mode})"
+        random = "random phrases" if r.refit else "random channels"
+        line = f"{r.class_name}: {r.phrase!r} - {edit}"
         if pd.notna(r.conflicting_before):
             line += (
                 f"; reliance {r.reliance_before:.2f} -> {r.reliance_after:.2f} "
-                f"(random channels {r.random_reliance_after:.2f})"
+                f"({random} {r.random_reliance_after:.2f})"
                 f"; {r.class_name} without it {r.conflicting_before:.2f} -> {r.conflicting_after:.2f} "
-                f"(random channels {r.random_conflicting_after:.2f}); "
+                f"({random} {r.random_conflicting_after:.2f}); "
                 f"worst group {r.worst_group_before:.2f} -> {r.worst_group_after:.2f}; "
                 f"accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f} "
                 f"on {r.n_images} labelled probe images"

@@ -149,7 +149,7 @@ class AuditConfig(_Settings):
     """After flagging: suppress each "for" flag's channels, measure it, save the edited model
     (``tasks.intervene``; the same as ``textcam intervene RUN_DIR``)."""
     intervene_refit: bool = False
-    """With ``intervene``: also a last layer balanced by the concept (``textcam intervene --refit``)."""
+    """With ``intervene``: a new last layer instead, the concept erased and balanced (``--refit``)."""
     calibration: CalibrationSettings = CalibrationSettings()
     explanation: ExplanationSettings = ExplanationSettings()
     flags: FlagRule = FlagRule()

@@ -5,6 +5,9 @@ concept_channels`), replaced by their probe mean (``mean``, default) or zero; ac
 (class × concept present/absent, presence as CLIP sees it: the probe's visibility model) and worst group
 on the run's labelled probe images, before and after, with as many random channels for comparison. The
 edited model is saved as a checkpoint :func:`textcam.models.load_model` opens, so it can be re-audited.
+
+With ``refit`` no channel is suppressed: a new last layer is fitted on the concept-erased, concept-balanced
+features (:func:`textcam.intervene.concept_balanced_head`), beside the same refit by random phrases.
 """
 
 from __future__ import annotations
@@ -162,9 +165,13 @@ def _flag_row(
     from textcam.models import save_edited_checkpoint
 
     cc = concept_channels(bank.directions, text, phrases, f.phrase)
-    s = _suppression(base.layer, cc.channels, base.mode, base.means, note=f"{f.class_name}: {f.phrase}")
+    # A refit suppresses no channel: the concept is erased from its head's features instead, which keeps
+    # the class evidence those channels also carry (measured: docs/decisions.md, "Erase the concept").
+    suppressed = () if base.refit else cc.channels
+    s = _suppression(base.layer, suppressed, base.mode, base.means, note=f"{f.class_name}: {f.phrase}")
     lab = base.labelled
-    present = base.presence[lab, list(phrases).index(f.phrase)]
+    phrase_index = list(phrases).index(f.phrase)
+    present = base.presence[lab, phrase_index]
     outputs = base.labelled_outputs(model, s)
     head = _refit_head(base, outputs, present) if base.refit else None
     safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
@@ -172,10 +179,10 @@ def _flag_row(
     row = {
         "class_name": f.class_name,
         "phrase": f.phrase,
-        "mode": base.mode,
+        "mode": "erase" if base.refit else base.mode,
         "refit": base.refit,
-        "n_channels": len(cc.channels),
-        "channels": list(cc.channels),
+        "n_channels": len(suppressed),
+        "channels": list(suppressed),
         "null_threshold": cc.threshold,
         "expected_by_chance": cc.expected_by_chance,
         "n_images": int(lab.sum()),
@@ -184,6 +191,13 @@ def _flag_row(
     if not (lab.any() and (cc.channels or base.refit)):
         return row
     groups = (base.images.labels[lab], present, int(f.class_index))
+    after = group_accuracy(base.predict(outputs, present), *groups)
+    if base.refit:  # beside it: the same refit, erased and balanced by a random non-class phrase
+        classes = set(model.class_names)
+        others = [i for i, p in enumerate(phrases) if p not in classes and i != phrase_index]
+        picks = rng.choice(others, min(RANDOM_DRAWS, len(others)), replace=False)
+        random = [group_accuracy(base.predict(outputs, base.presence[lab, q]), *groups) for q in picks]
+        return row | _figures(group_accuracy(base.pred[lab], *groups), after, random)
     n_all, k = bank.directions.shape[0], len(cc.channels)
 
     def random_channels() -> Any:
@@ -194,14 +208,13 @@ def _flag_row(
         group_accuracy(base.predict(base.labelled_outputs(model, random_channels()), present), *groups)
         for _ in range(RANDOM_DRAWS)
     ]
-    after = group_accuracy(base.predict(outputs, present), *groups)
     return row | _figures(group_accuracy(base.pred[lab], *groups), after, random)
 
 
 def _refit_head(
     base: _Baseline, outputs: tuple[np.ndarray, np.ndarray], present: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The concept-balanced last layer on every labelled probe image, channels suppressed (it is saved)."""
+    """The concept-balanced last layer on every labelled probe image, the concept erased (it is saved)."""
     from textcam.intervene import concept_balanced_head
 
     logits, feats = outputs

@@ -80,13 +80,15 @@ def test_runners_and_resume_agree_on_real_flags(
 
     edited = load_model(row["checkpoint"])
     assert edited.metadata["suppress"]["channels"] == row["channels"]
-    # --refit: a last layer balanced by the phrase as CLIP sees it gives the circles without water back
-    # (figures cross-fitted on the probe); the checkpoint holds the head and reproduces it exactly
+    # --refit: a last layer on features with the phrase (as CLIP sees it) erased and balanced gives the
+    # circles without water back (figures cross-fitted on the probe); no channel is suppressed, and the
+    # checkpoint holds the head and reproduces it exactly
     assert main(["intervene", str(run_dir), "--flag", "circle:water background", "--refit"]) == 0
     (refit,) = pq.read_table(run_dir / "interventions.parquet").to_pylist()
-    assert refit["refit"] and refit["channels"] == row["channels"]
+    assert refit["refit"] and refit["mode"] == "erase" and refit["channels"] == []
     assert refit["conflicting_after"] >= refit["conflicting_before"] + 0.3
-    _assert_head_reproduced(refit["checkpoint"], row["checkpoint"])
+    assert refit["random_conflicting_after"] == refit["random_conflicting_after"]  # measured, not NaN
+    _assert_head_reproduced(refit["checkpoint"], world_config.model)
     assert main(["intervene", str(run_dir), "--flag", "circle:no such phrase"]) == 2
     assert main(["intervene", str(run_dir), "--flag", "no-colon"]) == 2
     from reports import render_report
@@ -99,19 +101,19 @@ def test_runners_and_resume_agree_on_real_flags(
     assert 'id="interventions"' in html and "“water background”" in html
 
 
-def _assert_head_reproduced(refit_checkpoint: str, suppressed_checkpoint: str) -> None:
-    """The refitted model's logits are its stored head on the suppressed model's pooled target layer."""
+def _assert_head_reproduced(refit_checkpoint: str, original_checkpoint: str) -> None:
+    """The refitted model's logits are its stored head on the original model's pooled target layer."""
     import torch
     from safetensors.torch import load_file
 
     from textcam.intervene import layer_features
     from textcam.models import load_model
 
-    edited, suppressed = load_model(refit_checkpoint), load_model(suppressed_checkpoint)
+    edited, original = load_model(refit_checkpoint), load_model(original_checkpoint)
     assert edited.metadata["refit_head"]["layer"] == edited.target_layer
     head = load_file(refit_checkpoint)
     x = torch.rand(6, 3, *edited.input_size, generator=torch.Generator().manual_seed(0))
-    _, pooled = layer_features(suppressed.module, suppressed.target_layer, x)
+    _, pooled = layer_features(original.module, original.target_layer, x)
     expected = pooled @ head["textcam_head.weight"].T + head["textcam_head.bias"]
     with torch.no_grad():
         torch.testing.assert_close(edited.module(x), expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from textcam.intervene import (
     channel_phrase_z,
     concept_balanced_head,
     concept_channels,
+    concept_eraser,
     crossfit_predictions,
     dfr_predictions,
     group_accuracy,
@@ -133,18 +134,68 @@ def test_the_concept_balanced_head_learns_the_class_not_the_cue() -> None:
         return group_accuracy((test @ weight.T + bias).argmax(1), y_test, cue_test, 1)["conflicting"]
 
     plain = conflicting(*logistic_head(feats, y, np.ones(n), 2))
-    balanced = conflicting(*concept_balanced_head(feats, y, cue, 2))
+    balanced = conflicting(*concept_balanced_head(feats, y, cue, 2, erase=False))
     assert plain < 0.3 and balanced > 0.7
     # the balance is a reweighting: each of the 4 groups weighs n/4 in total
     group = y * 2 + cue
     by_hand = np.array([n / 4 / (group == g).sum() for g in group])
     np.testing.assert_allclose(
-        concept_balanced_head(feats, y, cue, 2)[0], logistic_head(feats, y, by_hand, 2)[0]
+        concept_balanced_head(feats, y, cue, 2, erase=False)[0], logistic_head(feats, y, by_hand, 2)[0]
     )
     pred = crossfit_predictions(feats, y, cue, 2)
     assert pred.shape == (n,) and (pred == y).mean() > 0.75
     with pytest.raises(ValueError, match=r"1 have none \(1\)"):
         logistic_head(feats[y == 0], y[y == 0], np.ones(int((y == 0).sum())), 2)
+
+
+def test_the_concept_eraser_leaves_no_linear_trace_of_the_concept_within_classes() -> None:
+    rng = np.random.default_rng(1)
+    n = 3000
+    y = rng.integers(0, 3, n)
+    cue = rng.random(n) < np.array([0.9, 0.3, 0.5])[y]
+    mix = rng.standard_normal((3, 5))  # the class, the cue and noise spread over five features
+    feats = np.c_[y, cue, rng.standard_normal(n)] @ mix + 0.3 * rng.standard_normal((n, 5))
+    project, offset = concept_eraser(feats, y, cue)
+    erased = feats @ project.T + offset
+    centred = erased - np.array([erased[y == k].mean(0) for k in range(3)])[y]
+    z = cue - np.array([cue[y == k].mean() for k in range(3)])[y]
+    np.testing.assert_allclose(centred.T @ z / n, 0.0, atol=1e-10)  # no covariance with the concept left
+    assert np.linalg.matrix_rank(np.eye(5) - project) == 1  # one direction erased, the rest kept
+    assert np.abs(feats @ project.T + offset - feats).max() > 0.5  # it did move the features
+    # by hand: the cue alone in feature 1, independent of the class signal in feature 0 -> feature 1
+    # becomes its mean, feature 0 is kept
+    two = np.c_[y + 0.1 * rng.standard_normal(n), 3.0 * cue + 0.1 * rng.standard_normal(n)]
+    project, offset = concept_eraser(two, y, cue)
+    np.testing.assert_allclose(project, [[1.0, 0.0], [0.0, 0.0]], atol=0.05)
+    np.testing.assert_allclose(offset, [0.0, two[:, 1].mean()], atol=0.05)
+    # a concept that never varies within a class leaves nothing to erase
+    project, offset = concept_eraser(two, y, y == 1)
+    assert (project == np.eye(2)).all() and (offset == 0).all()
+
+
+def test_erasing_the_concept_lets_the_head_learn_a_class_never_seen_without_the_cue() -> None:
+    """Class 1 shows the cue on every training image, so no balance can reweigh a group that is not
+    there; the cue varies within class 0, which is where the eraser finds its direction."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    y = rng.integers(0, 2, n)
+    cue = np.where(y == 1, True, rng.random(n) < 0.5)
+
+    def features(label: np.ndarray, shown: np.ndarray) -> np.ndarray:
+        return np.c_[
+            label + 0.4 * rng.standard_normal(label.size), 3.0 * shown + 0.1 * rng.standard_normal(label.size)
+        ]
+
+    feats = features(y, cue)
+    y_test = np.repeat([0, 1], 500)
+    cue_test = np.tile([True, False], 500)
+    test = features(y_test, cue_test)
+
+    def conflicting(erase: bool) -> float:
+        weight, bias = concept_balanced_head(feats, y, cue, 2, erase=erase)
+        return group_accuracy((test @ weight.T + bias).argmax(1), y_test, cue_test, 1)["conflicting"]
+
+    assert conflicting(erase=False) < 0.4 and conflicting(erase=True) > 0.7
 
 
 def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_cache, tmp_path: Path) -> None:
@@ -237,9 +288,9 @@ def test_the_bench_acts_on_each_audits_first_flag_and_counts_an_unflagged_cue_as
     def cue(refit: float | None) -> dict:
         before = {"conflicting": 0.1}
         fit = None if refit is None else {"conflicting": refit, "worst_group": refit, "accuracy": 0.8}
-        variants = None if fit is None else {v: fit for v in ("refit", "truth", "erm")}
+        variants = None if fit is None else {v: fit for v in ("refit", "no_erase", "zeroed", "truth", "erm")}
         if variants is not None:
-            variants |= {"random_phrase": [fit], "random_channels": [fit], "clip_groups_agree": 1.0}
+            variants |= {"random_phrase": [fit], "clip_groups_agree": 1.0}
         return {"before": {**before, "accuracy": 0.8}, "refit": {"train": variants}}
 
     out = bench.refit_summary([cue(0.6), cue(None)], "train", lambda v: float(np.mean(v)))

@@ -13,7 +13,8 @@ set, with a forward hook on the target layer; it travels in a checkpoint's confi
 A concept can also be balanced out of the last layer: :func:`concept_balanced_head` refits it on the
 target layer's pooled features of labelled images, every group (class × concept present/absent, presence
 as CLIP sees it) weighing the same: Deep Feature Reweighting's group balance with the groups read off a
-flagged phrase instead of annotated. :func:`attach_head` puts such a head on a network.
+flagged phrase instead of annotated; before the fit, :func:`concept_eraser` removes the concept's linear
+trace within classes. :func:`attach_head` puts such a head on a network.
 """
 
 from __future__ import annotations
@@ -268,17 +269,54 @@ def class_concept_groups(labels: np.ndarray, present: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64) * 2 + present.astype(np.int64)
 
 
+def concept_eraser(
+    features: np.ndarray, labels: np.ndarray, present: np.ndarray, *, rtol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """The affine map ``x @ project.T + offset`` that leaves no linear trace of the concept within
+    classes: LEACE (Belrose et al. 2023) on class-centred features and presence. Within classes the
+    concept is what varies independently of the label (it is on other classes' images too), so the
+    erased direction is the cue's, not the biased class's own evidence."""
+    x = features - _class_means(features, labels)
+    z = present.astype(np.float64)
+    z = z - _class_means(z[:, None], labels)[:, 0]
+    eigval, eigvec = np.linalg.eigh(x.T @ x / len(x))
+    keep = eigval > rtol * max(float(eigval.max()), 1e-300)
+    v, root = eigvec[:, keep], np.sqrt(eigval[keep])
+    whiten, unwhiten = (v / root) @ v.T, (v * root) @ v.T
+    u = whiten @ (x.T @ z / len(x))
+    eye = np.eye(features.shape[1])
+    if not np.linalg.norm(u) > 1e-12:  # the concept does not vary within any class: nothing to erase
+        return eye, np.zeros(features.shape[1])
+    u /= np.linalg.norm(u)
+    erase = unwhiten @ np.outer(u, u) @ whiten
+    return eye - erase, features.mean(0) @ erase.T
+
+
+def _class_means(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's class mean of ``values`` (rows, columns)."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    sums = np.zeros((classes.size, values.shape[1]))
+    np.add.at(sums, inverse, values)
+    return (sums / np.bincount(inverse)[:, None])[inverse]
+
+
 def concept_balanced_head(
-    features: np.ndarray, labels: np.ndarray, present: np.ndarray, n_classes: int
+    features: np.ndarray, labels: np.ndarray, present: np.ndarray, n_classes: int, *, erase: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`logistic_head` where every group (class × concept present/absent) weighs the same in
     total: DFR's balance by reweighting instead of subsampling, since a biased set may hold a handful of
-    images in a group (why, measured: ``docs/decisions.md``, "Balance the last layer by the concept")."""
+    images in a group. With ``erase``, it is fitted on :func:`concept_eraser`'s features and the eraser
+    is folded into the returned weight and bias, so they still apply to the raw features (why, measured:
+    ``docs/decisions.md``, "Balance the last layer by the concept" and "Erase the concept")."""
     _, inverse, counts = np.unique(
         class_concept_groups(labels, present), return_inverse=True, return_counts=True
     )
     weight = 1.0 / counts[inverse]
-    return logistic_head(features, labels, weight * labels.size / weight.sum(), n_classes)
+    dim = features.shape[1]
+    project, offset = concept_eraser(features, labels, present) if erase else (np.eye(dim), np.zeros(dim))
+    sample_weight = weight * labels.size / weight.sum()
+    w, b = logistic_head(features @ project.T + offset, labels, sample_weight, n_classes)
+    return w @ project, b + w @ offset
 
 
 def crossfit_predictions(

@@ -253,7 +253,7 @@ INTERVENTIONS = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("class_name", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
-        pa.field("mode", pa.string(), nullable=False),  # "mean" | "zero"
+        pa.field("mode", pa.string(), nullable=False),  # "mean" | "zero" | "erase" (a refit: no channel)
         # a new last layer balanced by the concept (figures cross-fitted on the probe images)
         pa.field("refit", pa.bool_(), nullable=False),
         pa.field("n_channels", pa.int32(), nullable=False),
@@ -267,6 +267,7 @@ INTERVENTIONS = pa.schema(
         pa.field("conflicting_after", pa.float64(), nullable=True),
         pa.field("worst_group_before", pa.float64(), nullable=True),
         pa.field("worst_group_after", pa.float64(), nullable=True),
+        # as many random channels; for a refit, the refit balanced by random non-class phrases
         pa.field("random_conflicting_after", pa.float64(), nullable=True),
         # P(called the class | concept) - P(called the class | no concept): the shortcut itself
         pa.field("reliance_before", pa.float64(), nullable=True),
