@@ -103,7 +103,8 @@ def intervene(
         raise ValueError("a refit needs labelled probe images; this run's probe has no labels")
     means = feats.mean(0)
     rng = np.random.default_rng(seed)
-    base = _Baseline(images, pred0, presence, labelled, means, layer, mode, refit)
+    unedited = (logits.numpy()[labelled], feats.numpy()[labelled])
+    base = _Baseline(images, pred0, unedited, presence, labelled, means, layer, mode, refit)
     rows = [
         _flag_row(f, model, bank, phrases, text, base, out, rng) | {"run_id": run_dir.name}
         for f in flags.itertuples()
@@ -124,6 +125,7 @@ class _Baseline:
 
     images: ProbeImages
     pred: np.ndarray
+    outputs: tuple[np.ndarray, np.ndarray]  # logits and pooled features of the labelled images
     presence: np.ndarray
     labelled: np.ndarray
     means: torch.Tensor
@@ -172,7 +174,7 @@ def _flag_row(
     lab = base.labelled
     phrase_index = list(phrases).index(f.phrase)
     present = base.presence[lab, phrase_index]
-    outputs = base.labelled_outputs(model, s)
+    outputs = base.outputs if base.refit else base.labelled_outputs(model, s)  # a refit edits no channel
     head = _refit_head(base, outputs, present) if base.refit else None
     safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
     safe += "-refit" if base.refit else ""
