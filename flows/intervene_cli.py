@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -57,20 +58,33 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     if not (result["n_images"] > 0).any():
         print("the probe images have no labels: channels and edited models written, accuracy not measured")
     for r in result.itertuples():
-        edit = "a new last layer, the phrase erased" if r.refit else f"{r.n_channels} channels ({r.mode})"
-        random = "random phrases" if r.refit else "random channels"
-        line = f"{r.class_name}: {r.phrase!r} - {edit}"
-        if pd.notna(r.conflicting_before):
-            line += (
-                f"; reliance {r.reliance_before:.2f} -> {r.reliance_after:.2f} "
-                f"({random} {r.random_reliance_after:.2f})"
-                f"; {r.class_name} without it {r.conflicting_before:.2f} -> {r.conflicting_after:.2f} "
-                f"({random} {r.random_conflicting_after:.2f}); "
-                f"worst group {r.worst_group_before:.2f} -> {r.worst_group_after:.2f}; "
-                f"accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f} "
-                f"on {r.n_images} labelled probe images"
-            )
-        print(line)
-        print(f"  edited model: {r.checkpoint}")
+        print("\n".join(describe(r)))
     print(f"table: {run_dir / 'interventions.parquet'}")
     return 0
+
+
+def describe(r: Any) -> list[str]:
+    """The lines ``textcam intervene`` prints for one row of the interventions table."""
+    edit = "a new last layer, the phrase erased" if r.refit else f"{r.n_channels} channels ({r.mode})"
+    random = "random phrases" if r.refit else "random channels"
+    line = f"{r.class_name}: {r.phrase!r} - {edit}"
+    if pd.notna(r.conflicting_before):
+        line += (
+            f"; reliance {r.reliance_before:.2f} -> {r.reliance_after:.2f} "
+            f"({random} {r.random_reliance_after:.2f})"
+            f"; {r.class_name} without it {r.conflicting_before:.2f} -> {r.conflicting_after:.2f} "
+            f"({random} {r.random_conflicting_after:.2f}); "
+            f"worst group {r.worst_group_before:.2f} -> {r.worst_group_after:.2f}; "
+            f"accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f} "
+            f"on {r.n_images} labelled probe images, {r.n_conflicting} of them {r.class_name} without it"
+        )
+    lines = [line]
+    if r.n_conflicting == 0:
+        # Then a refit has no evidence of the class without the cue (docs/decisions.md, "Three more refits").
+        lines.append(
+            f"  no labelled probe image is {r.class_name} without {r.phrase!r} (as CLIP sees it): its "
+            f"accuracy without the cue cannot be measured here, and a refit has nothing to learn "
+            f"{r.class_name} without it from; audit with a --probe that holds such images"
+        )
+    lines.append(f"  edited model: {r.checkpoint}")
+    return lines

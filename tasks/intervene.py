@@ -174,10 +174,10 @@ def _flag_row(
     lab = base.labelled
     phrase_index = list(phrases).index(f.phrase)
     present = base.presence[lab, phrase_index]
+    groups = (base.images.labels[lab], present, int(f.class_index))
     outputs = base.outputs if base.refit else base.labelled_outputs(model, s)  # a refit edits no channel
     head = _refit_head(base, outputs, present) if base.refit else None
-    safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}")
-    safe += "-refit" if base.refit else ""
+    safe = "".join(ch if ch.isalnum() else "-" for ch in f"{f.class_name}-{f.phrase}{'-refit' * base.refit}")
     row = {
         "class_name": f.class_name,
         "phrase": f.phrase,
@@ -188,11 +188,11 @@ def _flag_row(
         "null_threshold": cc.threshold,
         "expected_by_chance": cc.expected_by_chance,
         "n_images": int(lab.sum()),
+        "n_conflicting": int(((groups[0] == groups[2]) & ~present).sum()) if lab.any() else None,
         "checkpoint": str(save_edited_checkpoint(model, out / f"{safe}.safetensors", s, head)),
     }
     if not (lab.any() and (cc.channels or base.refit)):
         return row
-    groups = (base.images.labels[lab], present, int(f.class_index))
     after = group_accuracy(base.predict(outputs, present), *groups)
     if base.refit:  # beside it: the same refit, erased and balanced by a random non-class phrase
         classes = set(model.class_names)

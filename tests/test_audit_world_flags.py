@@ -86,6 +86,7 @@ def test_runners_and_resume_agree_on_real_flags(
     assert main(["intervene", str(run_dir), "--flag", "circle:water background", "--refit"]) == 0
     (refit,) = pq.read_table(run_dir / "interventions.parquet").to_pylist()
     assert refit["refit"] and refit["mode"] == "erase" and refit["channels"] == []
+    assert 0 < refit["n_conflicting"] < refit["n_images"]
     assert refit["conflicting_after"] >= refit["conflicting_before"] + 0.3
     assert refit["random_conflicting_after"] == refit["random_conflicting_after"]  # measured, not NaN
     _assert_head_reproduced(refit["checkpoint"], world_config.model)

@@ -171,6 +171,18 @@ def test_the_concept_eraser_leaves_no_linear_trace_of_the_concept_within_classes
     # a concept that never varies within a class leaves nothing to erase
     project, offset = concept_eraser(two, y, y == 1)
     assert (project == np.eye(2)).all() and (offset == 0).all()
+    # two concepts at once (an attribute's values): rank two, no trace of either left; the first alone
+    # is the one-concept eraser
+    other = rng.random(n) < 0.4
+    four = np.c_[feats[:, :3], 2.0 * other + 0.1 * rng.standard_normal(n)]
+    both = np.c_[cue, other]
+    project, offset = concept_eraser(four, y, both)
+    erased = four @ project.T + offset
+    centred = erased - np.array([erased[y == k].mean(0) for k in range(3)])[y]
+    zs = both - np.array([both[y == k].mean(0) for k in range(3)])[y]
+    np.testing.assert_allclose(centred.T @ zs / n, 0.0, atol=1e-10)
+    assert np.linalg.matrix_rank(np.eye(4) - project, tol=1e-8) == 2
+    np.testing.assert_allclose(concept_eraser(four, y, both[:, :1])[0], concept_eraser(four, y, cue)[0])
 
 
 def test_erasing_the_concept_lets_the_head_learn_a_class_never_seen_without_the_cue() -> None:
@@ -297,3 +309,37 @@ def test_the_bench_acts_on_each_audits_first_flag_and_counts_an_unflagged_cue_as
     assert out["refit_train_unflagged"] == 1
     assert out["refit_train_win_rate"] == 0.5  # the unflagged cue is a miss, not left out
     assert out["refit_train_conflicting_acc"] == pytest.approx(0.6)
+
+
+def test_intervene_says_when_the_probe_has_no_image_of_the_class_without_the_phrase() -> None:
+    import pandas as pd
+
+    from flows.intervene_cli import describe
+
+    nan = float("nan")
+    figures = dict.fromkeys(
+        [
+            "accuracy_before",
+            "accuracy_after",
+            "worst_group_before",
+            "worst_group_after",
+            "random_conflicting_after",
+            "reliance_before",
+            "reliance_after",
+            "random_reliance_after",
+        ],
+        0.5,
+    )
+    common = {"class_name": "star", "phrase": "plain background", "refit": True, "mode": "erase"}
+    common |= {"n_channels": 0, "n_images": 400, "checkpoint": "star.safetensors"} | figures
+    rows = pd.DataFrame(
+        [
+            common | {"n_conflicting": 0, "conflicting_before": nan, "conflicting_after": nan},
+            common | {"n_conflicting": 12, "conflicting_before": 0.0, "conflicting_after": 0.75},
+        ]
+    )
+    starved, measured = (describe(r) for r in rows.itertuples())
+    assert len(starved) == 3 and "no labelled probe image is star without 'plain background'" in starved[1]
+    assert "--probe" in starved[1] and "without it 0.00" not in starved[0]
+    assert len(measured) == 2 and "star without it 0.00 -> 0.75" in measured[0]
+    assert measured[0].endswith("on 400 labelled probe images, 12 of them star without it")

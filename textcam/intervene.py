@@ -275,20 +275,21 @@ def concept_eraser(
     """The affine map ``x @ project.T + offset`` that leaves no linear trace of the concept within
     classes: LEACE (Belrose et al. 2023) on class-centred features and presence. Within classes the
     concept is what varies independently of the label (it is on other classes' images too), so the
-    erased direction is the cue's, not the biased class's own evidence."""
+    erased direction is the cue's, not the biased class's own evidence. ``present``: (N,) for one
+    concept, or (N, k) to erase k at once (rank up to k)."""
     x = features - _class_means(features, labels)
-    z = present.astype(np.float64)
-    z = z - _class_means(z[:, None], labels)[:, 0]
+    z = present.astype(np.float64).reshape(len(features), -1)
+    z = z - _class_means(z, labels)
     eigval, eigvec = np.linalg.eigh(x.T @ x / len(x))
     keep = eigval > rtol * max(float(eigval.max()), 1e-300)
     v, root = eigvec[:, keep], np.sqrt(eigval[keep])
     whiten, unwhiten = (v / root) @ v.T, (v * root) @ v.T
-    u = whiten @ (x.T @ z / len(x))
+    basis, sizes, _ = np.linalg.svd(whiten @ (x.T @ z / len(x)), full_matrices=False)
     eye = np.eye(features.shape[1])
-    if not np.linalg.norm(u) > 1e-12:  # the concept does not vary within any class: nothing to erase
+    if not sizes.max() > 1e-12:  # the concept does not vary within any class: nothing to erase
         return eye, np.zeros(features.shape[1])
-    u /= np.linalg.norm(u)
-    erase = unwhiten @ np.outer(u, u) @ whiten
+    basis = basis[:, sizes > rtol * sizes.max()]
+    erase = unwhiten @ basis @ basis.T @ whiten
     return eye - erase, features.mean(0) @ erase.T
 
 
@@ -301,21 +302,33 @@ def _class_means(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def concept_balanced_head(
-    features: np.ndarray, labels: np.ndarray, present: np.ndarray, n_classes: int, *, erase: bool = True
+    features: np.ndarray,
+    labels: np.ndarray,
+    present: np.ndarray,
+    n_classes: int,
+    *,
+    erase: bool = True,
+    erased: np.ndarray | None = None,
+    balance: float = 1.0,
+    c: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`logistic_head` where every group (class × concept present/absent) weighs the same in
     total: DFR's balance by reweighting instead of subsampling, since a biased set may hold a handful of
     images in a group. With ``erase``, it is fitted on :func:`concept_eraser`'s features and the eraser
     is folded into the returned weight and bias, so they still apply to the raw features (why, measured:
-    ``docs/decisions.md``, "Balance the last layer by the concept" and "Erase the concept")."""
+    ``docs/decisions.md``, "Balance the last layer by the concept" and "Erase the concept").
+    ``erased``: what to erase if not ``present`` (e.g. every value of its attribute); ``balance``: group
+    weights ∝ size^-balance (1: equal totals, 0: none); ``c``: the inverse L2 strength. The defaults
+    measured best on held-out worlds (``docs/decisions.md``, "Three more refits")."""
     _, inverse, counts = np.unique(
         class_concept_groups(labels, present), return_inverse=True, return_counts=True
     )
-    weight = 1.0 / counts[inverse]
+    weight = counts[inverse].astype(np.float64) ** -balance
     dim = features.shape[1]
-    project, offset = concept_eraser(features, labels, present) if erase else (np.eye(dim), np.zeros(dim))
+    concept = present if erased is None else erased
+    project, offset = concept_eraser(features, labels, concept) if erase else (np.eye(dim), np.zeros(dim))
     sample_weight = weight * labels.size / weight.sum()
-    w, b = logistic_head(features @ project.T + offset, labels, sample_weight, n_classes)
+    w, b = logistic_head(features @ project.T + offset, labels, sample_weight, n_classes, c=c)
     return w @ project, b + w @ offset
 
 

@@ -261,6 +261,9 @@ INTERVENTIONS = pa.schema(
         pa.field("null_threshold", pa.float64(), nullable=False),
         pa.field("expected_by_chance", pa.float64(), nullable=False),
         pa.field("n_images", pa.int64(), nullable=False),  # labelled probe images evaluated
+        # ... of the class without the phrase: what the bias-conflicting accuracy is measured on and
+        # a refit learns the class without the cue from (null: no labelled image)
+        pa.field("n_conflicting", pa.int64(), nullable=True),
         pa.field("accuracy_before", pa.float64(), nullable=True),
         pa.field("accuracy_after", pa.float64(), nullable=True),
         pa.field("conflicting_before", pa.float64(), nullable=True),  # the class, concept absent
@@ -275,7 +278,7 @@ INTERVENTIONS = pa.schema(
         pa.field("random_reliance_after", pa.float64(), nullable=True),
         pa.field("checkpoint", pa.string(), nullable=False),
     ],
-    metadata={"table": "interventions", "version": "2"},
+    metadata={"table": "interventions", "version": "3"},
 )
 
 
