@@ -1,6 +1,8 @@
 """The refit's alternatives (issue 13), side by side on one truth-sweep seed's worlds.
 
-    .venv/bin/python bench/refit_variants.py [--seed 11] [--draws 16] [--cache-dir DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/refit_variants.py [--seed 11] [--draws 16] [--cache-dir DIR]
+
+(One thread gives the recorded figures to the digit; other thread counts move single cues by 0.01.)
 
 Worlds: the first ``--draws`` biased worlds of ``bench/sweep.py``'s draw for ``--seed`` (worlds not yet in
 the cache are built; run the sweep first to share its cache). For every planted cue the classifier uses
@@ -71,11 +73,7 @@ def world_cues(name: str, config, cache_dir: str | None) -> list[dict[str, Any]]
         values = world.phrases[spec.attribute]
         seen = train["presence"][:, phrases.index(values[spec.value])]
         family = [phrases.index(p) for p in values.values() if p in phrases]
-        side = (feats_test, labels, present, cls)
-
-        def scored(held: dict[str, Any], groups: np.ndarray, side=side, **options: Any) -> dict[str, float]:
-            return scored_on_test(held, groups, side, len(names), **options)
-
+        side = (feats_test, labels, present, cls, len(names))
         truth_probe = (probe["records"][spec.attribute] == spec.value).to_numpy()
         rows.append(
             {
@@ -84,21 +82,20 @@ def world_cues(name: str, config, cache_dir: str | None) -> list[dict[str, Any]]
                 "gap": gap,
                 "before": before["conflicting"],
                 "n_without": int(((train["labels"] == cls) & ~seen).sum()),
-                "refit": scored(train, seen),
-                "l2_0.1": scored(train, seen, c=0.1),
-                "balance_0.5": scored(train, seen, balance=0.5),
-                "attribute": scored(train, seen, erased=train["presence"][:, family]),
-                "probe_split": scored(probe, truth_probe),
+                "refit": scored(train, seen, side),
+                "l2_0.1": scored(train, seen, side, c=0.1),
+                "balance_0.5": scored(train, seen, side, balance=0.5),
+                "attribute": scored(train, seen, side, erased=train["presence"][:, family]),
+                "probe_split": scored(probe, truth_probe, side),
             }
         )
     return rows
 
 
-def scored_on_test(
-    held: dict[str, Any], groups: np.ndarray, side: tuple, n_classes: int, **options: Any
-) -> dict[str, float]:
-    """A refit on ``held`` (grouped by ``groups``), scored on the test split ``side``."""
-    feats_test, labels, present, cls = side
+def scored(held: dict[str, Any], groups: np.ndarray, side: tuple, **options: Any) -> dict[str, float]:
+    """A refit on ``held`` (grouped by ``groups``), scored on the test split: ``side`` is its features,
+    labels, the cue's presence, the cue's class and the number of classes."""
+    feats_test, labels, present, cls, n_classes = side
     weight, bias = concept_balanced_head(held["features"], held["labels"], groups, n_classes, **options)
     acc = group_accuracy((feats_test @ weight.T + bias).argmax(1), labels, present, cls)
     return {k: acc[k] for k in ("conflicting", "worst_group", "accuracy")}
