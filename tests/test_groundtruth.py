@@ -9,30 +9,18 @@ demo preset is not part of CI; its figures are in the README.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("groundtruth_bench", ROOT / "bench" / "groundtruth.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def figures(tiny_world_cache, tmp_path_factory) -> dict[str, Any]:
     cache, _, _ = tiny_world_cache
-    bench = _bench_module()
+    bench = load_bench("groundtruth")
     argv = ["--preset", "tiny", "--quick", "--imagenet-n", "0", "--cache-dir", str(cache)]
     argv += ["--run-dir", str(tmp_path_factory.mktemp("groundtruth-runs"))]
     out = io.StringIO()

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benches import load_bench
 from handnets import ConvGapLinear
 
 from textcam.intervene import (
@@ -266,22 +267,12 @@ def test_edited_model_reloads_exactly_and_beats_random_suppression(tiny_world_ca
     assert after["groups"]["others_with"] > max(r["groups"]["others_with"] for r in random) + 0.3
 
 
-def _intervene_bench():
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("intervene_bench", root / "bench" / "intervene.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_bench_acts_on_each_audits_first_flag_and_counts_an_unflagged_cue_as_no_gain(
     tmp_path: Path,
 ) -> None:
     import pandas as pd
 
-    bench = _intervene_bench()
+    bench = load_bench("intervene")
     runs = tmp_path / "runs"
     for audit, rows in {
         "test": [("circle", "night sky", "for", 2), ("circle", "water background", "for", 1)],

@@ -3,22 +3,13 @@ planted cues are found, at a size a test can afford (the bench itself runs at 10
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benches import load_bench
 
 
 def test_a_small_simulated_run_validates_and_its_cues_are_first(tmp_path: Path) -> None:
-    scale = _scale()
+    scale = load_bench("scale")
     run_dir = tmp_path / "sim"
     scale.simulate(run_dir, n_images=3000, n_classes=6, n_phrases=40, n_cues=2)
     valid = scale.run_stage("validate", run_dir, 6, 40, 2)
