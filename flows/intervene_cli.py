@@ -14,7 +14,7 @@ import pandas as pd
 from textcam.cli import add_command
 
 DOC = """\
-suppress a flagged concept's channels: accuracy per group before/after, edited model
+suppress a flagged concept's channels (or --refit the last layer without it): accuracy per group, edited model
 
 For each flag of RUN_DIR (or one, --flag CLASS:PHRASE): find the phrase's channels at the bank's
 layer, replace them by their probe mean (or zero), report accuracy overall, per group and worst
