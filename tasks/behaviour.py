@@ -33,8 +33,8 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
   of its images, a word that follows the concept on those images would pass on exactly them.
 
-``min_effect`` (0.2) sits between the truth sweep's definitions of an unused cue (accuracy gap < 0.1)
-and a used one (≥ 0.3); it is part of the rule's definition, not fitted to a world.
+``min_effect`` (:data:`tasks.config.MIN_EFFECT`, 0.3) is the truth sweep's own bound of a cue the model
+uses (accuracy gap ≥ 0.3): a flag claims use. It is part of the rule's definition, not fitted to a world.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.config import MIN_EFFECT
 from textcam.visibility import PhraseVisibility
 
 DIRECTIONS = ("for", "against")
@@ -434,7 +435,7 @@ def evidence_grid(
     eligible: np.ndarray,
     *,
     alpha: float = 0.01,
-    min_effect: float = 0.2,
+    min_effect: float = MIN_EFFECT,
     n_permutations: int = 200,
     max_steps: int = 8,
     seed: int = 0,

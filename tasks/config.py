@@ -88,6 +88,11 @@ class ExplanationSettings(_Settings):
         return value
 
 
+#: smallest effect (risk difference) a flagged cue must make to predictions: the truth sweep's own bound
+#: of a cue the model uses (accuracy gap ≥ 0.3); why not 0.2: docs/decisions.md, "Flags claim use"
+MIN_EFFECT = 0.3
+
+
 class FlagRule(_Settings):
     """The flag rule's settings (:func:`tasks.flags.flag_spurious`; the config's ``flags`` section)."""
 
@@ -100,7 +105,7 @@ class FlagRule(_Settings):
     n_examples: int = Field(6, ge=0)
     seed: int = 0
     alpha: float = Field(0.01, gt=0.0, lt=1.0)
-    min_effect: float = 0.2
+    min_effect: float = MIN_EFFECT
     #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
     #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)

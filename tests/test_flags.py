@@ -10,9 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import OWN, class_text_embeddings, make_run
 
+from tasks.config import MIN_EFFECT
 from tasks.flags import ClassText, _load_scores, flag_spurious, z_lift_matrix
 from tasks.store import build_duckdb, query
 from textcam.schema import FLAGS
+
+UNDER_EFFECT = f"effect under {MIN_EFFECT:g}"  # the candidates' reason when only the effect fails
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +272,7 @@ def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassTex
     snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
     assert not snow["flagged"] and snow["reason"] in (
         "model evidence under the permutation null",
-        "effect under 0.2",
+        UNDER_EFFECT,
     )
     assert abs(snow["z_model"]) < snow["model_threshold"]
     own = why[why["phrase"] == "whiskers"]
@@ -292,7 +295,7 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
     held_out = flag_spurious(planted, class_text, behaviour=behaviour)
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
     snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
-    assert held_out.empty and snow["reason"] == "effect under 0.2"
+    assert held_out.empty and snow["reason"] == UNDER_EFFECT
     assert snow["z_model"] > snow["model_threshold"] and 0.05 < snow["effect"] < 0.2
     trained = flag_spurious(planted, class_text, behaviour=behaviour, probe_seen_in_training=True)
     assert list(zip(trained["class_name"], trained["phrase"], trained["direction"], strict=True)) == [
@@ -300,7 +303,7 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
     ]
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     assert why.loc[("cat", "snow"), "direction"] == "against"  # never relaxed: the plain reason
-    assert why.loc[("cat", "snow"), "reason"] == "effect under 0.2"
+    assert why.loc[("cat", "snow"), "reason"] == UNDER_EFFECT
 
 
 def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
