@@ -84,6 +84,8 @@ HELP = {
     "flags.seed": "seed of the permutations (default 0)",
     "flags.alpha": "family-wise error of the model test (default 0.01)",
     "flags.min_effect": "smallest risk difference a flagged cue must make to predictions (default 0.3)",
+    "flags.min_effect_in_training": "min_effect with --flag-probe-seen-in-training: in-sample effects "
+    "shrink (default 0.2)",
     "flags.min_class_agreement": "phi between phrase and class name for the phrase to name it (default 0.5)",
     "flags.proxy_agreement": "|phi| with a flag's presence that makes a phrase its proxy, not flagged (0.5)",
     "flags.probe_seen_in_training": "the probe (the audited data unless --probe) is the model's training "

@@ -88,9 +88,11 @@ class ExplanationSettings(_Settings):
         return value
 
 
-#: smallest effect (risk difference) a flagged cue must make to predictions: the truth sweep's own bound
-#: of a cue the model uses (accuracy gap ≥ 0.3); why not 0.2: docs/decisions.md, "Flags claim use"
+#: smallest effect (risk difference) a flagged cue must make to predictions on held-out images: the truth
+#: sweep's own bound of a cue the model uses (accuracy gap ≥ 0.3); docs/decisions.md, "Flags claim use"
 MIN_EFFECT = 0.3
+#: the same on the classifier's training images, where effects shrink (the bound of stop 22, unchanged)
+MIN_EFFECT_IN_TRAINING = 0.2
 
 
 class FlagRule(_Settings):
@@ -106,6 +108,8 @@ class FlagRule(_Settings):
     seed: int = 0
     alpha: float = Field(0.01, gt=0.0, lt=1.0)
     min_effect: float = MIN_EFFECT
+    #: ``min_effect`` when ``probe_seen_in_training``: in-sample the model is right on nearly every image
+    min_effect_in_training: float = MIN_EFFECT_IN_TRAINING
     #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
     #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)
@@ -114,6 +118,11 @@ class FlagRule(_Settings):
     #: training data: once no pair passes, a pair *for* a class that its explanations name needs no
     #: ``min_effect``, only an effect in its direction
     probe_seen_in_training: bool = False
+
+    @property
+    def effect_bound(self) -> float:
+        """The smallest effect a flag needs: ``min_effect``, or on training images its in-sample bound."""
+        return self.min_effect_in_training if self.probe_seen_in_training else self.min_effect
 
 
 class AuditConfig(_Settings):

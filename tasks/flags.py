@@ -325,8 +325,8 @@ def flag_spurious(
 
     ``rule`` (or its fields as keywords: ``n_permutations``, ``alpha``, ...) is :class:`FlagRule`. With
     ``behaviour`` (:func:`tasks.behaviour.probe_behaviour` of the run's probe set) a flag needs what
-    the model does (:func:`tasks.behaviour.model_evidence`, ``alpha`` and ``min_effect``) instead of the
-    explanation-only z_lift threshold; ``flag_candidates.parquet`` and the table ``flag_candidates``
+    the model does (:func:`tasks.behaviour.model_evidence`, ``alpha`` and ``rule.effect_bound``) instead of
+    the explanation-only z_lift threshold; ``flag_candidates.parquet`` and the table ``flag_candidates``
     say, for every class's strongest candidates, which rule decided and the value it saw.
 
     Needs ``RUN_DIR/run.duckdb`` (built by :func:`tasks.store.build_duckdb` if absent). Returns the flags as a
@@ -502,13 +502,19 @@ def _evidence(
     describes = text["describes"].reindex(behaviour.phrases).fillna(False).to_numpy(bool)
     eligible = np.zeros((n_classes, len(behaviour.phrases), 2), dtype=bool)
     eligible[classes["class_index"].to_numpy(np.int64)] = ~describes[:, None]
-    test = rule.model_dump(include={"alpha", "min_effect", "n_permutations", "seed", "proxy_agreement"})
+    test = rule.model_dump(include={"alpha", "n_permutations", "seed", "proxy_agreement"})
     support = _explanation_support(con, behaviour.phrases, rule.min_relative_score)
     # In-sample, the model is right on nearly every probe image and effects shrink (docs/decisions.md,
     # "Training-split audits"): what the explanations name needs only to lean the right way.
     named_min_effect = 0.0 if rule.probe_seen_in_training else None
     return evidence_grid(
-        behaviour, n_classes, eligible, support=support, named_min_effect=named_min_effect, **test
+        behaviour,
+        n_classes,
+        eligible,
+        support=support,
+        min_effect=rule.effect_bound,
+        named_min_effect=named_min_effect,
+        **test,
     )
 
 
@@ -664,7 +670,7 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
     )
     out["accepted"] = out["accepted"].fillna(False).astype(bool)
     out["step"] = out["step"].astype("Int32")
-    passes_first = (out["z_first"] > out["model_threshold"]) & (out["effect_first"] >= rule.min_effect)
+    passes_first = (out["z_first"] > out["model_threshold"]) & (out["effect_first"] >= rule.effect_bound)
     out["reason"] = np.select(
         [
             out["accepted"].to_numpy(),
@@ -693,7 +699,7 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
 def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:
     """Why a pair over the null was not flagged: its effect, and with a probe seen in training, that a
     pair *for* the class was not named by its explanations either (the only way it had left)."""
-    reason = f"effect under {rule.min_effect:g}"
+    reason = f"effect under {rule.effect_bound:g}"
     if not rule.probe_seen_in_training:
         return np.full(len(out), reason, dtype=object)
     named_way = (out["direction"] == "for").to_numpy()
@@ -703,7 +709,7 @@ def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:
 def _candidates(stats: pd.DataFrame, keep: pd.Series, rule: FlagRule) -> pd.DataFrame:
     """Each class × direction's strongest candidates: its flags, its top phrases in the explanations
     (z_lift: what the report's heatmap shows) and its top phrases by the model's z, with the reason."""
-    frame = stats.assign(flagged=keep.to_numpy(), min_effect=rule.min_effect)
+    frame = stats.assign(flagged=keep.to_numpy(), min_effect=rule.effect_bound)
     keys = ["class_name", "direction"]
     picked = [frame[frame["flagged"]]]
     for col in ("z_lift", "z_first"):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import OWN, class_text_embeddings, make_run
 
-from tasks.config import MIN_EFFECT
+from tasks.config import MIN_EFFECT, MIN_EFFECT_IN_TRAINING
 from tasks.flags import ClassText, _load_scores, flag_spurious, z_lift_matrix
 from tasks.store import build_duckdb, query
 from textcam.schema import FLAGS
@@ -303,7 +303,34 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
     ]
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     assert why.loc[("cat", "snow"), "direction"] == "against"  # never relaxed: the plain reason
-    assert why.loc[("cat", "snow"), "reason"] == UNDER_EFFECT
+    assert why.loc[("cat", "snow"), "reason"] == f"effect under {MIN_EFFECT_IN_TRAINING:g}"
+
+
+def test_training_images_have_their_own_effect_bound(planted: Path, class_text: ClassText) -> None:
+    """Snow takes a quarter of the other classes' images to dog (effect about 0.25): under the held-out
+    bound (0.3), over the training-split one (0.2), so it is flagged only when the probe is training data."""
+    from tasks.behaviour import ProbeBehaviour
+
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 6000)
+    presence = rng.random((6000, len(phrases))) < 0.5
+    pred = labels.copy()
+    pred[presence[:, phrases.index("snow")] & (rng.random(6000) < 0.25)] = 2
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    assert flag_spurious(planted, class_text, behaviour=behaviour).empty
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    assert why.loc[("dog", "snow"), "reason"] == UNDER_EFFECT
+    assert MIN_EFFECT_IN_TRAINING < why.loc[("dog", "snow"), "effect"] < MIN_EFFECT
+    trained = flag_spurious(planted, class_text, behaviour=behaviour, probe_seen_in_training=True)
+    # ...for dog, and against the classes whose snowy images it takes (the same shortcut, mirrored)
+    assert set(zip(trained["class_name"], trained["phrase"], trained["direction"], strict=True)) == {
+        ("dog", "snow", "for"),
+        ("bird", "snow", "against"),
+        ("cat", "snow", "against"),
+    }
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    assert why.loc[("dog", "snow"), "min_effect"] == MIN_EFFECT_IN_TRAINING
 
 
 def test_a_cue_the_explanations_never_name_is_flagged_without_examples(
