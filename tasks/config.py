@@ -91,7 +91,7 @@ class ExplanationSettings(_Settings):
 #: smallest effect (risk difference) a flagged cue must make to predictions on held-out images: the truth
 #: sweep's own bound of a cue the model uses (accuracy gap ≥ 0.3); docs/decisions.md, "Flags claim use"
 MIN_EFFECT = 0.3
-#: the same on the classifier's training images, where effects shrink (the bound of stop 22, unchanged)
+#: the same on the classifier's training images, where effects shrink (every audit's bound until 6c40d8b)
 MIN_EFFECT_IN_TRAINING = 0.2
 
 
@@ -107,9 +107,9 @@ class FlagRule(_Settings):
     n_examples: int = Field(6, ge=0)
     seed: int = 0
     alpha: float = Field(0.01, gt=0.0, lt=1.0)
-    min_effect: float = MIN_EFFECT
+    min_effect: float = Field(MIN_EFFECT, ge=0.0, le=1.0)
     #: ``min_effect`` when ``probe_seen_in_training``: in-sample the model is right on nearly every image
-    min_effect_in_training: float = MIN_EFFECT_IN_TRAINING
+    min_effect_in_training: float = Field(MIN_EFFECT_IN_TRAINING, ge=0.0, le=1.0)
     #: image-side witness of "names a class": phi between where CLIP sees the phrase and the class name
     min_class_agreement: float = Field(0.5, ge=-1.0, le=1.0)
     #: |phi| at which a phrase's presence makes it a proxy of an accepted flag's (the same halfway bound)

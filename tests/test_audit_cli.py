@@ -73,6 +73,10 @@ def test_flag_settings_are_a_typed_section_merged_with_the_file(tmp_path: Path) 
     assert (cfg.flags.alpha, cfg.flags.min_effect, cfg.flags.n_permutations) == (0.05, 0.4, 200)
     with pytest.raises(ValueError, match=r"flags\.alpha"):
         config_from_args(parse(["audit", "--config", str(config), "--flag-alpha", "2"]))
+    with pytest.raises(ValueError, match=r"flags\.min_effect_in_training"):
+        config_from_args(parse(["audit", "--config", str(config), "--flag-min-effect-in-training", "-0.1"]))
+    seen = config_from_args(parse(["audit", "--config", str(config), "--flag-probe-seen-in-training"]))
+    assert (seen.flags.effect_bound, cfg.flags.effect_bound) == (seen.flags.min_effect_in_training, 0.4)
     config.write_text(f"data: {tmp_path}\nflags:\n  alpah: 0.05\n")
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['flags.alpah'\]"):
         config_from_args(parse(["audit", "--config", str(config)]))
