@@ -244,29 +244,29 @@ def test_cooccurrence_needs_its_columns(planted: Path, class_text: ClassText) ->
         flag_spurious(planted, class_text, pd.DataFrame({"class_index": [0], "phrase": ["snow"]}))
 
 
-def _probe(phrases: list[str], used: bool, n: int = 900, seed: int = 0):
-    """A probe where CLIP sees each phrase in a random half of the images and the model is right 90 % of
-    the time; when ``used``, it predicts dog (index 2) whenever it sees "snow", whatever the true class."""
+def _probe(phrases: list[str], used: float, n: int = 900, seed: int = 0, right: float = 0.9):
+    """A probe where CLIP sees each phrase in a random half of the images and the model is right on a
+    share ``right`` of them; it predicts dog (index 2) on a share ``used`` of the images where it sees
+    "snow", whatever the true class."""
     from tasks.behaviour import ProbeBehaviour
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)
     presence = rng.random((n, len(phrases))) < 0.5
-    pred = np.where(rng.random(n) < 0.9, labels, rng.integers(0, 3, n))  # a model that errs now and then
-    if used:
-        pred[presence[:, phrases.index("snow")]] = 2
+    pred = np.where(rng.random(n) < right, labels, rng.integers(0, 3, n))  # a model that errs now and then
+    pred[presence[:, phrases.index("snow")] & (rng.random(n) < used)] = 2
     return ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
 
 
 def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassText) -> None:
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    used = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=True))
+    used = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=1.0))
     dog = used[used["class_name"] == "dog"]
     assert next((r.phrase, r.direction, r.rank) for r in dog.itertuples()) == ("snow", "for", 1)
     top = dog.iloc[0]
     assert top["effect"] > 0.9 and top["z_model"] > top["model_threshold"] and top["step"] == 1
     # The same explanations, but the model does not act on snow: the explanations' lift alone flags nothing.
-    unused = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=False))
+    unused = flag_spurious(planted, class_text, behaviour=_probe(phrases, used=0.0))
     assert unused.empty
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
     snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
@@ -283,15 +283,8 @@ def test_model_evidence_decides_with_a_probe(planted: Path, class_text: ClassTex
 def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, class_text: ClassText) -> None:
     """A model right on 97 % of its own images leans on "snow" only a little in-sample (effect about
     0.1): flagged for dog, whose explanations name it, only when the probe is said to be training data."""
-    from tasks.behaviour import ProbeBehaviour
-
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    rng = np.random.default_rng(5)
-    labels = rng.integers(0, 3, 6000)
-    presence = rng.random((6000, len(phrases))) < 0.5
-    pred = np.where(rng.random(6000) < 0.97, labels, rng.integers(0, 3, 6000))
-    pred[presence[:, phrases.index("snow")] & (rng.random(6000) < 0.12)] = 2
-    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    behaviour = _probe(phrases, used=0.12, n=6000, seed=5, right=0.97)
     held_out = flag_spurious(planted, class_text, behaviour=behaviour)
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
     snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
@@ -309,15 +302,8 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
 def test_training_images_have_their_own_effect_bound(planted: Path, class_text: ClassText) -> None:
     """Snow takes a quarter of the other classes' images to dog (effect about 0.25): under the held-out
     bound (0.3), over the training-split one (0.2), so it is flagged only when the probe is training data."""
-    from tasks.behaviour import ProbeBehaviour
-
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    rng = np.random.default_rng(6)
-    labels = rng.integers(0, 3, 6000)
-    presence = rng.random((6000, len(phrases))) < 0.5
-    pred = labels.copy()
-    pred[presence[:, phrases.index("snow")] & (rng.random(6000) < 0.25)] = 2
-    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    behaviour = _probe(phrases, used=0.25, n=6000, seed=6, right=1.0)
     assert flag_spurious(planted, class_text, behaviour=behaviour).empty
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     assert why.loc[("dog", "snow"), "reason"] == UNDER_EFFECT
@@ -432,7 +418,7 @@ def test_text_closeness_to_a_class_needs_the_images_to_agree(planted: Path) -> N
     emb["snow"] = emb["dog"] + 0.01 * rng.standard_normal(emb["dog"].shape)
     text = ClassText(emb)
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    probe = _probe(phrases, used=True)
+    probe = _probe(phrases, used=1.0)
 
     def snow_for_dog(behaviour) -> tuple[bool, str, float]:
         flag_spurious(planted, text, behaviour=behaviour)
