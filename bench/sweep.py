@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from bench.groundtruth import explain, write_run  # noqa: E402
 from tasks.behaviour import probe_behaviour  # noqa: E402
 from tasks.flags import ClassText, flag_spurious  # noqa: E402
+from tasks.training_data import training_correlation  # noqa: E402
 from textcam.bank import ChannelBank  # noqa: E402
 from textcam.clip import load_clip  # noqa: E402
 from textcam.explain import Explainer  # noqa: E402
@@ -231,10 +232,29 @@ def audit_split(
         labels,
         class_embeddings=m.clip.encode_texts(list(m.world.class_names)).cpu(),
     )
+    # The data check reads the training split as a user's flags.training_data; a probe from it is that data.
+    train = m.world.manifest("train")
+    correlation = (
+        None
+        if probe == "train"
+        else training_correlation(
+            train["path"].tolist(),
+            train["label"].to_numpy(),
+            len(m.world.class_names),
+            m.clip,
+            m.text,
+            visibility=PhraseVisibility.fit(bank.probe.embeddings, m.text),  # the probe's call, as the flow
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flags = flag_spurious(
-            run_dir, m.class_text, None, behaviour=behaviour, probe_seen_in_training=probe == "train"
+            run_dir,
+            m.class_text,
+            None,
+            behaviour=behaviour,
+            probe_seen_in_training=probe == "train",
+            correlation=correlation,
         )
     candidates = pd.read_parquet(run_dir / "flag_candidates.parquet")
     return {

@@ -90,6 +90,11 @@ HELP = {
     "flags.proxy_agreement": "|phi| with a flag's presence that makes a phrase its proxy, not flagged (0.5)",
     "flags.probe_seen_in_training": "the probe (the audited data unless --probe) is the model's training "
     "data: what the explanations name needs no min effect",
+    "flags.training_data": "the model's training images (folder or manifest with labels): a flag also "
+    "needs its phrase to go with its class there",
+    "flags.training_size": "training images read for that check at most (default 2000)",
+    "flags.min_correlation": "smallest difference in how often CLIP sees a flagged phrase in its class's "
+    "training images and in the others' (default 0.1)",
 }
 CHOICES = {"runner": ("default", "dask"), "device": ("auto", "cpu", "cuda")}
 METAVARS = {
@@ -97,6 +102,7 @@ METAVARS = {
     "scheduler": "ADDRESS",
     "data": "DIR|MANIFEST",
     "calibration.probe": "DIR|MANIFEST",
+    "flags.training_data": "DIR|MANIFEST",
     "explanation.method": "NAME",
     "run_dir": "DIR",
     "cache_dir": "DIR",

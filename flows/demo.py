@@ -57,7 +57,8 @@ def audit_manifest(world: World, split: str) -> Path:
 
 
 def audit_config(world: World, run_dir: Path, cache_dir: Path | None, workers: int) -> AuditConfig:
-    """Audit the world's (unbiased) test split with its classifier, tiny CLIP and CLEVR vocabulary."""
+    """Audit the world's (unbiased) test split with its classifier, tiny CLIP and CLEVR vocabulary; the
+    flags are checked against the classifier's training split (``flags.training_data``)."""
     return AuditConfig(
         data=str(audit_manifest(world, "test")),
         model=str(world.classifier_checkpoint),
@@ -69,6 +70,7 @@ def audit_config(world: World, run_dir: Path, cache_dir: Path | None, workers: i
             "probe_size": world.config.n_probe,
             "bank_m": 50,
         },
+        flags={"training_data": str(audit_manifest(world, "train"))},
         shard_size=250,
         batch_size=64,
         workers=workers,

@@ -93,6 +93,10 @@ class ExplanationSettings(_Settings):
 MIN_EFFECT = 0.3
 #: the same on the classifier's training images, where effects shrink (every audit's bound until 6c40d8b)
 MIN_EFFECT_IN_TRAINING = 0.2
+#: smallest risk difference of a flagged phrase's presence between its class's training images and the
+#: others: the truth sweep's bound of "no difference" (a cue with a gap under 0.1 is unused); decisions,
+#: "Flags need the data too"
+MIN_CORRELATION = 0.1
 
 
 class FlagRule(_Settings):
@@ -118,6 +122,13 @@ class FlagRule(_Settings):
     #: training data: once no pair passes, a pair *for* a class that its explanations name needs no
     #: ``min_effect``, only an effect in its direction
     probe_seen_in_training: bool = False
+    #: the classifier's training images (a folder or manifest with labels): a flag then also needs its
+    #: phrase to go with its class there (``tasks.training_data``); with ``probe_seen_in_training`` the
+    #: probe is that data
+    training_data: str | None = None
+    #: training images read for that check at most (the first by image_id, as the probe)
+    training_size: int = Field(2000, ge=10)
+    min_correlation: float = Field(MIN_CORRELATION, ge=0.0, le=1.0)
 
     @property
     def effect_bound(self) -> float:

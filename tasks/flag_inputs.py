@@ -21,12 +21,14 @@ def flag_run(cfg: AuditConfig, run_dir: str, manifest: Manifest, bank: BankFiles
     """The run's flags (written to ``flags.parquet`` and the run's DuckDB)."""
     from tasks.flags import flag_spurious
 
+    seen = behaviour(cfg, manifest, bank)
     return flag_spurious(
         run_dir,
         class_text(cfg, run_dir, bank),
         cooccurrence(bank),
-        behaviour=behaviour(cfg, manifest, bank),
+        behaviour=seen,
         rule=cfg.flags,
+        correlation=training_correlation(cfg, bank) if seen is not None else None,
     )
 
 
@@ -92,6 +94,37 @@ def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> A
     )
     warn_if_memorised(cfg, seen)
     return seen
+
+
+def training_correlation(cfg: AuditConfig, bank: BankFiles | None) -> np.ndarray | None:
+    """How each phrase goes with each class in ``flags.training_data`` (:mod:`tasks.training_data`);
+    None when none is given."""
+    from tasks.config import ConfigError
+    from tasks.explain_shard import load_phrases
+    from tasks.manifest import read_manifest
+    from tasks.training_data import training_correlation as correlate
+    from textcam.clip import load_clip
+    from textcam.models import load_model
+    from textcam.visibility import PhraseVisibility
+
+    source = cfg.flags.training_data
+    if source is None or bank is None:
+        return None
+    images = read_manifest(source).images.sort_by("image_id").slice(0, cfg.flags.training_size)
+    names = load_model(cfg.model, weights=cfg.weights, device="cpu").class_names
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.asarray([index.get(str(v), -1) for v in images.column("label").to_pylist()], dtype=np.int64)
+    if not (labels >= 0).any():
+        raise ConfigError(
+            f"flags.training_data {source}: no image has a label among the model's {len(names)} classes; "
+            "the data check needs labelled training images (a class-per-folder tree or a label column)"
+        )
+    _, embeddings = load_phrases(bank.phrases_path)
+    clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)
+    # the probe's call of presence, the one the flags' effects were measured with
+    probe_call = PhraseVisibility.load(bank.visibility_path) if bank.visibility_path else None
+    paths = images.column("path").to_pylist()
+    return correlate(paths, labels, len(names), clip, embeddings, visibility=probe_call)
 
 
 def warn_if_memorised(cfg: AuditConfig, seen: Any) -> bool:

@@ -54,6 +54,7 @@ import torch
 from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, evidence_grid
 from tasks.config import FlagRule
 from tasks.store import open_writable, store_table
+from tasks.training_data import label_correlation
 from textcam.schema import FLAG_CANDIDATES, FLAGS
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,7 @@ def flag_spurious(
     *,
     behaviour: ProbeBehaviour | None = None,
     rule: FlagRule | None = None,
+    correlation: np.ndarray | None = None,
     **settings: Any,
 ) -> pd.DataFrame:
     """Flag spurious-correlation candidates of a run; write ``flags.parquet`` and the DuckDB table ``flags``.
@@ -333,7 +335,10 @@ def flag_spurious(
     DataFrame with the :data:`FLAGS` columns, ordered by class then rank. See the module docstring for the
     statistic. ``class_text=None`` disables the describe-the-class exclusion (a warning is logged).
     ``cooccurrence`` (:func:`tasks.cooccurrence.cooccurrence` of the run's probe set) adds the data check;
-    ``None`` leaves it out (a warning is logged).
+    ``None`` leaves it out (a warning is logged). ``correlation`` (K, P): how each of ``behaviour``'s
+    phrases goes with each class in the classifier's training data
+    (:func:`tasks.training_data.training_correlation`); a flag then needs ``rule.min_correlation`` of it.
+    With ``rule.probe_seen_in_training`` the labelled probe gives it when it is not passed.
 
     >>> text = ClassText.from_encoder(clip.encode_text, names, phrases, vocab)  # doctest: +SKIP
     >>> flag_spurious("runs/r1", text)  # doctest: +SKIP
@@ -342,7 +347,7 @@ def flag_spurious(
     run_dir = Path(run_dir).resolve()
     con = open_writable(run_dir)
     try:
-        flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule)
+        flags, candidates = _compute_flags(con, class_text, cooccurrence, behaviour, rule, correlation)
         for name, frame, schema in (
             ("flags", flags, FLAGS),
             ("flag_candidates", candidates, FLAG_CANDIDATES),
@@ -403,6 +408,7 @@ def _compute_flags(
     cooccurrence: pd.DataFrame | None,
     behaviour: ProbeBehaviour | None,
     rule: FlagRule,
+    correlation: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     classes = con.sql("SELECT DISTINCT class_name, class_index FROM concept_stats ORDER BY class_name").df()
     if classes.empty:
@@ -426,12 +432,20 @@ def _compute_flags(
     stats["in_explanations"] = (stats["lift"] > 0) & (stats["n_images"] >= rule.min_images)
     if behaviour is None:
         keep = _explanation_rule(stats, rule)
-        for col in ("z_model", "effect", "model_threshold", "z_first", "effect_first", "given"):
+        for col in (
+            "z_model",
+            "effect",
+            "model_threshold",
+            "data_correlation",
+            "z_first",
+            "effect_first",
+            "given",
+        ):
             stats[col] = np.nan if col != "given" else None
         stats["step"] = pd.array([pd.NA] * len(stats), dtype="Int32")
         stats["reason"] = _explanation_reasons(stats, keep)
     else:
-        stats, keep = _model_rule(stats, evidence, rule)
+        stats, keep = _model_rule(stats, evidence, rule, _training_correlation(behaviour, correlation, rule))
     candidates = _candidates(stats, keep, rule)
     if not keep.any():
         return _empty(FLAGS), candidates
@@ -653,8 +667,41 @@ def _explanation_reasons(stats: pd.DataFrame, keep: pd.Series) -> np.ndarray:
     )
 
 
-def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tuple[pd.DataFrame, pd.Series]:
-    """Flags from what the model does on the probe set (:func:`tasks.behaviour.evidence_grid`)."""
+def _training_correlation(
+    behaviour: ProbeBehaviour, correlation: np.ndarray | None, rule: FlagRule
+) -> np.ndarray | None:
+    """(K, P) how each phrase goes with each class in the training data: as given, or from a labelled
+    probe that is that data; None: unknown."""
+    if correlation is None and rule.probe_seen_in_training and behaviour.labels is not None:
+        n_classes = int(max(behaviour.labels.max(initial=0), behaviour.predictions.max(initial=0))) + 1
+        return label_correlation(behaviour.presence, behaviour.labels, n_classes)
+    if correlation is not None and (correlation.ndim != 2 or correlation.shape[1] != len(behaviour.phrases)):
+        raise ValueError(
+            f"the training correlation is {correlation.shape}; "
+            f"expected (classes, {len(behaviour.phrases)} phrases)"
+        )
+    return correlation
+
+
+def _signed_correlation(
+    out: pd.DataFrame, correlation: np.ndarray | None, index: dict[str, int]
+) -> np.ndarray:
+    """Each row's training correlation in its direction (NaN: unknown class or phrase, or none given)."""
+    value = np.full(len(out), np.nan)
+    if correlation is None:
+        return value
+    ci = out["class_index"].to_numpy(np.int64)
+    pi = out["phrase"].map(index).fillna(-1).to_numpy(np.int64)
+    ok = (ci >= 0) & (ci < correlation.shape[0]) & (pi >= 0)
+    value[ok] = correlation[ci[ok], pi[ok]]
+    return np.where(out["direction"] == "against", -value, value)
+
+
+def _model_rule(
+    stats: pd.DataFrame, evidence: Evidence, rule: FlagRule, correlation: np.ndarray | None = None
+) -> tuple[pd.DataFrame, pd.Series]:
+    """Flags from what the model does on the probe set (:func:`tasks.behaviour.evidence_grid`); with the
+    training ``correlation``, only the accepted pairs whose phrase goes with the class there."""
     index = {p: i for i, p in enumerate(evidence.phrases)}
     known = stats["phrase"].isin(index).to_numpy()
     rows = np.zeros_like(evidence.eligible)
@@ -670,9 +717,14 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
     )
     out["accepted"] = out["accepted"].fillna(False).astype(bool)
     out["step"] = out["step"].astype("Int32")
+    out["data_correlation"] = _signed_correlation(out, correlation, index)
+    # An accepted phrase stays a stratum of the test (the model does act on it); unknown does not veto.
+    uncorrelated = (out["data_correlation"] < rule.min_correlation).to_numpy()
+    keep = out["accepted"] & ~uncorrelated
     passes_first = (out["z_first"] > out["model_threshold"]) & (out["effect_first"] >= rule.effect_bound)
     out["reason"] = np.select(
         [
+            keep.to_numpy(),
             out["accepted"].to_numpy(),
             out["describes"].to_numpy(),
             ~out["phrase"].isin(index).to_numpy(),
@@ -683,6 +735,9 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
         ],
         [
             "flagged",
+            "the model acts on it, but it does not go with the class in the training data (presence "
+            + out["data_correlation"].map(lambda v: f"{v:+.2f}")
+            + f" against the other classes, under {rule.min_correlation:g})",
             "names a class of the task",
             "not in the probe's vocabulary",
             "a proxy of an earlier flag: where CLIP sees it follows where it sees "
@@ -693,7 +748,7 @@ def _model_rule(stats: pd.DataFrame, evidence: Evidence, rule: FlagRule) -> tupl
         ],
         _effect_reason(out, rule),
     )
-    return out, out["accepted"]
+    return out, keep
 
 
 def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:

@@ -102,6 +102,37 @@ def test_runners_and_resume_agree_on_real_flags(
     assert 'id="interventions"' in html and "“water background”" in html
 
 
+@pytest.mark.slow
+def test_the_flow_checks_flags_against_the_training_data(
+    world_config: AuditConfig, tiny_world_cache, prefect_api: str, tmp_path: Path
+) -> None:
+    """With ``flags.training_data`` every flag's phrase goes with its class in those images: the planted
+    cue (water in nearly all training circles, few others) stays first, with its correlation recorded."""
+    _, biased, _ = tiny_world_cache
+    train = str(audit_manifest(biased, "train"))
+    done = _run(world_config, tmp_path / "checked", flags={"training_data": train, "training_size": 600})
+    flags = _flags(done["run_dir"])
+    first = {f["class_name"]: f for f in flags if f["rank"] == 1}
+    assert first["circle"]["phrase"] == "water background" and first["circle"]["data_correlation"] > 0.5
+    assert all(f["data_correlation"] >= 0.1 for f in flags)
+    why = pq.read_table(Path(done["run_dir"]) / "flag_candidates.parquet").to_pandas()
+    assert why["data_correlation"].notna().any()
+
+
+def test_training_data_without_labels_is_refused(
+    world_config: AuditConfig, tiny_world_cache, tmp_path: Path
+) -> None:
+    from tasks.config import ConfigError
+    from tasks.flag_inputs import training_correlation
+
+    _, biased, _ = tiny_world_cache
+    unlabelled = tmp_path / "unlabelled.parquet"
+    pd.read_parquet(audit_manifest(biased, "train"))[["path"]].iloc[:20].to_parquet(unlabelled, index=False)
+    cfg = world_config.replace(flags={"training_data": str(unlabelled)})
+    with pytest.raises(ConfigError, match="needs labelled training images"):
+        training_correlation(cfg, bank=object())  # refused before the bank is read
+
+
 def _assert_head_reproduced(refit_checkpoint: str, original_checkpoint: str) -> None:
     """The refitted model's logits are its stored head on the original model's pooled target layer."""
     import torch

@@ -244,17 +244,28 @@ def test_cooccurrence_needs_its_columns(planted: Path, class_text: ClassText) ->
         flag_spurious(planted, class_text, pd.DataFrame({"class_index": [0], "phrase": ["snow"]}))
 
 
-def _probe(phrases: list[str], used: float, n: int = 900, seed: int = 0, right: float = 0.9):
+def _probe(
+    phrases: list[str],
+    used: float,
+    n: int = 900,
+    seed: int = 0,
+    right: float = 0.9,
+    with_dog: float = 0.0,
+):
     """A probe where CLIP sees each phrase in a random half of the images and the model is right on a
     share ``right`` of them; it predicts dog (index 2) on a share ``used`` of the images where it sees
-    "snow", whatever the true class."""
+    "snow", whatever the true class. ``with_dog``: the share of the other dog images that show snow too
+    (snow goes with dog in these images: 0.5 + with_dog/2 of them against half of the others)."""
     from tasks.behaviour import ProbeBehaviour
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)
     presence = rng.random((n, len(phrases))) < 0.5
     pred = np.where(rng.random(n) < right, labels, rng.integers(0, 3, n))  # a model that errs now and then
-    pred[presence[:, phrases.index("snow")] & (rng.random(n) < used)] = 2
+    takes = rng.random(n) < used
+    snow = phrases.index("snow")
+    presence[:, snow] |= (labels == 2) & (rng.random(n) < with_dog)  # drawn last: nothing else changes
+    pred[presence[:, snow] & takes] = 2
     return ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
 
 
@@ -284,7 +295,7 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
     """A model right on 97 % of its own images leans on "snow" only a little in-sample (effect about
     0.1): flagged for dog, whose explanations name it, only when the probe is said to be training data."""
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    behaviour = _probe(phrases, used=0.12, n=6000, seed=5, right=0.97)
+    behaviour = _probe(phrases, used=0.12, n=6000, seed=5, right=0.97, with_dog=0.5)
     held_out = flag_spurious(planted, class_text, behaviour=behaviour)
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas()
     snow = why[(why["class_name"] == "dog") & (why["phrase"] == "snow") & (why["direction"] == "for")].iloc[0]
@@ -301,9 +312,10 @@ def test_a_probe_seen_in_training_lets_a_named_weak_cue_pass(planted: Path, clas
 
 def test_training_images_have_their_own_effect_bound(planted: Path, class_text: ClassText) -> None:
     """Snow takes a quarter of the other classes' images to dog (effect about 0.25): under the held-out
-    bound (0.3), over the training-split one (0.2), so it is flagged only when the probe is training data."""
+    bound (0.3), over the training-split one (0.2), so it is flagged only when the probe is training data
+    (where snow goes with dog)."""
     phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    behaviour = _probe(phrases, used=0.25, n=6000, seed=6, right=1.0)
+    behaviour = _probe(phrases, used=0.25, n=6000, seed=6, right=1.0, with_dog=0.8)
     assert flag_spurious(planted, class_text, behaviour=behaviour).empty
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     assert why.loc[("dog", "snow"), "reason"] == UNDER_EFFECT
@@ -317,6 +329,48 @@ def test_training_images_have_their_own_effect_bound(planted: Path, class_text: 
     }
     why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     assert why.loc[("dog", "snow"), "min_effect"] == MIN_EFFECT_IN_TRAINING
+
+
+def test_a_cue_needs_its_class_in_the_training_data(planted: Path, class_text: ClassText) -> None:
+    """The model takes every snowy image for a dog. Where snow goes with dog in the training data it is a
+    shortcut and flagged; where it goes with no class there (a trait the model handles unevenly, not a
+    correlation it learned) it is not, and the near misses say why with the value seen."""
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    behaviour = _probe(phrases, used=1.0)
+    correlation = np.zeros((3, len(phrases)))
+    none = flag_spurious(planted, class_text, behaviour=behaviour, correlation=correlation)
+    assert none.empty
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    snow = why.loc[("dog", "snow")]
+    assert not snow["flagged"] and snow["data_correlation"] == 0.0 and snow["effect"] > 0.9
+    assert snow["reason"].startswith(
+        "the model acts on it, but it does not go with the class in the training"
+    )
+    assert "+0.00 against the other classes, under 0.1" in snow["reason"]
+    # snow in 70 % of the dogs' training images, 40 % of the others': dog for snow, and cat and bird
+    # against it (-0.3 in their direction: snow goes *against* them in the data too)
+    correlation[:, phrases.index("snow")] = [-0.3, -0.3, 0.3]
+    flagged = flag_spurious(planted, class_text, behaviour=behaviour, correlation=correlation)
+    dog = flagged[flagged["class_name"] == "dog"].iloc[0]
+    assert (dog["phrase"], dog["direction"], dog["data_correlation"]) == ("snow", "for", 0.3)
+    against = flagged[flagged["direction"] == "against"]
+    assert set(against["class_name"]) == {"bird", "cat"} and (against["data_correlation"] == 0.3).all()
+    with pytest.raises(ValueError, match="expected \\(classes, "):
+        flag_spurious(planted, class_text, behaviour=behaviour, correlation=correlation[:, 1:])
+
+
+def test_a_training_probe_is_its_own_data_check(planted: Path, class_text: ClassText) -> None:
+    """A probe seen in training carries the data: snow in half of every class's images goes with none."""
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    unrelated = _probe(phrases, used=0.25, n=6000, seed=6, right=1.0)
+    assert flag_spurious(planted, class_text, behaviour=unrelated, probe_seen_in_training=True).empty
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    assert abs(why.loc[("dog", "snow"), "data_correlation"]) < 0.05
+    assert why.loc[("dog", "snow"), "reason"].startswith("the model acts on it, but it does not go with")
+    # held out, with no training data given, there is no data check (and the effect is under 0.3)
+    assert flag_spurious(planted, class_text, behaviour=unrelated).empty
+    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
+    assert np.isnan(why.loc[("dog", "snow"), "data_correlation"])
 
 
 def test_a_cue_the_explanations_never_name_is_flagged_without_examples(

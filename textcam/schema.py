@@ -185,6 +185,9 @@ _MODEL_TEST = [
     pa.field("z_model", pa.float64(), nullable=True),
     pa.field("effect", pa.float64(), nullable=True),
     pa.field("model_threshold", pa.float64(), nullable=True),
+    # how much more often CLIP sees the phrase in the class's training images than in the others', in the
+    # flag's direction (tasks.training_data); null: no training data given
+    pa.field("data_correlation", pa.float64(), nullable=True),
 ]
 
 
@@ -223,7 +226,7 @@ FLAGS = pa.schema(
         pa.field("step", pa.int32(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
     ],
-    metadata={"table": "flags", "version": "5"},
+    metadata={"table": "flags", "version": "6"},
 )
 
 
@@ -244,7 +247,7 @@ FLAG_CANDIDATES = pa.schema(
         pa.field("given", pa.string(), nullable=True),
         *_NAMES_A_CLASS,
     ],
-    metadata={"table": "flag_candidates", "version": "2"},
+    metadata={"table": "flag_candidates", "version": "3"},
 )
 
 
