@@ -25,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.calibrate import BankFiles, prepare_bank, probe_paths, runtime_spec
 from tasks.config import AuditConfig, from_mapping
 from tasks.explain_shard import RuntimeSpec, ShardFeed, ShardResult, explain_shard, finished_file
-from tasks.flag_inputs import flag_run
+from tasks.flag_inputs import flag_run, training_images
 from tasks.lifecycle import (
     RunInfo,
     ShardOutcome,
@@ -79,6 +79,9 @@ def read_manifest_task(cfg: AuditConfig) -> Manifest:
         manifest.n_images,
         manifest.errors.num_rows,
     )
+    if cfg.flags.training_data is not None:  # read now: a bad path fails before the dataset is explained
+        training = training_images(cfg)
+        get_run_logger().info("training data %s: %d images read", cfg.flags.training_data, training.num_rows)
     return manifest
 
 

@@ -96,28 +96,42 @@ def behaviour(cfg: AuditConfig, manifest: Manifest, bank: BankFiles | None) -> A
     return seen
 
 
+def training_images(cfg: AuditConfig) -> Any:
+    """The first ``flags.training_size`` images of ``flags.training_data`` by image_id (a pyarrow table);
+    refused when none has a label. The flow reads them before explaining, so a bad path fails early."""
+    from tasks.config import ConfigError
+    from tasks.manifest import read_manifest
+
+    source = cfg.flags.training_data
+    images = read_manifest(source).images.sort_by("image_id").slice(0, cfg.flags.training_size)
+    if images.column("label").null_count == images.num_rows:
+        raise ConfigError(
+            f"flags.training_data {source}: no image has a label; the data check needs labelled training "
+            "images (a class-per-folder tree or a label column)"
+        )
+    return images
+
+
 def training_correlation(cfg: AuditConfig, bank: BankFiles | None) -> np.ndarray | None:
     """How each phrase goes with each class in ``flags.training_data`` (:mod:`tasks.training_data`);
     None when none is given."""
     from tasks.config import ConfigError
     from tasks.explain_shard import load_phrases
-    from tasks.manifest import read_manifest
     from tasks.training_data import training_correlation as correlate
     from textcam.clip import load_clip
     from textcam.models import load_model
     from textcam.visibility import PhraseVisibility
 
-    source = cfg.flags.training_data
-    if source is None or bank is None:
+    if cfg.flags.training_data is None or bank is None:
         return None
-    images = read_manifest(source).images.sort_by("image_id").slice(0, cfg.flags.training_size)
+    images = training_images(cfg)
     names = load_model(cfg.model, weights=cfg.weights, device="cpu").class_names
     index = {n: i for i, n in enumerate(names)}
     labels = np.asarray([index.get(str(v), -1) for v in images.column("label").to_pylist()], dtype=np.int64)
     if not (labels >= 0).any():
         raise ConfigError(
-            f"flags.training_data {source}: no image has a label among the model's {len(names)} classes; "
-            "the data check needs labelled training images (a class-per-folder tree or a label column)"
+            f"flags.training_data {cfg.flags.training_data}: no label is one of the model's {len(names)} "
+            f"classes (e.g. {names[:3]})"
         )
     _, embeddings = load_phrases(bank.phrases_path)
     clip = load_clip(cfg.clip, cfg.clip_pretrained, device=cfg.device)

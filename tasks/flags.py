@@ -1,8 +1,9 @@
 """Spurious-correlation candidates: phrases that explain one class far more than the others.
 
 With a probe set (``behaviour``) a flag is decided by what the model does (:mod:`tasks.behaviour`; the
-reasoning is in docs/decisions.md); the rule below is the fallback without one, and its statistics are
-reported either way.
+reasoning is in docs/decisions.md) and, with the classifier's training data, by whether the phrase goes
+with the class there (:mod:`tasks.training_data`); the rule below is the fallback without a probe, and its
+statistics are reported either way.
 
 The statistic (``z_lift``) is defined and computed in SQL by :mod:`tasks.store` (table ``concept_stats``):
 the per-image phrase score, as a difference of class means in standard units, standardised within class ×

@@ -131,6 +131,11 @@ def test_training_data_without_labels_is_refused(
     cfg = world_config.replace(flags={"training_data": str(unlabelled)})
     with pytest.raises(ConfigError, match="needs labelled training images"):
         training_correlation(cfg, bank=object())  # refused before the bank is read
+    from tasks.flag_inputs import training_images
+    from tasks.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="dataset not found"):
+        training_images(world_config.replace(flags={"training_data": str(tmp_path / "nowhere")}))
 
 
 def _assert_head_reproduced(refit_checkpoint: str, original_checkpoint: str) -> None:
