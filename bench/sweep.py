@@ -12,9 +12,11 @@ demo's checks pass. Everything is cached by config hash (``textcam.synthetic``).
 
 Two audits per world, each through the library functions the audit flow calls:
 
-* ``test``: explanations of the unbiased test split, bank and probe behaviour from the probe split;
+* ``test``: explanations of the unbiased test split, bank and probe behaviour from the probe split, the
+  flags checked against the training split as the demo's ``flags.training_data``;
 * ``self``: explanations of the biased training split, bank and probe behaviour from the same split
-  ("my training set, my model"), flagged with ``flags.probe_seen_in_training``.
+  ("my training set, my model"), flagged with ``flags.probe_seen_in_training`` (the probe is the
+  training data of the data check).
 
 A cue is *used* when the classifier's accuracy gap (aligned − conflicting, test split) is ≥ 0.3 and
 *unused* below 0.1 (in between: reported, not scored). Control worlds measure three random cues each
