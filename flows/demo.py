@@ -154,7 +154,8 @@ def check(biased: dict[str, Any], control: dict[str, Any] | None, bias: BiasSpec
         biased["run_dir"],
         "SELECT phrase, direction, reason, round(frequency, 3) AS frequency, "
         "round(frequency_other, 3) AS elsewhere, round(z_model, 1) AS z_model, "
-        "round(model_threshold, 1) AS null_99, round(effect, 2) AS effect FROM flag_candidates "
+        "round(model_threshold, 1) AS null_99, round(effect, 2) AS effect, "
+        "round(data_correlation, 2) AS in_training FROM flag_candidates "
         f"WHERE class_name = '{bias.label}' AND direction = 'for' "
         "ORDER BY flagged DESC, z_first DESC LIMIT 5",
     )
