@@ -24,10 +24,12 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   run's explanations name some of the passing pairs (``support``), the largest |z| is taken among those:
   a word whose presence call happens to follow the cue more closely than the cue's own phrase would
   otherwise be accepted first and explain the cue away;
-* with ``named_min_effect`` (``flags.probe_seen_in_training``: the probe is the classifier's training
-  data, where it is right on nearly every image and within a label a cue changes little), once no pair
-  passes, the pairs *for* a class that the explanations name need only that effect: weak evidence after
-  all the strong, so it cannot step ahead of a cue and take it into its strata;
+* with ``witnesses`` (``flags.probe_seen_in_training``: the probe is the classifier's training data,
+  where it is right on nearly every image and within a label a cue changes little), once no pair passes,
+  a pair *for* a class passes with a smaller effect where a second witness vouches for it: the
+  explanations name it (effect in its direction), or its phrase goes strongly with the class in the
+  training data (``flags.min_effect_with_data``). Weak evidence goes after all the strong, so it cannot
+  step ahead of a cue and take it into its strata;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -306,6 +308,8 @@ def _permuted_max(
 
 #: which of the asked (K, P, 2) class × phrase × direction pairs the explanations name (same shape, bool)
 Support = Callable[[np.ndarray], np.ndarray]
+#: a second witness of weak evidence: the pairs it vouches for (a :data:`Support`) and the effect they need
+Witness = tuple[Support, float]
 
 
 def _step(
@@ -412,21 +416,20 @@ def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -
 
 
 def _passing(
-    over_null: np.ndarray,
-    ed: np.ndarray,
-    min_effect: float,
-    named_min_effect: float | None,
-    support: Support | None,
+    over_null: np.ndarray, ed: np.ndarray, min_effect: float, witnesses: Sequence[Witness]
 ) -> np.ndarray:
-    """The pairs over the null with ``min_effect``; where there are none, the pairs *for* a class that
-    the explanations name with ``named_min_effect``: weaker evidence goes after all the strong evidence,
-    so it cannot step ahead of a cue and take it into its strata."""
+    """The pairs over the null with ``min_effect``; where there are none, the pairs *for* a class that a
+    witness vouches for, with its smaller effect: weaker evidence goes after all the strong evidence, so
+    it cannot step ahead of a cue and take it into its strata."""
     passing = over_null & (ed >= min_effect)
-    if passing.any() or named_min_effect is None or support is None:
+    if passing.any():
         return passing
-    weak = over_null & (ed >= named_min_effect)
-    weak[..., 1] = False
-    return weak & support(weak) if weak.any() else weak
+    for support, bound in witnesses:
+        weak = over_null & (ed >= bound)
+        weak[..., 1] = False
+        if weak.any():
+            passing |= weak & support(weak)
+    return passing
 
 
 def evidence_grid(
@@ -441,7 +444,7 @@ def evidence_grid(
     seed: int = 0,
     support: Support | None = None,
     proxy_agreement: float = 0.5,
-    named_min_effect: float | None = None,
+    witnesses: Sequence[Witness] = (),
 ) -> Evidence:
     """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
 
@@ -451,9 +454,9 @@ def evidence_grid(
     ``proxy_agreement``: a phrase whose presence agrees with an accepted one's (|phi| within labels ≥ this)
     is its *proxy*: not tested again, a stratum of later steps (``proxy_of``; docs/decisions.md, "Proxies").
 
-    ``named_min_effect``: once no pair passes, a pair *for* a class that the explanations name passes
-    with this effect instead of ``min_effect`` (None: never): for a probe the model was trained on
-    (docs/decisions.md, "Training-split audits")."""
+    ``witnesses``: once no pair passes, a pair *for* a class that one of them vouches for passes with its
+    effect instead of ``min_effect``: for a probe the model was trained on (docs/decisions.md,
+    "Training-split audits" and "A second witness from the training data")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions
@@ -476,7 +479,7 @@ def evidence_grid(
             record["z_first"][:], record["effect_first"][:] = zd, ed
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
             np.copyto(record[name], value, where=open_)
-        passing = _passing(open_ & (zd > thr), ed, min_effect, named_min_effect, support)
+        passing = _passing(open_ & (zd > thr), ed, min_effect, witnesses)
         if not passing.any():
             break
         best = _best_phrase(passing, zd, support)

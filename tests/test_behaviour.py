@@ -202,21 +202,25 @@ def _names(phrases: list[int]) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def test_a_weak_named_effect_passes_only_when_the_probe_was_trained_on() -> None:
-    """In-sample the effect shrinks: with ``named_min_effect`` the cue the explanations name passes for
-    its class on its significance alone (not against the other, a mirror); the filler they also name
-    has no significance, and unnamed pairs still need 0.2."""
+    """In-sample the effect shrinks: with the explanations as a witness the cue they name passes for its
+    class on its significance alone (not against the other, a mirror); the filler they also name has no
+    significance, and unnamed pairs still need 0.2."""
     behaviour, eligible = _world(n=20000, used=0.1)
+    named = _names([0, 1])
     trained = evidence_grid(
-        behaviour, 2, eligible, n_permutations=20, support=_names([0, 1]), named_min_effect=0.0
+        behaviour, 2, eligible, n_permutations=20, support=named, witnesses=[(named, 0.0)]
     )
     assert trained.given == [0] and trained.accepted[1, 0, 0]
     assert trained.accepted.sum() == 1
-    assert 0 < trained.figures["effect"][1, 0, 0] < 0.2
-    for support, named_min_effect in ((_names([1]), 0.0), (_names([0, 1]), None)):
-        ev = evidence_grid(
-            behaviour, 2, eligible, n_permutations=20, support=support, named_min_effect=named_min_effect
-        )
+    effect = trained.figures["effect"][1, 0, 0]
+    assert 0 < effect < 0.2
+    for support, witnesses in ((_names([1]), [(_names([1]), 0.0)]), (named, [])):
+        ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=support, witnesses=witnesses)
         assert not ev.accepted.any()
+    # a second witness with its own bound: it vouches for the cue, which passes only if its effect does
+    for bound, passes in ((effect - 0.01, True), (effect + 0.01, False)):
+        ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, witnesses=[(named, bound)])
+        assert bool(ev.accepted[1, 0, 0]) is passes and ev.accepted.sum() == passes
 
 
 def test_weak_named_evidence_goes_after_every_strong_pair() -> None:
@@ -231,9 +235,8 @@ def test_weak_named_evidence_goes_after_every_strong_pair() -> None:
     x = np.stack([weak, strong], 1)
     behaviour = ProbeBehaviour(x, ["weak", "strong"], pred, labels, np.zeros(2))
     eligible = np.ones((2, 2, 2), dtype=bool)
-    ev = evidence_grid(
-        behaviour, 2, eligible, n_permutations=20, support=_names([0, 1]), named_min_effect=0.0
-    )
+    named = _names([0, 1])
+    ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=named, witnesses=[(named, 0.0)])
     first = ev.figures["z_first"]
     assert first[0, 0, 0] > first[1, 1, 0]  # by z alone the weak cue would go first
     assert ev.given == [1, 0]
