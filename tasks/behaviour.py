@@ -418,18 +418,34 @@ def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -
 def _passing(
     over_null: np.ndarray, ed: np.ndarray, min_effect: float, witnesses: Sequence[Witness]
 ) -> np.ndarray:
-    """The pairs over the null with ``min_effect``; where there are none, the pairs *for* a class that a
-    witness vouches for, with its smaller effect: weaker evidence goes after all the strong evidence, so
-    it cannot step ahead of a cue and take it into its strata."""
+    """The pairs over the null with ``min_effect``; where there are none, the pairs a witness vouches
+    for (:func:`_witnessed`): weaker evidence goes after all the strong evidence, so it cannot step ahead
+    of a cue and take it into its strata."""
     passing = over_null & (ed >= min_effect)
-    if passing.any():
-        return passing
+    return passing if passing.any() else _witnessed(over_null, ed, witnesses)
+
+
+def _witnessed(over_null: np.ndarray, ed: np.ndarray, witnesses: Sequence[Witness]) -> np.ndarray:
+    """The pairs *for* a class over the null that a witness vouches for, with the witness's effect."""
+    out = np.zeros_like(over_null)
     for support, bound in witnesses:
         weak = over_null & (ed >= bound)
         weak[..., 1] = False
         if weak.any():
-            passing |= weak & support(weak)
-    return passing
+            out |= weak & support(weak)
+    return out
+
+
+def _accepted_pairs(
+    best: int, passing: np.ndarray, over_null: np.ndarray, ed: np.ndarray, witnesses: Sequence[Witness]
+) -> np.ndarray:
+    """(K, 2): the pairs of the accepted phrase ``best`` that are flagged. The phrase is decided for every
+    class at once, so its witnessed weak pairs go with its passing ones: otherwise a mirror's strong effect
+    (the cue against another class) would close the cue's own in-sample pair (decisions, "A second
+    witness")."""
+    only_best = np.zeros_like(over_null)
+    only_best[:, best, :] = over_null[:, best, :]
+    return passing[:, best, :] | _witnessed(only_best, ed, witnesses)[:, best, :]
 
 
 def evidence_grid(
@@ -454,9 +470,8 @@ def evidence_grid(
     ``proxy_agreement``: a phrase whose presence agrees with an accepted one's (|phi| within labels ≥ this)
     is its *proxy*: not tested again, a stratum of later steps (``proxy_of``; docs/decisions.md, "Proxies").
 
-    ``witnesses``: once no pair passes, a pair *for* a class that one of them vouches for passes with its
-    effect instead of ``min_effect``: for a probe the model was trained on (docs/decisions.md,
-    "Training-split audits" and "A second witness from the training data")."""
+    ``witnesses``: once no pair passes, a pair *for* a class that one vouches for passes with its effect
+    (a probe the model was trained on; decisions, "Training-split audits", "A second witness")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions
@@ -479,11 +494,12 @@ def evidence_grid(
             record["z_first"][:], record["effect_first"][:] = zd, ed
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
             np.copyto(record[name], value, where=open_)
-        passing = _passing(open_ & (zd > thr), ed, min_effect, witnesses)
+        over_null = open_ & (zd > thr)
+        passing = _passing(over_null, ed, min_effect, witnesses)
         if not passing.any():
             break
         best = _best_phrase(passing, zd, support)
-        accepted[:, best, :] = passing[:, best, :]
+        accepted[:, best, :] = _accepted_pairs(best, passing, over_null, ed, witnesses)
         decided[:, best, :] = True
         given.append(best)
         proxies = _proxies(behaviour, best, conditioned, proxy_agreement)

@@ -315,3 +315,27 @@ def test_a_memorised_probe_drawn_from_the_audit_warns_and_a_separate_one_does_no
     with caplog.at_level("WARNING", logger="tasks.flag_inputs"):
         assert warn_if_memorised(own.replace(flags={"probe_seen_in_training": True}), perfect)
     assert "probe_seen_in_training" not in caplog.records[0].getMessage()  # said already
+
+
+def test_a_witnessed_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> None:
+    """Four classes; the model takes a third of the class-0 images that show the cue for class 3: strong
+    evidence *against* class 0 (about 0.33), weak *for* class 3 (about a third of that, over the other
+    three labels). Accepting the phrase for its mirror must not close the cue's own pair where a witness
+    vouches for it; with no witness only the mirror is accepted."""
+    rng = np.random.default_rng(3)
+    n = 24000
+    labels = rng.integers(0, 4, n)
+    cue, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
+    pred = labels.copy()
+    pred[(labels == 0) & cue & (rng.random(n) < 0.33)] = 3
+    behaviour = ProbeBehaviour(np.stack([cue, filler], 1), ["cue", "filler"], pred, labels, np.zeros(2))
+    eligible = np.ones((4, 2, 2), dtype=bool)
+    bare = evidence_grid(behaviour, 4, eligible, n_permutations=20, min_effect=0.2)
+    assert np.argwhere(bare.accepted).tolist() == [[0, 0, 1]]
+    effect = bare.figures["effect"][3, 0, 0]
+    assert 0.05 < effect < 0.2 and bare.figures["effect"][0, 0, 1] > 0.2
+    named = _names([0])
+    ev = evidence_grid(
+        behaviour, 4, eligible, n_permutations=20, min_effect=0.2, support=named, witnesses=[(named, 0.0)]
+    )
+    assert np.argwhere(ev.accepted).tolist() == [[0, 0, 1], [3, 0, 0]] and ev.given == [0]
