@@ -95,9 +95,6 @@ HELP = {
     "flags.training_size": "training images read for that check at most (default 2000)",
     "flags.min_correlation": "smallest difference in how often CLIP sees a flagged phrase in its class's "
     "training images and in the others' (default 0.1)",
-    "flags.strong_correlation": "with --flag-probe-seen-in-training: that difference at which the training "
-    "data vouches for a weak effect (default 0.5)",
-    "flags.min_effect_with_data": "the effect a pair it vouches for then needs (default 0.1)",
 }
 CHOICES = {"runner": ("default", "dask"), "device": ("auto", "cpu", "cuda")}
 METAVARS = {

@@ -26,10 +26,10 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   otherwise be accepted first and explain the cue away;
 * with ``witnesses`` (``flags.probe_seen_in_training``: the probe is the classifier's training data,
   where it is right on nearly every image and within a label a cue changes little), once no pair passes,
-  a pair *for* a class passes with a smaller effect where a second witness vouches for it: the
-  explanations name it (effect in its direction), or its phrase goes strongly with the class in the
-  training data (``flags.min_effect_with_data``). Weak evidence goes after all the strong, so it cannot
-  step ahead of a cue and take it into its strata;
+  a pair *for* a class passes with a smaller effect where a second witness vouches for it (the
+  explanations name it: an effect in its direction). Weak evidence goes after all the strong, so it
+  cannot step ahead of a cue and take it into its strata; and when a phrase is accepted on strong
+  evidence (a mirror: the cue against another class), its witnessed pairs are accepted with it;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -441,8 +441,8 @@ def _accepted_pairs(
 ) -> np.ndarray:
     """(K, 2): the pairs of the accepted phrase ``best`` that are flagged. The phrase is decided for every
     class at once, so its witnessed weak pairs go with its passing ones: otherwise a mirror's strong effect
-    (the cue against another class) would close the cue's own in-sample pair (decisions, "A second
-    witness")."""
+    (the cue against another class) would close the cue's own in-sample pair (decisions, "A mirror must
+    not close the cue's own pair")."""
     only_best = np.zeros_like(over_null)
     only_best[:, best, :] = over_null[:, best, :]
     return passing[:, best, :] | _witnessed(only_best, ed, witnesses)[:, best, :]
@@ -471,7 +471,7 @@ def evidence_grid(
     is its *proxy*: not tested again, a stratum of later steps (``proxy_of``; docs/decisions.md, "Proxies").
 
     ``witnesses``: once no pair passes, a pair *for* a class that one vouches for passes with its effect
-    (a probe the model was trained on; decisions, "Training-split audits", "A second witness")."""
+    (a probe the model was trained on; decisions, "Training-split audits", "A mirror must not close")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions

@@ -97,10 +97,6 @@ MIN_EFFECT_IN_TRAINING = 0.2
 #: others: the truth sweep's bound of "no difference" (a cue with a gap under 0.1 is unused); decisions,
 #: "Flags need the data too"
 MIN_CORRELATION = 0.1
-#: in a training-split audit, the risk difference at which the training data is a second witness of a
-#: weak in-sample effect, and the effect it then needs (decisions, "A second witness from the training data")
-STRONG_CORRELATION = 0.5
-MIN_EFFECT_WITH_DATA = 0.1
 
 
 class FlagRule(_Settings):
@@ -133,10 +129,6 @@ class FlagRule(_Settings):
     #: training images read for that check at most (the first by image_id, as the probe)
     training_size: int = Field(2000, ge=10)
     min_correlation: float = Field(MIN_CORRELATION, ge=0.0, le=1.0)
-    #: with ``probe_seen_in_training``: once no pair passes, a pair *for* a class whose phrase goes with
-    #: it by ``strong_correlation`` in the training data needs only ``min_effect_with_data``
-    strong_correlation: float = Field(STRONG_CORRELATION, ge=0.0, le=1.0)
-    min_effect_with_data: float = Field(MIN_EFFECT_WITH_DATA, ge=0.0, le=1.0)
 
     @property
     def effect_bound(self) -> float:

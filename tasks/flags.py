@@ -52,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, Witness, evidence_grid
+from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, evidence_grid
 from tasks.config import FlagRule
 from tasks.store import open_writable, store_table
 from tasks.training_data import label_correlation
@@ -424,8 +424,7 @@ def _compute_flags(
         behaviour,
         rule.min_class_agreement,
     )
-    data = None if behaviour is None else _training_correlation(behaviour, correlation, rule)
-    evidence = None if behaviour is None else _evidence(con, classes, text, behaviour, rule, data)
+    evidence = None if behaviour is None else _evidence(con, classes, text, behaviour, rule)
     stats = _rows(con, rule, threshold_of, evidence)
     stats["threshold"] = stats["class_name"].map(threshold_of)
     stats["p_value"] = null.p_values(stats["class_name"], stats["z_lift"].to_numpy(np.float64))
@@ -447,7 +446,7 @@ def _compute_flags(
         stats["step"] = pd.array([pd.NA] * len(stats), dtype="Int32")
         stats["reason"] = _explanation_reasons(stats, keep)
     else:
-        stats, keep = _model_rule(stats, evidence, rule, data)
+        stats, keep = _model_rule(stats, evidence, rule, _training_correlation(behaviour, correlation, rule))
     candidates = _candidates(stats, keep, rule)
     if not keep.any():
         return _empty(FLAGS), candidates
@@ -497,7 +496,6 @@ def _evidence(
     text: pd.DataFrame,
     behaviour: ProbeBehaviour,
     rule: FlagRule,
-    correlation: np.ndarray | None = None,
 ) -> Evidence:
     """The stepwise model test over every class of the run × phrase of the probe's vocabulary that does
     not name a class of the task × direction.
@@ -522,13 +520,8 @@ def _evidence(
     test = rule.model_dump(include={"alpha", "n_permutations", "seed", "proxy_agreement"})
     support = _explanation_support(con, behaviour.phrases, rule.min_relative_score)
     # In-sample, the model is right on nearly every probe image and effects shrink (docs/decisions.md,
-    # "Training-split audits"): what the explanations name needs only to lean the right way, and what
-    # goes strongly with its class in the training data only min_effect_with_data.
-    witnesses: list[Witness] = []
-    if rule.probe_seen_in_training:
-        witnesses.append((support, 0.0))
-        if correlation is not None:
-            witnesses.append((_data_support(correlation, rule.strong_correlation), rule.min_effect_with_data))
+    # "Training-split audits"): what the explanations name needs only to lean the right way.
+    witnesses = [(support, 0.0)] if rule.probe_seen_in_training else []
     return evidence_grid(
         behaviour,
         n_classes,
@@ -538,23 +531,6 @@ def _evidence(
         witnesses=witnesses,
         **test,
     )
-
-
-def _data_support(correlation: np.ndarray, bound: float) -> Support:
-    """The asked pairs *for* a class whose phrase goes with it in the training data by ``bound`` or more
-    (``correlation`` (K, P); a class it does not cover, or NaN, vouches for nothing)."""
-
-    def support(asked: np.ndarray) -> np.ndarray:
-        strong = np.zeros(asked.shape[:2], dtype=bool)
-        k = min(asked.shape[0], correlation.shape[0])
-        with np.errstate(invalid="ignore"):
-            strong[:k] = correlation[:k] >= bound
-        out = asked.copy()
-        out[..., 0] &= strong
-        out[..., 1] = False
-        return out
-
-    return support
 
 
 def _explanation_support(
@@ -778,18 +754,12 @@ def _model_rule(
 
 def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:
     """Why a pair over the null was not flagged: its effect, and with a probe seen in training, that a
-    pair *for* the class had no second witness either (the ways it had left)."""
+    pair *for* the class was not named by its explanations either (the only way it had left)."""
     reason = f"effect under {rule.effect_bound:g}"
     if not rule.probe_seen_in_training:
         return np.full(len(out), reason, dtype=object)
     named_way = (out["direction"] == "for").to_numpy()
-    data_way = named_way & (out["data_correlation"] >= rule.strong_correlation).to_numpy()
-    unnamed = " and not named by the class's explanations"
-    data = (
-        f"effect under {rule.min_effect_with_data:g} (its bound where the phrase goes with the class in the "
-        f"training data by {rule.strong_correlation:g} or more)"
-    )
-    return np.select([data_way, named_way], [data + unnamed, reason + unnamed], reason).astype(object)
+    return np.where(named_way, reason + " and not named by the class's explanations", reason).astype(object)
 
 
 def _candidates(stats: pd.DataFrame, keep: pd.Series, rule: FlagRule) -> pd.DataFrame:

@@ -251,12 +251,11 @@ def _probe(
     seed: int = 0,
     right: float = 0.9,
     with_dog: float = 0.0,
-    cue: str = "snow",
 ):
     """A probe where CLIP sees each phrase in a random half of the images and the model is right on a
     share ``right`` of them; it predicts dog (index 2) on a share ``used`` of the images where it sees
-    ``cue``, whatever the true class. ``with_dog``: the share of the other dog images that show the cue
-    too (it goes with dog in these images: 0.5 + with_dog/2 of them against half of the others)."""
+    "snow", whatever the true class. ``with_dog``: the share of the other dog images that show snow too
+    (snow goes with dog in these images: 0.5 + with_dog/2 of them against half of the others)."""
     from tasks.behaviour import ProbeBehaviour
 
     rng = np.random.default_rng(seed)
@@ -264,9 +263,9 @@ def _probe(
     presence = rng.random((n, len(phrases))) < 0.5
     pred = np.where(rng.random(n) < right, labels, rng.integers(0, 3, n))  # a model that errs now and then
     takes = rng.random(n) < used
-    column = phrases.index(cue)
-    presence[:, column] |= (labels == 2) & (rng.random(n) < with_dog)  # drawn last: nothing else changes
-    pred[presence[:, column] & takes] = 2
+    snow = phrases.index("snow")
+    presence[:, snow] |= (labels == 2) & (rng.random(n) < with_dog)  # drawn last: nothing else changes
+    pred[presence[:, snow] & takes] = 2
     return ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
 
 
@@ -615,37 +614,3 @@ def test_phi_within_strata_is_the_pooled_within_stratum_correlation() -> None:
     ]
     want = (centred[0] @ centred[1]) / np.sqrt((centred[0] @ centred[0]) * (centred[1] @ centred[1]))
     assert within[0, 0] == pytest.approx(want, abs=1e-12)
-
-
-@pytest.mark.parametrize(
-    ("used", "with_dog_in_data", "flagged"), [(0.15, 0.9, True), (0.15, 0.3, False), (0.07, 0.9, False)]
-)
-def test_training_data_can_vouch_for_a_weak_unnamed_cue(
-    planted: Path, class_text: ClassText, used: float, with_dog_in_data: float, flagged: bool
-) -> None:
-    """In-sample, the model leans on "ball" for dog a little (effect about 0.15) and no dog
-    explanation names it. Where ball goes with dog by 0.9 in the training data (over the 0.5 bound) that
-    is the second witness and it is flagged; at 0.3, or with an effect under 0.1, it is not."""
-    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    behaviour = _probe(phrases, used=used, n=6000, seed=5, right=0.97, cue="ball")
-    correlation = np.zeros((3, len(phrases)))
-    correlation[:, phrases.index("ball")] = [-with_dog_in_data / 2, -with_dog_in_data / 2, with_dog_in_data]
-    out = flag_spurious(
-        planted, class_text, behaviour=behaviour, probe_seen_in_training=True, correlation=correlation
-    )
-    dog = out[(out["class_name"] == "dog") & (out["phrase"] == "ball")]
-    assert len(dog) == flagged
-    why = pq.read_table(planted / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
-    ball = why.loc[("dog", "ball")]
-    assert ball["direction"] == "for" and ball["z_model"] > ball["model_threshold"]
-    if flagged:
-        assert 0.1 <= ball["effect"] < MIN_EFFECT_IN_TRAINING and ball["reason"] == "flagged"
-    elif with_dog_in_data < 0.5:
-        assert (
-            ball["reason"]
-            == f"effect under {MIN_EFFECT_IN_TRAINING:g} and not named by the class's explanations"
-        )
-    else:
-        assert ball["effect"] < 0.1 and ball["reason"].startswith(
-            "effect under 0.1 (its bound where the phrase"
-        )
