@@ -614,3 +614,29 @@ def test_phi_within_strata_is_the_pooled_within_stratum_correlation() -> None:
     ]
     want = (centred[0] @ centred[1]) / np.sqrt((centred[0] @ centred[0]) * (centred[1] @ centred[1]))
     assert within[0, 0] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_witnessed_pair_ranks_after_its_class_s_own_cue(planted: Path, class_text: ClassText) -> None:
+    """A training probe: snowy cats are taken for birds (snow's mirror against cat, strong), snowy images
+    go to dog a little (weak; dog's explanations name snow), and balls go to dog strongly. Snow is
+    accepted first, its weak dog pair with it; dog's own strong cue, ball, still ranks first for dog."""
+    from tasks.behaviour import ProbeBehaviour
+
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(7)
+    n = 9000
+    labels = rng.integers(0, 3, n)  # bird, cat, dog
+    presence = rng.random((n, len(phrases))) < 0.5
+    snow, ball = phrases.index("snow"), phrases.index("ball")
+    for column in (snow, ball):
+        presence[:, column] |= (labels == 2) & (rng.random(n) < 0.6)  # both go with dog in the data
+    pred = labels.copy()
+    pred[(labels == 1) & presence[:, snow] & (rng.random(n) < 0.95)] = 0
+    pred[(labels != 2) & presence[:, snow] & (rng.random(n) < 0.08)] = 2
+    pred[(labels != 2) & presence[:, ball] & (rng.random(n) < 0.24)] = 2
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    out = flag_spurious(planted, class_text, behaviour=behaviour, probe_seen_in_training=True)
+    dog = out[out["class_name"] == "dog"].set_index("phrase")
+    assert dog.loc["snow", "step"] < dog.loc["ball", "step"]  # snow went first, for its mirror
+    assert dog.loc["snow", "effect"] < MIN_EFFECT_IN_TRAINING <= dog.loc["ball", "effect"]
+    assert (dog.loc["ball", "rank"], dog.loc["snow", "rank"]) == (1, 2)
