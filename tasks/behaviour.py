@@ -24,12 +24,11 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   run's explanations name some of the passing pairs (``support``), the largest |z| is taken among those:
   a word whose presence call happens to follow the cue more closely than the cue's own phrase would
   otherwise be accepted first and explain the cue away;
-* with ``witnesses`` (``flags.probe_seen_in_training``: the probe is the classifier's training data,
-  where it is right on nearly every image and within a label a cue changes little), once no pair passes,
-  a pair *for* a class passes with a smaller effect where a second witness vouches for it (the
-  explanations name it: an effect in its direction). Weak evidence goes after all the strong, so it
-  cannot step ahead of a cue and take it into its strata; and when a phrase is accepted on strong
-  evidence (a mirror: the cue against another class), its witnessed pairs are accepted with it;
+* with ``named_min_effect`` (``flags.probe_seen_in_training``: the probe is the classifier's training
+  data, where it is right on nearly every image and within a label a cue changes little), once no pair
+  passes, the pairs *for* a class that the explanations name need only that effect: weak evidence after
+  all the strong, so it cannot step ahead of a cue and take it into its strata. When a phrase is accepted
+  on strong evidence (a mirror: the cue against another class), its named weak pairs are accepted with it;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -308,8 +307,6 @@ def _permuted_max(
 
 #: which of the asked (K, P, 2) class × phrase × direction pairs the explanations name (same shape, bool)
 Support = Callable[[np.ndarray], np.ndarray]
-#: a second witness of weak evidence: the pairs it vouches for (a :data:`Support`) and the effect they need
-Witness = tuple[Support, float]
 
 
 def _step(
@@ -416,36 +413,46 @@ def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -
 
 
 def _passing(
-    over_null: np.ndarray, ed: np.ndarray, min_effect: float, witnesses: Sequence[Witness]
+    over_null: np.ndarray,
+    ed: np.ndarray,
+    min_effect: float,
+    named_min_effect: float | None,
+    support: Support | None,
 ) -> np.ndarray:
-    """The pairs over the null with ``min_effect``; where there are none, the pairs a witness vouches
-    for (:func:`_witnessed`): weaker evidence goes after all the strong evidence, so it cannot step ahead
-    of a cue and take it into its strata."""
+    """The pairs over the null with ``min_effect``; where there are none, the named weak pairs
+    (:func:`_named_weak`): weaker evidence goes after all the strong evidence, so it cannot step ahead of
+    a cue and take it into its strata."""
     passing = over_null & (ed >= min_effect)
-    return passing if passing.any() else _witnessed(over_null, ed, witnesses)
+    return passing if passing.any() else _named_weak(over_null, ed, named_min_effect, support)
 
 
-def _witnessed(over_null: np.ndarray, ed: np.ndarray, witnesses: Sequence[Witness]) -> np.ndarray:
-    """The pairs *for* a class over the null that a witness vouches for, with the witness's effect."""
-    out = np.zeros_like(over_null)
-    for support, bound in witnesses:
-        weak = over_null & (ed >= bound)
-        weak[..., 1] = False
-        if weak.any():
-            out |= weak & support(weak)
-    return out
+def _named_weak(
+    over_null: np.ndarray, ed: np.ndarray, named_min_effect: float | None, support: Support | None
+) -> np.ndarray:
+    """The pairs *for* a class over the null that the explanations name, with ``named_min_effect`` (none
+    without it)."""
+    if named_min_effect is None or support is None:
+        return np.zeros_like(over_null)
+    weak = over_null & (ed >= named_min_effect)
+    weak[..., 1] = False
+    return weak & support(weak) if weak.any() else weak
 
 
 def _accepted_pairs(
-    best: int, passing: np.ndarray, over_null: np.ndarray, ed: np.ndarray, witnesses: Sequence[Witness]
+    best: int,
+    passing: np.ndarray,
+    over_null: np.ndarray,
+    ed: np.ndarray,
+    named_min_effect: float | None,
+    support: Support | None,
 ) -> np.ndarray:
     """(K, 2): the pairs of the accepted phrase ``best`` that are flagged. The phrase is decided for every
-    class at once, so its witnessed weak pairs go with its passing ones: otherwise a mirror's strong effect
+    class at once, so its named weak pairs go with its passing ones: otherwise a mirror's strong effect
     (the cue against another class) would close the cue's own in-sample pair (decisions, "A mirror must
     not close the cue's own pair")."""
     only_best = np.zeros_like(over_null)
     only_best[:, best, :] = over_null[:, best, :]
-    return passing[:, best, :] | _witnessed(only_best, ed, witnesses)[:, best, :]
+    return passing[:, best, :] | _named_weak(only_best, ed, named_min_effect, support)[:, best, :]
 
 
 def evidence_grid(
@@ -460,7 +467,7 @@ def evidence_grid(
     seed: int = 0,
     support: Support | None = None,
     proxy_agreement: float = 0.5,
-    witnesses: Sequence[Witness] = (),
+    named_min_effect: float | None = None,
 ) -> Evidence:
     """:func:`model_evidence` as (K, P, 2) arrays: memory in classes × phrases, no rows.
 
@@ -470,8 +477,8 @@ def evidence_grid(
     ``proxy_agreement``: a phrase whose presence agrees with an accepted one's (|phi| within labels ≥ this)
     is its *proxy*: not tested again, a stratum of later steps (``proxy_of``; docs/decisions.md, "Proxies").
 
-    ``witnesses``: once no pair passes, a pair *for* a class that one vouches for passes with its effect
-    (a probe the model was trained on; decisions, "Training-split audits", "A mirror must not close")."""
+    ``named_min_effect``: once no pair passes, a named pair *for* a class passes with this effect (None:
+    never); for a probe the model was trained on (decisions, "Training-split audits")."""
     k, p = n_classes, len(behaviour.phrases)
     _check_grid(alpha, n_permutations, eligible, (k, p, 2))
     x, pred = behaviour.presence, behaviour.predictions
@@ -495,11 +502,11 @@ def evidence_grid(
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
             np.copyto(record[name], value, where=open_)
         over_null = open_ & (zd > thr)
-        passing = _passing(over_null, ed, min_effect, witnesses)
+        passing = _passing(over_null, ed, min_effect, named_min_effect, support)
         if not passing.any():
             break
         best = _best_phrase(passing, zd, support)
-        accepted[:, best, :] = _accepted_pairs(best, passing, over_null, ed, witnesses)
+        accepted[:, best, :] = _accepted_pairs(best, passing, over_null, ed, named_min_effect, support)
         decided[:, best, :] = True
         given.append(best)
         proxies = _proxies(behaviour, best, conditioned, proxy_agreement)

@@ -463,7 +463,7 @@ def _ranked_flags(
     """The flags in the FLAGS columns, ranked within each class, with example images."""
     if by_behaviour:
         # Per class: cues *for* it first (a cue for another class counting against this one is the same
-        # finding seen from the other side), strong evidence before weak (a witnessed pair accepted with
+        # finding seen from the other side), strong evidence before weak (a named pair accepted with
         # its phrase's mirror comes after the class's own cue), then in the order they were accepted,
         # strongest first.
         flags["_against"] = flags["direction"] == "against"
@@ -524,14 +524,14 @@ def _evidence(
     support = _explanation_support(con, behaviour.phrases, rule.min_relative_score)
     # In-sample, the model is right on nearly every probe image and effects shrink (docs/decisions.md,
     # "Training-split audits"): what the explanations name needs only to lean the right way.
-    witnesses = [(support, 0.0)] if rule.probe_seen_in_training else []
+    named_min_effect = 0.0 if rule.probe_seen_in_training else None
     return evidence_grid(
         behaviour,
         n_classes,
         eligible,
         support=support,
         min_effect=rule.effect_bound,
-        witnesses=witnesses,
+        named_min_effect=named_min_effect,
         **test,
     )
 

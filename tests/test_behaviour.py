@@ -202,24 +202,24 @@ def _names(phrases: list[int]) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def test_a_weak_named_effect_passes_only_when_the_probe_was_trained_on() -> None:
-    """In-sample the effect shrinks: with the explanations as a witness the cue they name passes for its
+    """In-sample the effect shrinks: with ``named_min_effect`` the cue the explanations name passes for its
     class on its significance alone (not against the other, a mirror); the filler they also name has no
     significance, and unnamed pairs still need 0.2."""
     behaviour, eligible = _world(n=20000, used=0.1)
     named = _names([0, 1])
-    trained = evidence_grid(
-        behaviour, 2, eligible, n_permutations=20, support=named, witnesses=[(named, 0.0)]
-    )
+    trained = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=named, named_min_effect=0.0)
     assert trained.given == [0] and trained.accepted[1, 0, 0]
     assert trained.accepted.sum() == 1
     effect = trained.figures["effect"][1, 0, 0]
     assert 0 < effect < 0.2
-    for support, witnesses in ((_names([1]), [(_names([1]), 0.0)]), (named, [])):
-        ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=support, witnesses=witnesses)
+    for support, named_min_effect in ((_names([1]), 0.0), (named, None)):
+        ev = evidence_grid(
+            behaviour, 2, eligible, n_permutations=20, support=support, named_min_effect=named_min_effect
+        )
         assert not ev.accepted.any()
-    # a second witness with its own bound: it vouches for the cue, which passes only if its effect does
+    # a named pair with a bound of its own passes only if its effect does
     for bound, passes in ((effect - 0.01, True), (effect + 0.01, False)):
-        ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, witnesses=[(named, bound)])
+        ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=named, named_min_effect=bound)
         assert bool(ev.accepted[1, 0, 0]) is passes and ev.accepted.sum() == passes
 
 
@@ -236,7 +236,7 @@ def test_weak_named_evidence_goes_after_every_strong_pair() -> None:
     behaviour = ProbeBehaviour(x, ["weak", "strong"], pred, labels, np.zeros(2))
     eligible = np.ones((2, 2, 2), dtype=bool)
     named = _names([0, 1])
-    ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=named, witnesses=[(named, 0.0)])
+    ev = evidence_grid(behaviour, 2, eligible, n_permutations=20, support=named, named_min_effect=0.0)
     first = ev.figures["z_first"]
     assert first[0, 0, 0] > first[1, 1, 0]  # by z alone the weak cue would go first
     assert ev.given == [1, 0]
@@ -317,11 +317,11 @@ def test_a_memorised_probe_drawn_from_the_audit_warns_and_a_separate_one_does_no
     assert "probe_seen_in_training" not in caplog.records[0].getMessage()  # said already
 
 
-def test_a_witnessed_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> None:
+def test_a_named_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> None:
     """Four classes; the model takes a third of the class-0 images that show the cue for class 3: strong
     evidence *against* class 0 (about 0.33), weak *for* class 3 (about a third of that, over the other
-    three labels). Accepting the phrase for its mirror must not close the cue's own pair where a witness
-    vouches for it; with no witness only the mirror is accepted."""
+    three labels). Accepting the phrase for its mirror must not close the cue's own pair where the
+    explanations name it; without that only the mirror is accepted."""
     rng = np.random.default_rng(3)
     n = 24000
     labels = rng.integers(0, 4, n)
@@ -336,6 +336,6 @@ def test_a_witnessed_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> N
     assert 0.05 < effect < 0.2 and bare.figures["effect"][0, 0, 1] > 0.2
     named = _names([0])
     ev = evidence_grid(
-        behaviour, 4, eligible, n_permutations=20, min_effect=0.2, support=named, witnesses=[(named, 0.0)]
+        behaviour, 4, eligible, n_permutations=20, min_effect=0.2, support=named, named_min_effect=0.0
     )
     assert np.argwhere(ev.accepted).tolist() == [[0, 0, 1], [3, 0, 0]] and ev.given == [0]

@@ -616,7 +616,7 @@ def test_phi_within_strata_is_the_pooled_within_stratum_correlation() -> None:
     assert within[0, 0] == pytest.approx(want, abs=1e-12)
 
 
-def test_a_witnessed_pair_ranks_after_its_class_s_own_cue(planted: Path, class_text: ClassText) -> None:
+def test_a_named_weak_pair_ranks_after_its_class_s_own_cue(planted: Path, class_text: ClassText) -> None:
     """A training probe: snowy cats are taken for birds (snow's mirror against cat, strong), snowy images
     go to dog a little (weak; dog's explanations name snow), and balls go to dog strongly. Snow is
     accepted first, its weak dog pair with it; dog's own strong cue, ball, still ranks first for dog."""
