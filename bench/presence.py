@@ -7,7 +7,13 @@ CLIP sees phrase p in image i. Here every attribute value's phrase is checked ag
 of the demo world's probe split (no bias planted), per tiny CLIP: precision (images called present that
 have the value) and recall (images with the value called present), per attribute, macro-averaged over
 its values. ``argmax`` is the zero-shot reference: the value whose phrase is closest, among that
-attribute's phrases (it knows which phrases compete; the presence rule does not). Last line: JSON.
+attribute's phrases (it knows which phrases compete; the presence rule does not).
+
+``nearest``: for every attribute value, the direction in CLIP's image space from the probe images without
+it to those with it, and the vocabulary phrases closest to it (centred text, as the explanations code
+T_c(x) over). Where another phrase lies closer than the value's own, this CLIP has no way to tell the two
+apart, and neither has anything built on it (docs/decisions.md, "Where CLIP 0 says 'night sky'").
+Last line: JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from textcam.clip import load_clip  # noqa: E402
+from textcam.select import center_vocabulary  # noqa: E402
 from textcam.synthetic.config import WorldConfig  # noqa: E402
 from textcam.synthetic.tiny_clip import to_clip_tensor  # noqa: E402
 from textcam.synthetic.world import ensure_tiny_clip, split_batch, world_phrases  # noqa: E402
@@ -75,6 +82,7 @@ def clip_presence(clip_seed: int, n: int, cache_dir: str | None) -> dict[str, di
             "argmax_accuracy": round(float((argmax == truth).mean()), 3) if argmax is not None else None,
         }
     out["bimodality"] = bimodality(visibility, phrases, names)
+    out["nearest"] = nearest_text(images, text, phrases, names, batch.records)
     out["splits"] = splits(centre_images(cosine(images, text)), phrases, names, batch.records)
     return out
 
@@ -95,6 +103,36 @@ def splits(sim: np.ndarray, phrases: list[str], names: dict, records: Any) -> li
             a, v = truth[phrases[j]]
             row["lower_has_value"] = round(float((records[a].to_numpy()[lower[:, j]] == v).mean()), 2)
         rows.append(row)
+    return rows
+
+
+def nearest_text(
+    images: torch.Tensor, text: torch.Tensor, phrases: list[str], names: dict, records: Any
+) -> list[dict[str, Any]]:
+    """Per attribute value with a phrase: the cosine of its image-side direction (mean embedding of the
+    images with the value minus the others') with its own centred phrase, its rank among the vocabulary,
+    and the closest phrase."""
+    vocab = center_vocabulary(text.float())
+    rows = []
+    for attribute in ATTRIBUTES[1:]:  # the shape is the class: its direction is the task itself
+        truth = records[attribute].to_numpy()
+        for value, phrase in names[attribute].items():
+            has = torch.from_numpy(truth == value)
+            if phrase not in phrases or has.all() or not has.any():
+                continue
+            direction = torch.nn.functional.normalize(images[has].mean(0) - images[~has].mean(0), dim=0)
+            cos = vocab @ direction
+            own = phrases.index(phrase)
+            best = int(cos.argmax())
+            rows.append(
+                {
+                    "phrase": phrase,
+                    "cos": round(float(cos[own]), 2),
+                    "rank": int((cos > cos[own]).sum()) + 1,
+                    "nearest": phrases[best],
+                    "nearest_cos": round(float(cos[best]), 2),
+                }
+            )
     return rows
 
 
@@ -121,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in (int(s) for s in args.clip_seeds.split(",")):
         per = clip_presence(seed, args.n, args.cache_dir)
         spread = per.pop("bimodality")
+        nearest = per.pop("nearest")
+        for row in nearest:
+            if row["rank"] > 1:
+                print(
+                    f"clip {seed} '{row['phrase']}': its images' direction is closer to "
+                    f"'{row['nearest']}' ({row['nearest_cos']:.2f}) than to its own phrase "
+                    f"({row['cos']:.2f}, rank {row['rank']})"
+                )
         print(f"clip {seed} Ashman's D, world phrases {spread['world']}, distractors {spread['distractor']}")
         for row in per.pop("splits"):
             print(f"clip {seed} split {row}")
@@ -132,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         result[f"clip{seed}"] = per
         result[f"clip{seed}_ashman_d"] = spread
+        result[f"clip{seed}_not_nearest"] = [r["phrase"] for r in nearest if r["rank"] > 1]
+        result[f"clip{seed}_own_cos_min"] = min(r["cos"] for r in nearest)
     flat = [r for k, per in result.items() if "_" not in k for r in per.values()]  # type: ignore[union-attr]
     result["presence_precision_min"] = min(r["precision"] for r in flat)
     result["presence_precision_mean"] = round(float(np.mean([r["precision"] for r in flat])), 3)

@@ -28,6 +28,8 @@ A cue is *used* when the classifier's accuracy gap (aligned − conflicting, tes
   with the do-effect of each on the class's predictions); ``sweep_control_false_flags_mean``:
   flags per control world; ``sweep_extra_flags_mean``: flags per biased world naming no planted cue;
   ``sweep_mirror_flags_mean``: flags naming a planted cue for another class or against its own;
+  ``sweep_extra_flags_read_as_cue_mean``: extra flags whose ``aliases`` (what else CLIP calls the
+  concept) name a planted cue: the cue under another name, counted as extra all the same;
 * ``phrase_image_precision``: shown phrases (the ``shown_phrases`` view) that are not class names and are
   true of the image (by the generator's records), test audits, predicted-class explanations; per
   attribute, the same without the view's model gate (``..._without_model_gate``) and for every selected
@@ -471,6 +473,18 @@ def flag_kinds(world: World, flags: Any) -> list[str]:
     return kinds
 
 
+def extras_read_as_cue(world: World, flags: pd.DataFrame, kinds: list[str]) -> int:
+    """Extra flags whose aliases (the phrases CLIP's call of the flag's phrase follows) name a planted cue
+    or its other value: the cue under another name, for this CLIP."""
+    n = 0
+    for (_, f), kind in zip(flags.iterrows(), kinds, strict=True):
+        aliases = f["aliases"] if isinstance(f["aliases"], list | np.ndarray) else []  # null: before v7
+        names = [a.removeprefix("not ") for a in aliases]
+        triples = [(f["class_name"], q, f["direction"]) for q in names]
+        n += kind == "extra" and any(k != "extra" for k in flag_kinds(world, triples))
+    return n
+
+
 def unused_flagged(cues: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The cues the sweep calls unused (gap < 0.1) that were flagged for their class all the same."""
     return [c for c in cues if c["gap"] < UNUSED and c["flagged"]]
@@ -551,6 +565,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
             "n_extra": kinds.count("extra"),
             "n_mirror": kinds.count("mirror"),
             "extra": [line for line, kind in zip(lines, kinds, strict=True) if kind == "extra"],
+            "n_extra_read_as_cue": extras_read_as_cue(world, flags, kinds),
         }
         result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
         add_unused_truth(m, result[audit]["cues"])
@@ -619,6 +634,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         )
         out[f"sweep_extra_flags_mean{suffix}"] = float(np.mean([r[audit]["n_extra"] for r in biased]))
         out[f"sweep_mirror_flags_mean{suffix}"] = float(np.mean([r[audit]["n_mirror"] for r in biased]))
+        read_as = [r[audit].get("n_extra_read_as_cue") for r in biased]  # None: cached before aliases
+        out[f"sweep_extra_flags_read_as_cue_mean{suffix}"] = (
+            float(np.mean(read_as)) if None not in read_as else None
+        )
         # Extra flags the generator can check: does the model change its prediction when only that
         # attribute changes? Confirmed ones are model traits nobody planted; the rest are false alarms.
         truth = [[t["confirmed"] for t in r[audit].get("extra_truth", [])] for r in biased]

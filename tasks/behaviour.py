@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -333,6 +333,16 @@ class Evidence:
     # z_first, effect_first, z_model, effect, threshold, step, proxy_of (NaN: none): (K, P, 2)
     figures: dict[str, np.ndarray]
     given: list[int]  # accepted phrases, in order
+    # accepted phrase → the proxies it brought into the strata, with their phi: where CLIP sees the
+    # accepted phrase it also sees these (phi > 0) or does not (phi < 0)
+    aliases: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def alias_names(self, phrase: str) -> list[str]:
+        """The proxies an accepted ``phrase`` brought into the strata, most alike first, "not …" where
+        CLIP's call of them disagrees with its own; empty for a phrase that was not accepted."""
+        found = self.aliases.get(self.phrases.index(phrase), []) if phrase in self.phrases else []
+        ordered = sorted(found, key=lambda pair: -abs(pair[1]))
+        return [("" if a > 0 else "not ") + self.phrases[j] for j, a in ordered]
 
     def top(self, n: int) -> np.ndarray:
         """(K, P, 2) bool: the accepted pairs and each class × direction's ``n`` eligible pairs with the
@@ -390,13 +400,36 @@ def _check_grid(alpha: float, n_permutations: int, eligible: np.ndarray, shape: 
         raise ValueError(f"eligible must be {shape}, got {eligible.shape}")
 
 
-def _proxies(behaviour: ProbeBehaviour, best: int, conditioned: list[int], agreement: float) -> np.ndarray:
-    """The phrases, not yet conditioned on, whose presence agrees with ``best``'s: |phi| within true
-    labels at least ``agreement``."""
+def _proxies(
+    behaviour: ProbeBehaviour, best: int, conditioned: list[int], agreement: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The phrases, not yet conditioned on, whose presence agrees with ``best``'s (|phi| within true
+    labels at least ``agreement``), and their phi."""
     x = behaviour.presence
-    agree = np.abs(phi(x[:, [best]], x, behaviour.labels))[0] >= agreement
+    signed = phi(x[:, [best]], x, behaviour.labels)[0]
+    agree = np.abs(signed) >= agreement
     agree[[*conditioned, best]] = False
-    return np.flatnonzero(agree)
+    found = np.flatnonzero(agree)
+    return found, signed[found]
+
+
+def _absorb_proxies(
+    behaviour: ProbeBehaviour,
+    best: int,
+    conditioned: list[int],
+    agreement: float,
+    eligible: np.ndarray,
+    decided: np.ndarray,
+    record: dict[str, np.ndarray],
+) -> list[tuple[int, float]]:
+    """Bring the accepted ``best`` and its proxies into the strata (``conditioned``, in place); the
+    proxies' open pairs are decided as ``proxy_of`` ``best``. Returns the proxies with their phi."""
+    proxies, signed = _proxies(behaviour, best, conditioned, agreement)
+    absorbed = eligible[:, proxies, :] & ~decided[:, proxies, :]
+    record["proxy_of"][:, proxies, :] = np.where(absorbed, best, np.nan)
+    decided[:, proxies, :] = True
+    conditioned += [best, *proxies.tolist()]
+    return list(zip(proxies.tolist(), signed.tolist(), strict=True))
 
 
 def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -> int:
@@ -491,6 +524,7 @@ def evidence_grid(
     }
     accepted = np.zeros((k, p, 2), dtype=bool)
     conditioned: list[int] = []  # the accepted phrases and their proxies: the strata
+    aliases: dict[int, list[tuple[int, float]]] = {}
     for step in range(1, max_steps + 1):
         stratum, tables, zd, ed = _step(behaviour, k, conditioned)
         open_ = eligible & ~decided
@@ -509,9 +543,7 @@ def evidence_grid(
         accepted[:, best, :] = _accepted_pairs(best, passing, over_null, ed, named_min_effect, support)
         decided[:, best, :] = True
         given.append(best)
-        proxies = _proxies(behaviour, best, conditioned, proxy_agreement)
-        absorbed = eligible[:, proxies, :] & ~decided[:, proxies, :]
-        record["proxy_of"][:, proxies, :] = np.where(absorbed, best, np.nan)
-        decided[:, proxies, :] = True
-        conditioned += [best, *proxies.tolist()]
-    return Evidence(list(behaviour.phrases), eligible, accepted, record, given)
+        aliases[best] = _absorb_proxies(
+            behaviour, best, conditioned, proxy_agreement, eligible, decided, record
+        )
+    return Evidence(list(behaviour.phrases), eligible, accepted, record, given, aliases)

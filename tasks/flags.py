@@ -444,6 +444,7 @@ def _compute_flags(
         ):
             stats[col] = np.nan if col != "given" else None
         stats["step"] = pd.array([pd.NA] * len(stats), dtype="Int32")
+        stats["aliases"] = [[] for _ in range(len(stats))]
         stats["reason"] = _explanation_reasons(stats, keep)
     else:
         stats, keep = _model_rule(stats, evidence, rule, _training_correlation(behaviour, correlation, rule))
@@ -722,6 +723,9 @@ def _model_rule(
     out["accepted"] = out["accepted"].fillna(False).astype(bool)
     out["step"] = out["step"].astype("Int32")
     out["data_correlation"] = _signed_correlation(out, correlation, index)
+    out["aliases"] = [
+        evidence.alias_names(p) if a else [] for p, a in zip(out["phrase"], out["accepted"], strict=True)
+    ]
     # An accepted phrase stays a stratum of the test (the model does act on it); unknown does not veto.
     uncorrelated = (out["data_correlation"] < rule.min_correlation).to_numpy()
     keep = out["accepted"] & ~uncorrelated

@@ -136,6 +136,7 @@ def test_a_used_cue_is_accepted_a_filler_and_a_rider_are_not() -> None:
     rider = ev[(ev["class_index"] == 0) & (ev["phrase"] == "rider") & (ev["direction"] == "for")].iloc[0]
     assert rider["effect_first"] == pytest.approx(1.0)  # alone it looks like a cue...
     assert rider["proxy_of"] == 0  # ...but where it is seen is where the cue is not: the cue's proxy
+    assert evidence_grid(behaviour, 2, eligible, n_permutations=50).alias_names("cue") == ["not rider"]
     assert not rider["accepted"]
     filler = ev[ev["phrase"] == "filler"]
     assert not filler["accepted"].any()
@@ -168,6 +169,12 @@ def test_the_phrase_the_explanations_name_goes_first() -> None:
     assert plain.given[0] == 1 and not plain.accepted[:, 0, :].any()
     assert named.given == [0] and named.accepted[1, 0, 0] and not named.accepted[:, 1, :].any()
     assert (named.figures["proxy_of"][:, 1, :] == 0).all()
+    # The flag says what else CLIP calls the concept: the proxy, with its agreement (phi of 0.7 of the
+    # images against all of them: sqrt(0.7 · 0.5 / (0.5 · 0.65)) ≈ 0.68, computed within labels).
+    ((j, agreement),) = named.aliases[0]
+    assert j == 1 and agreement == pytest.approx(0.68, abs=0.03)
+    assert named.alias_names("cue") == ["proxy"] and named.alias_names("filler") == []
+    assert plain.alias_names("proxy") == ["cue"] and plain.alias_names("unknown") == []
     assert nobody.given == plain.given
     assert all(a.shape == (2, 3, 2) for a in asked) and asked[0][1, 0, 0]  # asked about passing pairs
 

@@ -454,6 +454,10 @@ def test_what_the_explanations_name_is_accepted_before_a_closer_proxy(
     dog = got[(got["class_name"] == "dog") & (got["direction"] == "for")].set_index("phrase")
     assert dog.index[0] == "snow" and dog.loc["snow", "rank"] == 1 and dog.loc["snow", "step"] == 1
     assert "lava" not in dog.index
+    assert list(dog.loc["snow", "aliases"]) == ["lava"]  # the same concept, to this CLIP, by another name
+    from reports import render_report
+
+    assert "Also read as: lava" in Path(render_report(run_dir)).read_text()
     why = pq.read_table(run_dir / "flag_candidates.parquet").to_pandas().set_index(["class_name", "phrase"])
     first = why[why["direction"] == "for"]
     assert first.loc[("dog", "lava"), "z_first"] > first.loc[("dog", "snow"), "z_first"]  # by z, lava first

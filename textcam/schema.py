@@ -225,8 +225,11 @@ FLAGS = pa.schema(
         *_MODEL_TEST,
         pa.field("step", pa.int32(), nullable=True),
         pa.field("given", pa.string(), nullable=True),
+        # where CLIP sees the phrase it also sees these ("not …": does not), |phi| ≥ the proxy bound, most
+        # alike first: the same concept under other names (tasks.behaviour); null in files before version 7
+        pa.field("aliases", pa.list_(pa.string()), nullable=True),
     ],
-    metadata={"table": "flags", "version": "6"},
+    metadata={"table": "flags", "version": "7"},
 )
 
 
