@@ -28,7 +28,8 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   data, where it is right on nearly every image and within a label a cue changes little), once no pair
   passes, the pairs *for* a class that the explanations name need only that effect: weak evidence after
   all the strong, so it cannot step ahead of a cue and take it into its strata. When a phrase is accepted
-  on strong evidence (a mirror: the cue against another class), its named weak pairs are accepted with it;
+  on strong evidence (a mirror: the cue against another class), its named weak pairs are accepted with it,
+  and so are its proxies' (below): the cue under another name, named by its own class's explanations;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -414,17 +415,16 @@ def _proxies(
 
 
 def _absorb_proxies(
-    behaviour: ProbeBehaviour,
     best: int,
+    proxies: np.ndarray,
+    signed: np.ndarray,
     conditioned: list[int],
-    agreement: float,
     eligible: np.ndarray,
     decided: np.ndarray,
     record: dict[str, np.ndarray],
 ) -> list[tuple[int, float]]:
-    """Bring the accepted ``best`` and its proxies into the strata (``conditioned``, in place); the
+    """Bring the accepted ``best`` and its ``proxies`` into the strata (``conditioned``, in place); the
     proxies' open pairs are decided as ``proxy_of`` ``best``. Returns the proxies with their phi."""
-    proxies, signed = _proxies(behaviour, best, conditioned, agreement)
     absorbed = eligible[:, proxies, :] & ~decided[:, proxies, :]
     record["proxy_of"][:, proxies, :] = np.where(absorbed, best, np.nan)
     decided[:, proxies, :] = True
@@ -473,19 +473,24 @@ def _named_weak(
 
 def _accepted_pairs(
     best: int,
+    proxies: np.ndarray,
     passing: np.ndarray,
     over_null: np.ndarray,
     ed: np.ndarray,
     named_min_effect: float | None,
     support: Support | None,
 ) -> np.ndarray:
-    """(K, 2): the pairs of the accepted phrase ``best`` that are flagged. The phrase is decided for every
-    class at once, so its named weak pairs go with its passing ones: otherwise a mirror's strong effect
-    (the cue against another class) would close the cue's own in-sample pair (decisions, "A mirror must
-    not close the cue's own pair")."""
-    only_best = np.zeros_like(over_null)
-    only_best[:, best, :] = over_null[:, best, :]
-    return passing[:, best, :] | _named_weak(only_best, ed, named_min_effect, support)[:, best, :]
+    """(K, P, 2): the pairs flagged when ``best`` is accepted. The phrase and its ``proxies`` (the same
+    concept, to CLIP) are decided for every class at once, so the named weak pairs of both go with the
+    phrase's passing pairs: otherwise a mirror's strong effect (the cue against another class, or the cue
+    under another name for another class) would close the cue's own in-sample pair (decisions, "A mirror
+    must not close the cue's own pair", "… nor its other names")."""
+    concept = [best, *proxies.tolist()]
+    asked = np.zeros_like(over_null)
+    asked[:, concept, :] = over_null[:, concept, :]
+    out = _named_weak(asked, ed, named_min_effect, support)
+    out[:, best, :] |= passing[:, best, :]
+    return out
 
 
 def evidence_grid(
@@ -540,10 +545,10 @@ def evidence_grid(
         if not passing.any():
             break
         best = _best_phrase(passing, zd, support)
-        accepted[:, best, :] = _accepted_pairs(best, passing, over_null, ed, named_min_effect, support)
+        proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
+        accepted |= _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
+        decided |= accepted
         decided[:, best, :] = True
         given.append(best)
-        aliases[best] = _absorb_proxies(
-            behaviour, best, conditioned, proxy_agreement, eligible, decided, record
-        )
+        aliases[best] = _absorb_proxies(best, proxies, signed, conditioned, eligible, decided, record)
     return Evidence(list(behaviour.phrases), eligible, accepted, record, given, aliases)

@@ -346,3 +346,30 @@ def test_a_named_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> None:
         behaviour, 4, eligible, n_permutations=20, min_effect=0.2, support=named, named_min_effect=0.0
     )
     assert np.argwhere(ev.accepted).tolist() == [[0, 0, 1], [3, 0, 0]] and ev.given == [0]
+
+
+def test_a_named_pair_goes_with_its_phrase_under_another_name() -> None:
+    """As above, but CLIP has two names for the cue ("word" is called wherever "cue" is): class 0's
+    explanations name the word, class 3's the cue. The word is accepted for its mirror, and the cue, its
+    proxy, must keep class 3's named pair; without that the cue is closed as a proxy for every class."""
+    rng = np.random.default_rng(3)
+    n = 24000
+    labels = rng.integers(0, 4, n)
+    cue, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
+    pred = labels.copy()
+    pred[(labels == 0) & cue & (rng.random(n) < 0.33)] = 3
+    x = np.stack([cue, cue, filler], 1)
+    behaviour = ProbeBehaviour(x, ["word", "cue", "filler"], pred, labels, np.zeros(3))
+
+    def named(pairs: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(pairs)
+        out[0, 0, :] = out[3, 1, :] = True
+        return out
+
+    options = {"n_permutations": 20, "min_effect": 0.2, "support": named}
+    bare = evidence_grid(behaviour, 4, np.ones((4, 3, 2), dtype=bool), **options)
+    ev = evidence_grid(behaviour, 4, np.ones((4, 3, 2), dtype=bool), **options, named_min_effect=0.0)
+    assert bare.given == ev.given == [0] and np.argwhere(bare.accepted).tolist() == [[0, 0, 1]]
+    assert np.argwhere(ev.accepted).tolist() == [[0, 0, 1], [3, 1, 0]]
+    assert 0.05 < ev.figures["effect"][3, 1, 0] < 0.2 and np.isnan(ev.figures["proxy_of"][3, 1, 0])
+    assert ev.figures["proxy_of"][0, 1, 1] == 0 and ev.alias_names("word") == ["cue"]
