@@ -340,8 +340,9 @@ class Evidence:
 
     def alias_names(self, phrase: str) -> list[str]:
         """The proxies an accepted ``phrase`` brought into the strata, most alike first, "not …" where
-        CLIP's call of them disagrees with its own; empty for a phrase that was not accepted."""
-        found = self.aliases.get(self.phrases.index(phrase), []) if phrase in self.phrases else []
+        CLIP's call of them disagrees with its own; for a proxy, the phrase it came with; else empty."""
+        i = self.phrases.index(phrase) if phrase in self.phrases else -1
+        found = self.aliases.get(i, [(b, a) for b, pairs in self.aliases.items() for j, a in pairs if j == i])
         ordered = sorted(found, key=lambda pair: -abs(pair[1]))
         return [("" if a > 0 else "not ") + self.phrases[j] for j, a in ordered]
 

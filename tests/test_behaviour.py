@@ -373,3 +373,4 @@ def test_a_named_pair_goes_with_its_phrase_under_another_name() -> None:
     assert np.argwhere(ev.accepted).tolist() == [[0, 0, 1], [3, 1, 0]]
     assert 0.05 < ev.figures["effect"][3, 1, 0] < 0.2 and np.isnan(ev.figures["proxy_of"][3, 1, 0])
     assert ev.figures["proxy_of"][0, 1, 1] == 0 and ev.alias_names("word") == ["cue"]
+    assert ev.alias_names("cue") == ["word"] and ev.alias_names("filler") == []  # class 3's flag reads so
