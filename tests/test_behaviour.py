@@ -324,17 +324,23 @@ def test_a_memorised_probe_drawn_from_the_audit_warns_and_a_separate_one_does_no
     assert "probe_seen_in_training" not in caplog.records[0].getMessage()  # said already
 
 
+def _mirror_world(n: int = 24000) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, a cue, a filler and predictions: four classes, the model takes a third of the class-0
+    images that show the cue for class 3."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, n)
+    cue, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
+    pred = labels.copy()
+    pred[(labels == 0) & cue & (rng.random(n) < 0.33)] = 3
+    return labels, cue, filler, pred
+
+
 def test_a_named_pair_goes_with_its_phrase_when_a_mirror_passes_first() -> None:
     """Four classes; the model takes a third of the class-0 images that show the cue for class 3: strong
     evidence *against* class 0 (about 0.33), weak *for* class 3 (about a third of that, over the other
     three labels). Accepting the phrase for its mirror must not close the cue's own pair where the
     explanations name it; without that only the mirror is accepted."""
-    rng = np.random.default_rng(3)
-    n = 24000
-    labels = rng.integers(0, 4, n)
-    cue, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
-    pred = labels.copy()
-    pred[(labels == 0) & cue & (rng.random(n) < 0.33)] = 3
+    labels, cue, filler, pred = _mirror_world()
     behaviour = ProbeBehaviour(np.stack([cue, filler], 1), ["cue", "filler"], pred, labels, np.zeros(2))
     eligible = np.ones((4, 2, 2), dtype=bool)
     bare = evidence_grid(behaviour, 4, eligible, n_permutations=20, min_effect=0.2)
@@ -352,12 +358,7 @@ def test_a_named_pair_goes_with_its_phrase_under_another_name() -> None:
     """As above, but CLIP has two names for the cue ("word" is called wherever "cue" is): class 0's
     explanations name the word, class 3's the cue. The word is accepted for its mirror, and the cue, its
     proxy, must keep class 3's named pair; without that the cue is closed as a proxy for every class."""
-    rng = np.random.default_rng(3)
-    n = 24000
-    labels = rng.integers(0, 4, n)
-    cue, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
-    pred = labels.copy()
-    pred[(labels == 0) & cue & (rng.random(n) < 0.33)] = 3
+    labels, cue, filler, pred = _mirror_world()
     x = np.stack([cue, cue, filler], 1)
     behaviour = ProbeBehaviour(x, ["word", "cue", "filler"], pred, labels, np.zeros(3))
 
