@@ -509,24 +509,17 @@ def _read_as_held(
     opposites: np.ndarray,
     passing: np.ndarray,
     zd: np.ndarray,
-    support: Support | None,
     record: dict[str, np.ndarray],
 ) -> np.ndarray:
     """``pairs`` with each class that ``best`` is evidence only *against* reading it as its complement
-    (``opposites``: proxies CLIP calls where it does not call ``best``) that passes *for* the class and
-    that the class's explanations name (where they are given), the strongest where several do: star
-    relies on "small object", rather than on "large object" being absent. The same finding, read as what
-    the class's images have, in the class's own words: CLIP's other name for an absence ("hexagon" for
-    "without a border" on tiny CLIP 2) is not (decisions, "A flag reads as what the class has").
+    (``opposites``: proxies CLIP calls where it does not call ``best``) that passes *for* the class, the
+    strongest where several do: star relies on "small object", rather than on "large object" being absent. The
+    same finding, read as what the class's images have (decisions, "A flag reads as what the class has");
     ``record["complement_of"]`` keeps ``best`` for the pairs read so."""
     against_only = pairs[:, best, 1] & ~pairs[:, best, 0]
     if not against_only.any() or not len(opposites):
         return pairs
-    held = np.zeros_like(passing)
-    held[:, opposites, 0] = passing[:, opposites, 0]
-    if support is not None:
-        held &= support(held)
-    z = np.where(held[:, opposites, 0], zd[:, opposites, 0], -np.inf)  # (K, Q)
+    z = np.where(passing[:, opposites, 0], zd[:, opposites, 0], -np.inf)  # (K, Q)
     rows = np.flatnonzero(against_only & np.isfinite(z.max(axis=1)))
     out = pairs.copy()
     out[rows, best, 1] = False
@@ -587,8 +580,9 @@ def evidence_grid(
         best = _best_phrase(passing, zd, support)
         proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
         pairs = _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
-        complements = (proxies[signed <= -COMPLEMENT_PHI], over_null & (ed >= min_effect), zd, support)
-        accepted |= _read_as_held(pairs, best, *complements, record)
+        accepted |= _read_as_held(
+            pairs, best, proxies[signed <= -COMPLEMENT_PHI], over_null & (ed >= min_effect), zd, record
+        )
         decided |= accepted
         decided[:, best, :] = True
         given.append(best)

@@ -458,30 +458,24 @@ def _empty(schema: pa.Schema) -> pd.DataFrame:
     return pa.Table.from_pylist([], schema=schema).to_pandas()
 
 
-def rank_within_class(flags: pd.DataFrame, rule: FlagRule, by_behaviour: bool) -> pd.DataFrame:
-    """``flags`` sorted by class, then rank (column ``rank``, from 1).
-
-    By behaviour: cues *for* the class first (a cue for another class counting against this one is the
-    same finding seen from the other side, and so is its complement read for this one), strong evidence
-    before weak (a named pair accepted with its phrase's mirror comes after the class's own cue), then in
-    the order they were accepted, strongest first. Else by ``z_lift``."""
-    if by_behaviour:
-        flags = flags.assign(
-            _against=(flags["direction"] == "against") | flags["complement_of"].notna(),
-            _weak=flags["effect"] < rule.effect_bound,
-        )
-        keys, ascending = ["class_name", "_against", "_weak", "step", "z_model"], [True] * 4 + [False]
-        flags = flags.sort_values(keys, ascending=ascending).drop(columns=["_against", "_weak"])
-    else:
-        flags = flags.sort_values(["class_name", "z_lift"], ascending=[True, False])
-    return flags.assign(rank=flags.groupby("class_name").cumcount() + 1)
-
-
 def _ranked_flags(
     con: duckdb.DuckDBPyConnection, flags: pd.DataFrame, rule: FlagRule, by_behaviour: bool
 ) -> pd.DataFrame:
     """The flags in the FLAGS columns, ranked within each class, with example images."""
-    flags = rank_within_class(flags, rule, by_behaviour)
+    if by_behaviour:
+        # Per class: cues *for* it first (a cue for another class counting against this one is the same
+        # finding seen from the other side, and so is its complement read for this one), strong evidence
+        # before weak (a named pair accepted with
+        # its phrase's mirror comes after the class's own cue), then in the order they were accepted,
+        # strongest first.
+        flags["_against"] = (flags["direction"] == "against") | flags["complement_of"].notna()
+        flags["_weak"] = flags["effect"] < rule.effect_bound
+        flags = flags.sort_values(
+            ["class_name", "_against", "_weak", "step", "z_model"], ascending=[True, True, True, True, False]
+        ).drop(columns=["_against", "_weak"])
+    else:
+        flags = flags.sort_values(["class_name", "z_lift"], ascending=[True, False])
+    flags["rank"] = flags.groupby("class_name").cumcount() + 1
     n_mis, n_cor = flags["n_misclassified"], flags["n_correct"]
     k_mis = flags["frequency_misclassified"] * n_mis
     k_cor = (flags["frequency_correct"] * n_cor).fillna(0.0)

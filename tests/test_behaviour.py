@@ -339,10 +339,9 @@ def _mirror_world(n: int = 24000) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def test_the_cue_reads_as_held_when_its_complement_is_accepted() -> None:
-    """Two-valued size: the model takes small objects for class 0. Classes 1 and 2's explanations name
-    "large" (the mirror), so "large" is accepted first; class 0's, which name "small", must read "small"
-    (for), not "large" (against). Where class 0's explanations do not name "small", or there is no
-    opposite proxy, the against pair stays."""
+    """Two-valued size: the model takes small objects for class 0. Class 1's explanations name "large"
+    (its mirror), so "large" is accepted first; class 0's flag must read "small" (for), not "large"
+    (against). Without an opposite proxy the against pair stays."""
     rng = np.random.default_rng(5)
     n = 3000
     labels = rng.integers(0, 3, n)
@@ -356,24 +355,12 @@ def test_the_cue_reads_as_held_when_its_complement_is_accepted() -> None:
         out[1:, 0, :] = True
         return out
 
-    def names_both(pairs: np.ndarray) -> np.ndarray:
-        out = names_large(pairs)
-        out[0, 1, :] = True
-        return out
-
-    grid = np.ones((3, 2, 2), dtype=bool)
-    unnamed = evidence_grid(behaviour, 3, grid, n_permutations=20, support=names_large)
-    assert np.argwhere(unnamed.accepted).tolist() == [[0, 0, 1], [1, 0, 0], [2, 0, 0]]
-    ev = evidence_grid(behaviour, 3, grid, n_permutations=20, support=names_both)
-    # "small" goes first now (named, and its z the larger); classes 1 and 2 read it as "large", for them
-    assert ev.given == [1] and ev.alias_names("small") == ["not large"]
+    ev = evidence_grid(behaviour, 3, np.ones((3, 2, 2), dtype=bool), n_permutations=20, support=names_large)
+    assert ev.given == [0] and ev.alias_names("large") == ["not small"]
     assert np.argwhere(ev.accepted).tolist() == [[0, 1, 0], [1, 0, 0], [2, 0, 0]]
-    assert ev.figures["z_model"][1, 0, 0] == pytest.approx(ev.figures["z_model"][1, 1, 1])
+    assert ev.figures["z_model"][0, 1, 0] == pytest.approx(ev.figures["z_model"][0, 0, 1])
     read = ~np.isnan(ev.figures["complement_of"])
-    assert (
-        np.argwhere(read).tolist() == [[1, 0, 0], [2, 0, 0]]
-        and (ev.figures["complement_of"][read] == 1).all()
-    )
+    assert np.argwhere(read).tolist() == [[0, 1, 0]] and ev.figures["complement_of"][0, 1, 0] == 0
     alone = ProbeBehaviour(x[:, :1], ["large"], pred, labels, np.zeros(1))
     bare = evidence_grid(alone, 3, np.ones((3, 1, 2), dtype=bool), n_permutations=20)
     assert np.argwhere(bare.accepted).tolist() == [[0, 0, 1], [1, 0, 0], [2, 0, 0]]

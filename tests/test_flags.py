@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from auditdata import OWN, class_text_embeddings, make_run
 
-from tasks.config import MIN_EFFECT, MIN_EFFECT_IN_TRAINING, FlagRule
+from tasks.config import MIN_EFFECT, MIN_EFFECT_IN_TRAINING
 from tasks.flags import ClassText, _load_scores, flag_spurious, z_lift_matrix
 from tasks.store import build_duckdb, query
 from textcam.schema import FLAGS
@@ -646,25 +646,27 @@ def test_a_named_weak_pair_ranks_after_its_class_s_own_cue(planted: Path, class_
     assert (dog.loc["ball", "rank"], dog.loc["snow", "rank"]) == (1, 2)
 
 
-def test_a_complement_read_for_a_class_ranks_after_its_own_cue() -> None:
-    """Star's "small object" is circle's "large object" read for star (step 1); star's own cue, metallic,
-    was accepted at step 2 with a smaller z, and still ranks first (sweep seed 21, b05)."""
-    from tasks.flags import rank_within_class
+def test_a_complement_read_for_a_class_ranks_after_its_own_cue(planted: Path, class_text: ClassText) -> None:
+    """Snowy images go to bird (strong), so snow is evidence against cat and dog, and a phrase CLIP calls
+    exactly where it does not call snow reads that finding *for* them; dog's own cue, ball, accepted at a
+    later step, still ranks first for dog."""
+    from tasks.behaviour import ProbeBehaviour
 
-    flags = pd.DataFrame(
-        {
-            "class_name": ["star", "star", "circle"],
-            "phrase": ["small object", "metallic", "large object"],
-            "direction": ["for", "for", "for"],
-            "complement_of": [7.0, np.nan, np.nan],
-            "effect": [0.32, 0.61, 0.83],
-            "step": pd.array([1, 2, 1], dtype="Int32"),
-            "z_model": [25.0, 18.0, 21.9],
-        }
-    )
-    ranked = rank_within_class(flags, FlagRule(), by_behaviour=True)
-    assert ranked[["class_name", "phrase", "rank"]].values.tolist() == [
-        ["circle", "large object", 1],
-        ["star", "metallic", 1],
-        ["star", "small object", 2],
-    ]
+    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
+    rng = np.random.default_rng(8)
+    n = 9000
+    labels = rng.integers(0, 3, n)  # bird, cat, dog
+    presence = rng.random((n, len(phrases))) < 0.5
+    snow, ball = phrases.index("snow"), phrases.index("ball")
+    bare = next(i for i, p in enumerate(phrases) if i not in (snow, ball))
+    presence[:, bare] = ~presence[:, snow]
+    pred = labels.copy()
+    pred[(labels != 0) & presence[:, snow] & (rng.random(n) < 0.7)] = 0
+    pred[(labels != 2) & presence[:, ball] & (rng.random(n) < 0.4)] = 2
+    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
+    out = flag_spurious(planted, class_text, behaviour=behaviour)
+    dog = out[out["class_name"] == "dog"].set_index("phrase")
+    assert "snow" not in dog.index and dog.loc[phrases[bare], "direction"] == "for"
+    assert dog.loc[phrases[bare], "step"] < dog.loc["ball", "step"]
+    assert (dog.loc["ball", "rank"], dog.loc[phrases[bare], "rank"]) == (1, 2)
+    assert list(dog.loc[phrases[bare], "aliases"]) == ["not snow"]
