@@ -36,7 +36,7 @@ section below reuses those explanations.
    Two maps with identical pixel ranks give identical curves; such images are evaluated once.
 5. Baseline without the channel bank: the CLIP embedding of the image multiplied by its CAM
    saliency (in CLIP's normalised space, so masked pixels become CLIP's mean colour), centred by
-   the mean over the world's test images, described with the same vocabulary and the same phrase selection.
+   the mean over the world's test images, coded over the same vocabulary with the same selector.
    It gets the must-show 1 and 2 metrics (no groups, so no group match).
 
 The last line printed is one JSON object with every figure.
@@ -85,6 +85,7 @@ from textcam.faithfulness import (  # noqa: E402
 )
 from textcam.models import LoadedModel, load_model  # noqa: E402
 from textcam.schema import EXPLANATIONS  # noqa: E402
+from textcam.select import select_phrases  # noqa: E402
 from textcam.synthetic import scenes  # noqa: E402
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
 from textcam.synthetic.classifier import bias_metrics, to_classifier_tensor  # noqa: E402
@@ -449,7 +450,7 @@ class Baseline:
     def _code(self, c: Explained, emb: torch.Tensor) -> torch.Tensor:
         q = emb - self._mean[c.name]
         vocab = c.explainer.vocab.cpu()
-        return c.explainer.select(q, vocab, N_PHRASES, redundancy=c.explainer.redundancy).indices
+        return select_phrases(q, vocab, N_PHRASES, redundancy=c.explainer.redundancy).indices
 
     def select(self, c: Explained, x_clip: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         self.mean(c)
@@ -460,10 +461,10 @@ class Baseline:
         return self._sel[c.name]
 
     def rows(self, c: Explained) -> list[dict[str, Any]]:
-        """The run's rows with the baseline's phrases (scored as the explainer's own), no groups."""
+        """The run's rows with the baseline's phrases (scores: their coding coefficients) and no groups."""
         self.mean(c)
         emb = self.embed(c, c.x_clip, c.eb.saliency[:, 0]) - self._mean[c.name]
-        sel = c.explainer.select(emb, c.explainer.vocab.cpu(), N_PHRASES, redundancy=c.explainer.redundancy)
+        sel = select_phrases(emb, c.explainer.vocab.cpu(), N_PHRASES, redundancy=c.explainer.redundancy)
         out = []
         for row, idx, sc in zip(c.rows, sel.indices.tolist(), sel.scores.tolist(), strict=True):
             phrases = [

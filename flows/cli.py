@@ -54,7 +54,6 @@ HELP = {
     "explanation.top_k": "explain the top-k predicted classes (default 1)",
     "explanation.n_phrases": "phrases per explanation (default 5)",
     "explanation.n_groups": "channel groups (concepts) per explanation (default 3)",
-    "explanation.selection": "'ranked' (phrases most like T_c(x), kept diverse) or 'pursuit' (sparse coding)",
     "explanation.check_phrases": "mark the phrases CLIP sees in each image (a CLIP pass each; default on)",
     "classes": "label check: 'model' (the classifier's class names) or a list of names (default off)",
     "calibration.probe": "probe images for the channel bank, folder or manifest (default: the audit data)",

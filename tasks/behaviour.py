@@ -33,10 +33,7 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
-  of its images, a word that follows the concept on those images would pass on exactly them;
-* a class the accepted phrase is evidence only *against* reads the finding as the phrase's complement, a
-  proxy CLIP calls exactly where it does not call the phrase (phi ≤ −:data:`COMPLEMENT_PHI`), where that
-  passes *for* the class: "small object" for star rather than "large object" against it.
+  of its images, a word that follows the concept on those images would pass on exactly them.
 
 ``min_effect`` (:data:`tasks.config.MIN_EFFECT`, 0.3) is the truth sweep's own bound of a cue the model
 uses (accuracy gap ≥ 0.3): a flag claims use. It is part of the rule's definition, not fitted to a world.
@@ -57,11 +54,6 @@ from tasks.config import MIN_EFFECT
 from textcam.visibility import PhraseVisibility
 
 DIRECTIONS = ("for", "against")
-#: the (K, P, 2) figures of every class × phrase × direction (:class:`Evidence`)
-FIGURES = ("z_first", "effect_first", "z_model", "effect", "threshold", "step", "proxy_of", "complement_of")
-#: |phi| of a complement: two values of a two-valued attribute are near −1; two of three balanced values
-#: are −0.5, and "not checkered" is not "metallic"
-COMPLEMENT_PHI = 0.9
 
 
 @dataclass(frozen=True)
@@ -339,8 +331,7 @@ class Evidence:
     phrases: list[str]
     eligible: np.ndarray  # (K, P, 2) bool
     accepted: np.ndarray  # (K, P, 2) bool
-    # z_first, effect_first, z_model, effect, threshold, step, proxy_of and complement_of (the accepted
-    # phrase a pair reads as held; NaN: none): (K, P, 2)
+    # z_first, effect_first, z_model, effect, threshold, step, proxy_of (NaN: none): (K, P, 2)
     figures: dict[str, np.ndarray]
     given: list[int]  # accepted phrases, in order
     # accepted phrase → the proxies it brought into the strata, with their phi: where CLIP sees the
@@ -503,32 +494,6 @@ def _accepted_pairs(
     return out
 
 
-def _read_as_held(
-    pairs: np.ndarray,
-    best: int,
-    opposites: np.ndarray,
-    passing: np.ndarray,
-    zd: np.ndarray,
-    record: dict[str, np.ndarray],
-) -> np.ndarray:
-    """``pairs`` with each class that ``best`` is evidence only *against* reading it as its complement
-    (``opposites``: proxies CLIP calls where it does not call ``best``) that passes *for* the class, the
-    strongest where several do: star relies on "small object", rather than on "large object" being absent. The
-    same finding, read as what the class's images have (decisions, "A flag reads as what the class has");
-    ``record["complement_of"]`` keeps ``best`` for the pairs read so."""
-    against_only = pairs[:, best, 1] & ~pairs[:, best, 0]
-    if not against_only.any() or not len(opposites):
-        return pairs
-    z = np.where(passing[:, opposites, 0], zd[:, opposites, 0], -np.inf)  # (K, Q)
-    rows = np.flatnonzero(against_only & np.isfinite(z.max(axis=1)))
-    out = pairs.copy()
-    out[rows, best, 1] = False
-    read = opposites[z[rows].argmax(axis=1)]
-    out[rows, read, 0] = True
-    record["complement_of"][rows, read, 0] = best
-    return out
-
-
 def evidence_grid(
     behaviour: ProbeBehaviour,
     n_classes: int,
@@ -559,7 +524,10 @@ def evidence_grid(
     rng = np.random.default_rng(seed)
     given: list[int] = []
     decided = np.zeros((k, p, 2), dtype=bool)
-    record = {name: np.full((k, p, 2), np.nan) for name in FIGURES}
+    record = {
+        name: np.full((k, p, 2), np.nan)
+        for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step", "proxy_of")
+    }
     accepted = np.zeros((k, p, 2), dtype=bool)
     conditioned: list[int] = []  # the accepted phrases and their proxies: the strata
     aliases: dict[int, list[tuple[int, float]]] = {}
@@ -579,10 +547,7 @@ def evidence_grid(
             break
         best = _best_phrase(passing, zd, support)
         proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
-        pairs = _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
-        accepted |= _read_as_held(
-            pairs, best, proxies[signed <= -COMPLEMENT_PHI], over_null & (ed >= min_effect), zd, record
-        )
+        accepted |= _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
         decided |= accepted
         decided[:, best, :] = True
         given.append(best)

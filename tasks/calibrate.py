@@ -103,7 +103,7 @@ def runtime_spec(cfg: AuditConfig, bank: BankFiles) -> RuntimeSpec:
     check = explanation.check_phrases and cfg.trained_clip
     return RuntimeSpec(
         **cfg.model_dump(include={"model", "weights", "device", "torch_threads"}),
-        **explanation.model_dump(include={"method", "top_k", "n_phrases", "n_groups", "selection"}),
+        **explanation.model_dump(include={"method", "top_k", "n_phrases", "n_groups"}),
         bank_path=bank.bank_path,
         phrases_path=bank.phrases_path,
         visibility_path=bank.visibility_path if check else None,

@@ -75,8 +75,6 @@ class ExplanationSettings(_Settings):
     top_k: int = Field(1, ge=1)
     n_phrases: int = Field(5, ge=1)
     n_groups: int = Field(3, ge=1)
-    selection: Literal["ranked", "pursuit"] = "ranked"
-    """How the phrases are chosen from T_c(x) (:data:`textcam.explain.SELECTIONS`)."""
     check_phrases: bool = True
     """Mark each explanation's phrases that CLIP sees in the image (a CLIP pass per image)."""
 

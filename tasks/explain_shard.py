@@ -62,7 +62,6 @@ class RuntimeSpec:
     top_k: int = 1
     n_phrases: int = 5
     n_groups: int = 3
-    selection: str = "ranked"
     device: str = "auto"
     torch_threads: int | None = None
     # Check each image's phrases with CLIP (textcam.visibility): the fitted mixtures and the CLIP to load.
@@ -177,7 +176,7 @@ def _build_runtime(spec: RuntimeSpec) -> Runtime:
     model = load_model(spec.model, weights=spec.weights, device=str(device))
     phrases, embeddings = load_phrases(spec.phrases_path)
     bank = ChannelBank.load(spec.bank_path, model_id=model.model_id)
-    settings = {k: getattr(spec, k) for k in ("method", "top_k", "n_phrases", "n_groups", "selection")}
+    settings = {k: getattr(spec, k) for k in ("method", "top_k", "n_phrases", "n_groups")}
     explainer = Explainer(model, bank, phrases, embeddings, **settings, device=device)
     clip = visibility = None
     if spec.visibility_path is not None and spec.clip is not None:

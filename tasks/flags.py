@@ -464,11 +464,10 @@ def _ranked_flags(
     """The flags in the FLAGS columns, ranked within each class, with example images."""
     if by_behaviour:
         # Per class: cues *for* it first (a cue for another class counting against this one is the same
-        # finding seen from the other side, and so is its complement read for this one), strong evidence
-        # before weak (a named pair accepted with
+        # finding seen from the other side), strong evidence before weak (a named pair accepted with
         # its phrase's mirror comes after the class's own cue), then in the order they were accepted,
         # strongest first.
-        flags["_against"] = (flags["direction"] == "against") | flags["complement_of"].notna()
+        flags["_against"] = flags["direction"] == "against"
         flags["_weak"] = flags["effect"] < rule.effect_bound
         flags = flags.sort_values(
             ["class_name", "_against", "_weak", "step", "z_model"], ascending=[True, True, True, True, False]

@@ -644,29 +644,3 @@ def test_a_named_weak_pair_ranks_after_its_class_s_own_cue(planted: Path, class_
     assert dog.loc["snow", "step"] < dog.loc["ball", "step"]  # snow went first, for its mirror
     assert dog.loc["snow", "effect"] < MIN_EFFECT_IN_TRAINING <= dog.loc["ball", "effect"]
     assert (dog.loc["ball", "rank"], dog.loc["snow", "rank"]) == (1, 2)
-
-
-def test_a_complement_read_for_a_class_ranks_after_its_own_cue(planted: Path, class_text: ClassText) -> None:
-    """Snowy images go to bird (strong), so snow is evidence against cat and dog, and a phrase CLIP calls
-    exactly where it does not call snow reads that finding *for* them; dog's own cue, ball, accepted at a
-    later step, still ranks first for dog."""
-    from tasks.behaviour import ProbeBehaviour
-
-    phrases = query(planted, "SELECT DISTINCT phrase FROM concept_stats ORDER BY 1")["phrase"].tolist()
-    rng = np.random.default_rng(8)
-    n = 9000
-    labels = rng.integers(0, 3, n)  # bird, cat, dog
-    presence = rng.random((n, len(phrases))) < 0.5
-    snow, ball = phrases.index("snow"), phrases.index("ball")
-    bare = next(i for i, p in enumerate(phrases) if i not in (snow, ball))
-    presence[:, bare] = ~presence[:, snow]
-    pred = labels.copy()
-    pred[(labels != 0) & presence[:, snow] & (rng.random(n) < 0.7)] = 0
-    pred[(labels != 2) & presence[:, ball] & (rng.random(n) < 0.4)] = 2
-    behaviour = ProbeBehaviour(presence, phrases, pred, labels, np.zeros(len(phrases)))
-    out = flag_spurious(planted, class_text, behaviour=behaviour)
-    dog = out[out["class_name"] == "dog"].set_index("phrase")
-    assert "snow" not in dog.index and dog.loc[phrases[bare], "direction"] == "for"
-    assert dog.loc[phrases[bare], "step"] < dog.loc["ball", "step"]
-    assert (dog.loc["ball", "rank"], dog.loc[phrases[bare], "rank"]) == (1, 2)
-    assert list(dog.loc[phrases[bare], "aliases"]) == ["not snow"]

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from textcam.select import center_vocabulary, group_channels, rank_phrases, select_phrases
+from textcam.select import center_vocabulary, group_channels, select_phrases
 
 
 def _orthonormal(p: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -35,51 +35,10 @@ def test_near_duplicates_are_not_both_chosen() -> None:
     assert sorted(sel.indices[0].tolist()) == [0, 2]
 
 
-def test_ranking_keeps_a_cue_the_class_name_explains_away() -> None:
-    # class name e0; the cue shares 0.6 of its direction; a background e2 shares none
-    e = torch.eye(4)
-    cue = torch.nn.functional.normalize(0.6 * e[0] + 0.8 * e[1], dim=0)
-    vocab = torch.stack([e[0], cue, e[2]])
-    y = (1.0 * e[0] + 0.3 * e[1] + 0.4 * e[2])[None]  # cosines 1/√1.25, 0.84/√1.25, 0.4/√1.25
-    assert select_phrases(y, vocab, 2).indices[0].tolist() == [0, 2]  # the refit leaves 0.34 to the cue
-    ranked = rank_phrases(y, vocab, 2)
-    assert ranked.indices[0].tolist() == [0, 1]  # 0.751 − 0.5·0.6 > 0.358
-    assert torch.allclose(ranked.scores[0], torch.tensor([1.0, 0.84]) / 1.25**0.5, atol=1e-6)
-
-
-def test_ranking_matches_a_plain_loop() -> None:
-    g = torch.Generator().manual_seed(3)
-    vocab = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=1)
-    targets = torch.randn(5, 6, generator=g)
-    sel = rank_phrases(targets, vocab, 4, redundancy=0.5)
-    for row, y in enumerate(torch.nn.functional.normalize(targets, dim=1)):
-        cos, chosen = (vocab @ y).tolist(), []
-        for _ in range(4):
-            gain = {
-                p: cos[p] - 0.5 * max([max(float(vocab[p] @ vocab[q]), 0.0) for q in chosen] + [0.0])
-                for p in range(12)
-                if p not in chosen and cos[p] > 0
-            }
-            if gain:
-                chosen.append(max(gain, key=gain.get))
-        chosen.sort(key=lambda p: -cos[p])
-        assert sel.indices[row, : len(chosen)].tolist() == chosen
-        assert (sel.indices[row, len(chosen) :] == -1).all()
-        assert torch.allclose(sel.scores[row, : len(chosen)], torch.tensor([cos[p] for p in chosen]))
-
-
-def test_ranking_avoids_near_duplicates() -> None:
-    e = _orthonormal(6, 16)
-    dup = torch.nn.functional.normalize(e[0] + 0.05 * e[5], dim=0)
-    y = (1.0 * e[0] + 0.6 * e[2])[None]
-    assert sorted(rank_phrases(y, torch.cat([e, dup[None]]), 2).indices[0].tolist()) == [0, 2]
-
-
 def test_no_evidence_no_phrases() -> None:
     e = _orthonormal(5, 8)
-    for select in (select_phrases, rank_phrases):
-        sel = select(torch.zeros(2, 8), e, 3)
-        assert (sel.indices == -1).all() and (sel.scores == 0).all()
+    sel = select_phrases(torch.zeros(2, 8), e, 3)
+    assert (sel.indices == -1).all() and (sel.scores == 0).all()
 
 
 def test_center_vocabulary_removes_common_component() -> None:
@@ -111,13 +70,12 @@ def test_selection_never_crashes(n: int, p: int, d: int, k: int, seed: int, redu
     g = torch.Generator().manual_seed(seed)
     vocab = torch.nn.functional.normalize(torch.randn(p, d, generator=g), dim=1)
     targets = torch.randn(n, d, generator=g)
-    for select in (select_phrases, rank_phrases):
-        sel = select(targets, vocab, k, redundancy=redundancy)
-        assert sel.indices.shape == sel.scores.shape == (n, min(k, p))
-        assert (sel.scores >= 0).all() and torch.isfinite(sel.scores).all()
-        for row in sel.indices.tolist():
-            picked = [i for i in row if i >= 0]
-            assert len(set(picked)) == len(picked)
+    sel = select_phrases(targets, vocab, k, redundancy=redundancy)
+    assert sel.indices.shape == sel.scores.shape == (n, min(k, p))
+    assert (sel.scores >= 0).all() and torch.isfinite(sel.scores).all()
+    for row in sel.indices.tolist():
+        picked = [i for i in row if i >= 0]
+        assert len(set(picked)) == len(picked)
 
 
 def _reference_selection(y: torch.Tensor, e: torch.Tensor, k: int, redundancy: float) -> list[list[int]]:

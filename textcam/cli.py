@@ -157,7 +157,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         n_phrases=args.n_phrases,
         n_groups=args.n_groups,
-        selection=args.selection,
         device=args.device,
     )
     out_dir = Path(args.out)
@@ -268,12 +267,6 @@ def _add_explain_parser(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=1, help="explain the top-k predicted classes (default 1)")
     p.add_argument("--n-phrases", type=int, default=5)
     p.add_argument("--n-groups", type=int, default=3)
-    p.add_argument(
-        "--selection",
-        default="ranked",
-        choices=["ranked", "pursuit"],
-        help="phrases most like T_c(x), kept diverse, or a sparse coding of it (default ranked)",
-    )
     p.add_argument("--out", default="textcam-out", help="output folder for overlays (default textcam-out)")
     p.set_defaults(func=cmd_explain)
 

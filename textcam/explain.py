@@ -6,8 +6,7 @@ For image x and class c with CAM weights w_c^j and target-layer activations A_j(
     κ_j    = w_c^j · GAP(A_j(x))                         (channel contribution to the class score)
     T_c⁺(x) = Σ_j ReLU(κ_j) t_j,  T_c⁻(x) = Σ_j ReLU(−κ_j) t_j   (evidence for / against, kept apart)
 
-T_c⁺ and T_c⁻ are described by a short, diverse set of the vocabulary's phrases (:mod:`textcam.select`:
-by default the phrases most like them, each penalised for its likeness to those already chosen), and the
+T_c⁺ and T_c⁻ are coded over the vocabulary's text embeddings (:mod:`textcam.select`), and the
 channels are grouped by the chosen phrase they are most similar to (among the phrases at least
 ``group_min_ratio`` as strong as the first), each group with its own map.
 Everything after the classifier pass is a handful of batched tensor products, so explanation runs
@@ -27,13 +26,10 @@ import torch
 from textcam.bank import BankMismatchError, ChannelBank
 from textcam.cams import CamOutput, build_cam
 from textcam.device import model_device
-from textcam.select import Selection, center_vocabulary, group_channels, rank_phrases, select_phrases
+from textcam.select import Selection, center_vocabulary, group_channels, select_phrases
 
 if TYPE_CHECKING:
     from textcam.models import LoadedModel
-
-# How an explanation's phrases are chosen from T_c(x): sparse non-negative pursuit, or a diverse ranking
-SELECTIONS = {"pursuit": select_phrases, "ranked": rank_phrases}
 
 
 @dataclass(frozen=True)
@@ -142,10 +138,6 @@ def _serial_on_cpu(device: torch.device) -> Iterator[None]:
 class Explainer:
     """Explain a classifier's decisions with a calibrated channel bank and a phrase vocabulary.
 
-    ``selection`` chooses the phrases: ``"ranked"`` (:func:`~textcam.select.rank_phrases`) or
-    ``"pursuit"`` (:func:`~textcam.select.select_phrases`, whose refit drops a cue that shares its
-    direction with the class name; docs/decisions.md, "Phrases most like T_c(x)").
-
     Example:
         >>> explainer = Explainer(model, bank, phrases, clip.encode_texts(phrases))  # doctest: +SKIP
         >>> explainer.explain_batch(images)[0].phrases  # doctest: +SKIP
@@ -165,7 +157,6 @@ class Explainer:
         n_groups: int = 3,
         group_min_ratio: float = 0.5,
         redundancy: float = 0.5,
-        selection: str = "ranked",
         device: str | torch.device = "auto",
     ) -> None:
         if len(phrases) != phrase_embeddings.shape[0]:
@@ -182,8 +173,6 @@ class Explainer:
         for name, value in (("top_k", top_k), ("n_phrases", n_phrases), ("n_groups", n_groups)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
         if n_against < 0:
             raise ValueError(f"n_against must be >= 0, got {n_against}")
         if not 0.0 <= group_min_ratio <= 1.0:
@@ -197,7 +186,6 @@ class Explainer:
         self.n_groups = min(n_groups, n_phrases)
         self.group_min_ratio = group_min_ratio
         self.redundancy = redundancy
-        self.select = SELECTIONS[selection]
         self.vocab = center_vocabulary(phrase_embeddings.float()).to(self.device)
         self.directions = bank.directions.float().to(self.device)
         self.cam = build_cam(method, model.module, bank.layer, token_grid=model.token_grid)
@@ -235,8 +223,10 @@ class Explainer:
         text_for = contrib.clamp_min(0) @ self.directions
         text_against = (-contrib).clamp_min(0) @ self.directions
 
-        sel_for = self.select(text_for.flatten(0, 1), self.vocab, self.n_phrases, redundancy=self.redundancy)
-        sel_against = self.select(
+        sel_for = select_phrases(
+            text_for.flatten(0, 1), self.vocab, self.n_phrases, redundancy=self.redundancy
+        )
+        sel_against = select_phrases(
             text_against.flatten(0, 1), self.vocab, max(self.n_against, 1), redundancy=self.redundancy
         )
 

@@ -9,9 +9,6 @@ to one already chosen:
 
 Everything is batched over images: one (N × D) @ (D × P) product scores the whole vocabulary, and the
 greedy steps run on each row's best-scoring candidates (see :func:`select_phrases`).
-
-:func:`rank_phrases` (the explainer's default) drops the refit: the residual of a sparse code no longer
-points at a cue that shares its direction with the class name, and the cue is never chosen.
 """
 
 from __future__ import annotations
@@ -102,35 +99,6 @@ def select_phrases(
         beta = _nonneg_refit(gram, score.gather(1, picks[:, :steps]), ridge)
         corr = score - torch.bmm(beta[:, None, :], s)[:, 0]
     return _selection(sims[:, :steps], picks[:, :steps], beta, cand, k)
-
-
-def rank_phrases(targets: torch.Tensor, vocab: torch.Tensor, k: int, *, redundancy: float = 0.5) -> Selection:
-    """Diverse ranking of the vocabulary for each row of ``targets`` (N, D) over ``vocab`` (P, D).
-
-    Greedy like :func:`select_phrases` but without the refit (maximal marginal relevance): each step
-    picks ``argmax_p ⟨y, e_p⟩ − ρ · max_{q ∈ S} ⟨e_q, e_p⟩₊`` among the phrases with ⟨y, e_p⟩ > 0,
-    and a phrase's score is its cosine with y. Where the target's direction is shared by the class
-    name and a cue it also carries, the pursuit's refit explains the cue away; the ranking keeps it."""
-    _check(targets, vocab, k, None)
-    n, p = targets.shape[0], vocab.shape[0]
-    k = min(k, p)
-    e = vocab.float()
-    score = F.normalize(targets.float(), dim=-1) @ e.T  # (N, P)
-    rows = torch.arange(n, device=score.device)
-    # +inf: chosen already, or no positive cosine with the target
-    penalty = torch.where(score > 1e-6, 0.0, float("inf"))
-    picks = torch.full((n, k), -1, dtype=torch.long, device=score.device)
-    for step in range(k):
-        pick = (score - penalty).argmax(dim=1)
-        ok = penalty[rows, pick] < float("inf")
-        if not ok.any():
-            break
-        picks[:, step] = torch.where(ok, pick, -1)
-        penalty = torch.maximum(penalty, redundancy * (e[pick] @ e.T).clamp_min(0))
-        penalty[rows, pick] = float("inf")
-    coef = torch.where(picks >= 0, score.gather(1, picks.clamp_min(0)), 0.0)
-    order = coef.argsort(dim=1, descending=True, stable=True)
-    return Selection(picks.gather(1, order), coef.gather(1, order))
 
 
 def _selection(
