@@ -32,10 +32,12 @@ A cue is *used* when the classifier's accuracy gap (aligned − conflicting, tes
   concept) name a planted cue: the cue under another name, counted as extra all the same;
 * ``phrase_image_precision``: shown phrases (the ``shown_phrases`` view) that are not class names and are
   true of the image (by the generator's records), test audits, predicted-class explanations; per
-  attribute, the same without the view's model gate (``..._without_model_gate``) and for every selected
-  phrase (``selected_image_precision``);
+  attribute, the same without the view's model gate (``..._without_model_gate``), for every selected
+  phrase (``selected_image_precision``), and for the view before seed 26, which showed a flagged phrase
+  only where the sparse code selected it, not where it is among the phrases nearest T_c⁺(x)
+  (``..._selected_only_view``);
 * ``aligned_cue_named_rate``: test images of a used cue's class that show the cue, explained for that
-  class, whose shown phrases name the cue.
+  class, whose shown phrases name the cue (and ``..._selected_only_view``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from textcam.clip import load_clip  # noqa: E402
 from textcam.explain import Explainer  # noqa: E402
 from textcam.models import load_model  # noqa: E402
 from textcam.schema import EXPLANATIONS  # noqa: E402, F401  (rows follow it, see write_run)
+from textcam.select import nearest_phrases  # noqa: E402
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
 from textcam.synthetic.classifier import bias_metrics, to_classifier_tensor  # noqa: E402
 from textcam.synthetic.config import DEMO_BIAS, WorldConfig  # noqa: E402
@@ -80,6 +83,8 @@ from textcam.vocab import load_vocabulary  # noqa: E402
 
 CUE_ATTRIBUTES = ("background", "color", "size", "texture", "watermark", "border")
 USED, UNUSED = 0.3, 0.1
+#: the shown-phrase views whose precision a world's result holds (``shown_precision``)
+PRECISION_VIEWS = ("flow", "flow_selected", "flow_previous", "flow_ungated", "shown", "selected")
 TARGETS = {
     "sweep_first_rate": (">=", 0.95),
     "sweep_first_rate_selfprobe": (">=", 0.9),
@@ -347,19 +352,27 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     previous_pairs = flow_specific & (own | flagged)
     flow_shown = (visible & (flow_specific & own)[at]) | (seen & flagged[at])
     flow_previous = visible & previous_pairs[at]
+    # ... and since seed 26, a flagged phrase among the n nearest T_c⁺(x) too, where CLIP sees it (the view
+    # before it: "flow_selected")
+    near = nearest_phrases(eb.text_for.flatten(0, 1), a["explainer"].vocab, a["explainer"].n_phrases).indices
+    near = near.masked_fill((near[:, :, None] == idx[:, None, :]).any(2), -1)  # not selected already
+    near_extra = vis.seen(emb, near).numpy() & flagged[pred[:, None], near.clamp_min(0).numpy()]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
-    selected = (idx >= 0).numpy()
-    class_phrase = np.isin(np.asarray(m.phrases)[idx.clamp_min(0).numpy()], list(m.world.class_names))
-    true_of = np.take_along_axis(truth, idx.clamp_min(0).numpy(), 1)
-    kinds = np.asarray(kind)[idx.clamp_min(0).numpy()]
+    both = torch.cat([idx, near], 1).clamp_min(0).numpy()
+    selected = torch.cat([idx, near], 1).numpy() >= 0
+    class_phrase = np.isin(np.asarray(m.phrases)[both], list(m.world.class_names))
+    true_of = np.take_along_axis(truth, both, 1)
+    kinds = np.asarray(kind)[both]
     res: dict[str, Any] = {
         "embeddings": emb,
         "visibility": vis,
         "flagged": flagged,
         "previous_pairs": previous_pairs,
     }
-    masks = {"flow": flow_shown, "flow_previous": flow_previous, "flow_ungated": flow_ungated, "shown": shown}
-    masks["selected"] = np.ones_like(shown)
+    masks = {"flow_selected": flow_shown, "flow_previous": flow_previous, "flow_ungated": flow_ungated}
+    masks |= {"shown": shown, "selected": np.ones_like(shown)}
+    masks = {k: np.concatenate([v, np.zeros_like(near_extra)], 1) for k, v in masks.items()}
+    masks["flow"] = np.concatenate([flow_shown, near_extra], 1)
     for name, mask in ((k, v & selected & ~class_phrase) for k, v in masks.items()):
         res[name] = {
             "n": int(mask.sum()),
@@ -377,7 +390,8 @@ def aligned_named(
     m: Models, a: dict[str, Any], spec: BiasSpec, res: dict[str, Any]
 ) -> dict[str, tuple[int, int]]:
     """Aligned test images of ``spec``'s class, explained for that class: shown phrases name the cue
-    (``flow``: the audit's view; ``previous``: the view before seed 10)."""
+    (``flow``: the audit's view; ``selected``: the view before seed 26, selected phrases only;
+    ``previous``: the view before seed 10)."""
     recs = a["batch"].records
     cls = list(m.world.class_names).index(spec.label)
     aligned = np.flatnonzero(((recs["label"] == cls) & (recs[spec.attribute] == spec.value)).to_numpy())
@@ -392,9 +406,16 @@ def aligned_named(
     is_cue = sel.indices == phrase
     # the audit tables show the cue for this class only where it is flagged "for" it (previously: and
     # passed the weight and specificity tests)
-    named = (is_cue & seen).any(1) & bool(res["flagged"][cls, phrase])
+    flagged = bool(res["flagged"][cls, phrase])
+    named = (is_cue & seen).any(1) & flagged
     named_previous = (is_cue & shown).any(1) & bool(res["previous_pairs"][cls, phrase])
-    return {"flow": (int(named.sum()), len(aligned)), "previous": (int(named_previous.sum()), len(aligned))}
+    near = nearest_phrases(eb.text_for.flatten(0, 1), a["explainer"].vocab, a["explainer"].n_phrases).indices
+    named_near = named | ((near == phrase) & res["visibility"].seen(emb, near)).any(1).numpy() & flagged
+    return {
+        "flow": (int(named_near.sum()), len(aligned)),
+        "selected": (int(named.sum()), len(aligned)),
+        "previous": (int(named_previous.sum()), len(aligned)),
+    }
 
 
 FLAG_LINE = re.compile(r"^(?P<cls>[^:]+): (?P<phrase>.+) \((?P<direction>for|against), z ")
@@ -448,7 +469,19 @@ def result_file(draw: WorldDraw, out: Path) -> Path:
 
 def cached_result(draw: WorldDraw, out: Path) -> dict[str, Any] | None:
     path = result_file(draw, out)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return renamed_views(json.loads(path.read_text())) if path.is_file() else None
+
+
+def renamed_views(result: dict[str, Any]) -> dict[str, Any]:
+    """Results cached before seed 26 hold the selected-only view under ``flow``: rename it, so that they
+    add nothing to the present view's figures."""
+    precision = result.get("precision", {})
+    if "flow" in precision and "flow_selected" not in precision:
+        precision["flow_selected"] = precision.pop("flow")
+    for v in result.get("aligned_named", {}).values():
+        if isinstance(v, dict) and "flow" in v and "selected" not in v:
+            v["selected"] = v.pop("flow")
+    return result
 
 
 def flag_kinds(world: World, flags: Any) -> list[str]:
@@ -571,9 +604,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
         add_unused_truth(m, result[audit]["cues"])
         if audit == "test":
             res = shown_precision(m, a)
-            result["precision"] = {
-                k: res[k] for k in ("flow", "flow_previous", "flow_ungated", "shown", "selected")
-            }
+            result["precision"] = {k: res[k] for k in PRECISION_VIEWS}
             result["aligned_named"] = {
                 str(b): aligned_named(m, a, b, res) for b in cfg.biases if gaps[str(b)]["gap"] >= USED
             }
@@ -654,7 +685,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for c in r["test"]["cues"]
         if UNUSED <= c["gap"] < USED
     ]
-    for name in ("flow", "flow_previous", "flow_ungated", "shown", "selected"):
+    for name in PRECISION_VIEWS:
         scored_with = [r for r in scored if name in r["precision"]]  # older cached results lack "flow"
         n = sum(r["precision"][name]["n"] for r in scored_with)
         t = sum(r["precision"][name]["true"] for r in scored_with)
@@ -670,6 +701,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "flow": "phrase_image_precision",
             "flow_previous": "phrase_image_precision_previous_view",
             "flow_ungated": "phrase_image_precision_without_model_gate",
+            "flow_selected": "phrase_image_precision_selected_only_view",
             "shown": "phrase_image_precision_all_images_test",
             "selected": "selected_image_precision",
         }[name]
@@ -678,11 +710,15 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{name}_phrases_per_image"] = float(
             np.mean([r["precision"][name]["per_image"] for r in scored_with])
         )
-    views = {"flow": "aligned_cue_named_rate", "previous": "aligned_cue_named_rate_previous_view"}
+    views = {
+        "flow": "aligned_cue_named_rate",
+        "previous": "aligned_cue_named_rate_previous_view",
+        "selected": "aligned_cue_named_rate_selected_only_view",
+    }
     for view, key in views.items():
         # results cached before seed 10 hold one (named, aligned) pair per cue: the previous view
         named = [
-            v[view] if isinstance(v, dict) else (v if view == "previous" else None)
+            v.get(view) if isinstance(v, dict) else (v if view == "previous" else None)
             for r in scored
             for v in r.get("aligned_named", {}).values()
         ]

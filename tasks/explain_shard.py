@@ -343,16 +343,18 @@ class ShardFeed:
 
 
 def _explain(runtime: Runtime, pixels: torch.Tensor, clip_pixels: Sequence[torch.Tensor]) -> list[Any]:
-    """Explanations of a batch; with a CLIP in the runtime, each "for" phrase marked seen and shown or not."""
+    """Explanations of a batch; with a CLIP in the runtime, each "for" and nearest phrase marked seen or not
+    (and each "for" phrase shown or not)."""
     eb = runtime.explainer.explain_tensors(pixels)
-    shown = seen = None
+    shown = seen = near_seen = None
     if runtime.clip is not None and runtime.visibility is not None and clip_pixels:
         with torch.no_grad():
             emb = runtime.clip.encode_images(clip_pixels[0]).cpu().repeat_interleave(eb.targets.shape[1], 0)
         sel = eb.phrases_for
         seen = runtime.visibility.seen(emb, sel.indices)
         shown = seen & runtime.visibility.strong(sel.scores)
-    return runtime.explainer.to_explanations(eb, shown, seen)
+        near_seen = runtime.visibility.seen(emb, eb.phrases_near.indices)
+    return runtime.explainer.to_explanations(eb, shown, seen, near_seen)
 
 
 def finished_file(shard: Shard, run_dir: str | os.PathLike[str]) -> Path | None:

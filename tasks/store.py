@@ -55,6 +55,7 @@ from typing import Literal
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.rundir import RunDir
 from textcam.io import temp_path, write_parquet
@@ -121,11 +122,14 @@ def create_table_sql(name: str, schema: pa.Schema) -> str:
 def _source_sql(
     name: str, files: list[Path], schema: pa.Schema, run_dir: Path, absolute: bool, extra: bool
 ) -> str:
-    """A SELECT over the Parquet files of a table, columns in declared order (plus extras when asked)."""
+    """A SELECT over the Parquet files of a table, columns in declared order (plus extras when asked); a
+    column that no file has yet (written before it was declared) reads as null."""
     paths = [str(p if absolute else p.relative_to(run_dir)) for p in files]
     listing = "[" + ", ".join(_literal(p) for p in paths) + "]"
+    present = {n for p in files for n in pq.read_schema(p).names}
+    source = {f.name: _ident(f.name) if f.name in present else "NULL" for f in schema}
     declared = ", ".join(
-        f"CAST({_ident(f.name)} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
+        f"CAST({source[f.name]} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
     )
     if extra:
         names = ", ".join(_ident(f.name) for f in schema)
@@ -165,7 +169,7 @@ def _create_views(
         SELECT image_id, path, label, pred_name AS class_name, pred AS class_index, prob,
                label IS NOT NULL AS labelled,
                coalesce(label <> pred_name, false) AS misclassified,
-               phrases, groups, saliency, map_h, map_w
+               phrases, nearest, groups, saliency, map_h, map_w
         FROM explanations
         WHERE rank_of_target = 0
         QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY run_id, path) = 1
@@ -216,16 +220,30 @@ FROM defined
 
 # Shown phrases: the class's own name where CLIP sees it, it weighs at least half the first phrase and it is
 # about the images (phrase_specificity); any other phrase only where the model's predictions of the class
-# depend on it (a "for" flag) and CLIP sees it in the image. Files without ``seen``: the first rule's tests.
+# depend on it (a "for" flag) and CLIP sees it in the image, whether the sparse code selected it
+# (``selected``) or it is among the phrases nearest T_c⁺(x) (``nearest``; score 0). Files without ``seen``:
+# the first rule's tests.
 _SHOWN_PHRASES_SQL = """
 CREATE OR REPLACE VIEW shown_phrases AS
-SELECT i.image_id, i.class_name, i.phrase, i.score
-FROM image_phrases AS i LEFT JOIN phrase_specificity AS s USING (class_name, phrase)
-WHERE i.direction = 'for'
-  AND ((lower(i.phrase) = lower(i.class_name) AND i.shown AND s.specific)
-       OR (coalesce(i.seen, i.shown AND s.specific)
-           AND EXISTS (SELECT 1 FROM flags AS f
-                       WHERE f.class_name = i.class_name AND f.phrase = i.phrase AND f.direction = 'for')))
+WITH flagged AS (SELECT DISTINCT class_name, phrase FROM flags WHERE direction = 'for'),
+selected AS (
+    SELECT i.image_id, i.class_name, i.phrase, i.score, true AS selected
+    FROM image_phrases AS i LEFT JOIN phrase_specificity AS s USING (class_name, phrase)
+    WHERE i.direction = 'for'
+      AND ((lower(i.phrase) = lower(i.class_name) AND i.shown AND s.specific)
+           OR (coalesce(i.seen, i.shown AND s.specific)
+               AND (i.class_name, i.phrase) IN (SELECT (class_name, phrase) FROM flagged)))
+),
+near AS (
+    SELECT DISTINCT p.image_id, p.class_name, u.nb.text AS phrase, 0.0::DOUBLE AS score, false AS selected
+    FROM predictions AS p, unnest(p.nearest) AS u(nb)
+    WHERE u.nb.seen AND (p.class_name, u.nb.text) IN (SELECT (class_name, phrase) FROM flagged)
+)
+SELECT * FROM selected
+UNION ALL
+SELECT * FROM near
+WHERE (image_id, class_name, phrase) NOT IN (
+    SELECT (image_id, class_name, phrase) FROM image_phrases WHERE direction = 'for')
 """
 
 

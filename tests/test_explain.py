@@ -72,6 +72,16 @@ def test_batch_invariants_and_determinism(model) -> None:
     explanations = explainer.to_explanations(a)
     assert len(explanations) == images.shape[0]
     assert all(len([p for p in e.phrases if p.direction == "for"]) <= 3 for e in explanations)
+    # the nearest phrases: a plain reference, image by image, over the centred vocabulary
+    for n, e in enumerate(explanations):
+        cos = torch.nn.functional.normalize(a.text_for[n, 0], dim=0) @ explainer.vocab.T
+        best = [int(i) for i in cos.argsort(descending=True)[:3] if cos[i] > 0]
+        assert [p.text for p in e.nearest] == [phrases[i] for i in best]
+        assert [p.cosine for p in e.nearest] == pytest.approx([float(cos[i]) for i in best], abs=1e-6)
+        assert all(p.seen is None for p in e.nearest)  # no CLIP call was made
+    seen = torch.tensor([[True, False, True]]).repeat(images.shape[0], 1)
+    marked = explainer.to_explanations(a, near_seen=seen)
+    assert [p.seen for p in marked[0].nearest] == [True, False, True][: len(marked[0].nearest)]
 
 
 def test_weak_phrases_do_not_become_groups(model) -> None:

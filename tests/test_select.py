@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from textcam.select import center_vocabulary, group_channels, select_phrases
+from textcam.select import center_vocabulary, group_channels, nearest_phrases, select_phrases
 
 
 def _orthonormal(p: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -33,6 +34,22 @@ def test_near_duplicates_are_not_both_chosen() -> None:
     assert sorted(plain_topk) == [0, 6]  # a top-k returns the duplicate pair
     sel = select_phrases(y, vocab, 2)
     assert sorted(sel.indices[0].tolist()) == [0, 2]
+
+
+def test_nearest_phrases_keep_what_the_code_explains_away() -> None:
+    """y = 0.8·e0 + 0.5·e1 and a third phrase halfway between them: the sparse code needs only e0 and e1,
+    but the third is the nearest phrase of all (cosine 0.92), and an opposite phrase fills no slot."""
+    e = _orthonormal(4, 8)
+    mid = torch.nn.functional.normalize(e[0] + e[1], dim=0)
+    vocab = torch.cat([e[:2], mid[None], -e[:1]])  # 0, 1, between them, opposite of 0
+    y = (0.8 * e[0] + 0.5 * e[1])[None]
+    norm = (0.8**2 + 0.5**2) ** 0.5
+    near = nearest_phrases(y, vocab, 4)
+    assert near.indices[0].tolist() == [2, 0, 1, -1]
+    expected = torch.tensor([(0.8 + 0.5) / (2**0.5 * norm), 0.8 / norm, 0.5 / norm, 0.0])
+    assert torch.allclose(near.scores[0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        nearest_phrases(y, vocab, 0)
 
 
 def test_no_evidence_no_phrases() -> None:

@@ -342,3 +342,54 @@ def test_a_flagged_phrase_is_shown_wherever_clip_sees_it(tmp_path: Path) -> None
     assert expected > 0 and len(flagged) == expected
     assert weak > 0  # some of them weigh under half the first phrase
     assert (rows["phrase"].str.lower() == rows["class_name"].str.lower()).sum() == len(rows) - expected
+
+
+def test_a_flagged_phrase_among_the_nearest_is_shown_where_clip_sees_it(tmp_path: Path) -> None:
+    """A phrase flagged "for" a class is shown where it is among the explanation's nearest phrases and CLIP
+    sees it, though the sparse code left it out (score 0, ``selected`` false); never twice where the code
+    selected it too, and never where CLIP does not see it or it is not flagged. A shard written before the
+    ``nearest`` column reads it as null and shows nothing from it."""
+    import pyarrow.compute as pc
+
+    from textcam.schema import EXPLANATIONS
+
+    run_dir = make_run(tmp_path, n_per_class=40, seed=3)
+    shards = sorted((run_dir / "explanations").glob("*.parquet"))
+    expected = 0
+    for path in shards[1:]:
+        rows = pq.read_table(path).to_pylist()
+        for n, r in enumerate(rows):
+            selected = {p["text"] for p in r["phrases"] if p["direction"] == "for"}
+            seen = n % 3 != 0
+            r["nearest"] = [
+                {"text": "snow", "cosine": 0.5, "seen": seen},
+                {"text": "leaves", "cosine": 0.4, "seen": True},  # never flagged
+            ]
+            counted = r["rank_of_target"] == 0 and r["pred_name"] == "dog" and "snow" not in selected
+            expected += int(counted and seen)
+        pq.write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS), path)
+    old = pq.read_table(shards[0])
+    pq.write_table(old.drop_columns(["nearest"]), shards[0])  # as written before version 4
+    build_duckdb(run_dir)
+    con = open_writable(run_dir)
+    try:
+        before = con.execute("SELECT count(*) FROM shown_phrases WHERE NOT selected").fetchall()[0][0]
+        store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+        near = con.sql("SELECT * FROM shown_phrases WHERE NOT selected").df()
+        twice = con.execute(
+            "SELECT count(*) FROM "
+            "(SELECT image_id, phrase FROM shown_phrases GROUP BY ALL HAVING count(*) > 1)"
+        ).fetchall()[0][0]
+        unread = con.execute(
+            "SELECT count(*) FROM predictions WHERE nearest IS NULL AND image_id IN "
+            f"(SELECT image_id FROM read_parquet('{shards[0]}'))"
+        ).fetchall()[0][0]
+    finally:
+        con.close()
+    assert before == 0  # nothing is flagged yet
+    assert expected > 0 and len(near) == expected
+    assert (
+        set(near["phrase"]) == {"snow"} and set(near["class_name"]) == {"dog"} and (near["score"] == 0).all()
+    )
+    assert twice == 0
+    assert unread == old.filter(pc.field("rank_of_target") == 0).num_rows > 0

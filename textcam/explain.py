@@ -26,7 +26,7 @@ import torch
 from textcam.bank import BankMismatchError, ChannelBank
 from textcam.cams import CamOutput, build_cam
 from textcam.device import model_device
-from textcam.select import Selection, center_vocabulary, group_channels, select_phrases
+from textcam.select import Selection, center_vocabulary, group_channels, nearest_phrases, select_phrases
 
 if TYPE_CHECKING:
     from textcam.models import LoadedModel
@@ -39,6 +39,15 @@ class Phrase:
     direction: str  # "for" | "against"
     shown: bool | None = None  # seen in the image by CLIP and strong enough to show; None: not checked
     seen: bool | None = None  # seen in the image by CLIP, whatever its weight; None: not checked
+
+
+@dataclass(frozen=True)
+class NearPhrase:
+    """A phrase among those nearest T_c⁺(x), selected by the sparse code or not."""
+
+    text: str
+    cosine: float
+    seen: bool | None = None  # seen in the image by CLIP; None: not checked
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Explanation:
     rank_of_target: int
     score: float  # the target's logit
     phrases: list[Phrase]
+    nearest: list[NearPhrase]
     groups: list[Group]
     saliency: np.ndarray  # (h, w) float32 in [0, 1]
     method: str
@@ -81,6 +91,7 @@ class Explanation:
             "target_name": self.target_name,
             "rank_of_target": self.rank_of_target,
             "phrases": [asdict(p) for p in self.phrases],
+            "nearest": [asdict(p) for p in self.nearest],
             "groups": [
                 {
                     "text": g.text,
@@ -110,6 +121,9 @@ class ExplanationBatch:
     text_against: torch.Tensor  # (B, K, D) T_c⁻(x)
     phrases_for: Selection  # (B*K, n_phrases)
     phrases_against: Selection  # (B*K, n_against)
+    # (B*K, n_phrases) nearest T_c⁺(x) by cosine: the sparse code can leave out a phrase T_c⁺(x) points at
+    # when an earlier pick (often the class name) explains it away; these keep it for the per-image view
+    phrases_near: Selection
     group_of_channel: torch.Tensor  # (B, K, C) in [-1, G)
     group_maps: torch.Tensor  # (B, K, G, h, w)
     group_share: torch.Tensor  # (B, K, G)
@@ -264,6 +278,7 @@ class Explainer:
             text_against=text_against,
             phrases_for=sel_for,
             phrases_against=sel_against,
+            phrases_near=nearest_phrases(text_for.flatten(0, 1), self.vocab, self.n_phrases),
             group_of_channel=assign,
             group_maps=group_maps.clamp_min(0) / peak[:, :, None],
             group_share=share,
@@ -286,12 +301,56 @@ class Explainer:
         ]
         return out + [Phrase(self.phrases[p], s, "against") for p, s in zip(ai, as_, strict=False) if p >= 0]
 
+    def _phrase_lists(
+        self, eb: ExplanationBatch, shown: torch.Tensor | None, seen: torch.Tensor | None
+    ) -> list[list[list[Phrase]]]:
+        """Per image and target, the explanation's "for" phrases with CLIP's marks, then "against"."""
+        b, k = eb.targets.shape
+        fi, fs = eb.phrases_for.indices.view(b, k, -1).tolist(), eb.phrases_for.scores.view(b, k, -1).tolist()
+        marks = [None if m is None else m.view(b, k, -1).tolist() for m in (shown, seen)]
+        ai = eb.phrases_against.indices.view(b, k, -1)[..., : self.n_against].tolist()
+        as_ = eb.phrases_against.scores.view(b, k, -1)[..., : self.n_against].tolist()
+        return [
+            [
+                self._phrase_list(
+                    fi[i][j], fs[i][j], [m if m is None else m[i][j] for m in marks], ai[i][j], as_[i][j]
+                )
+                for j in range(k)
+            ]
+            for i in range(b)
+        ]
+
+    def _nearest_lists(
+        self, eb: ExplanationBatch, near_seen: torch.Tensor | None
+    ) -> list[list[list[NearPhrase]]]:
+        """Per image and target, the phrases nearest T_c⁺(x), with CLIP's call when checked."""
+        b, k = eb.targets.shape
+        ni = eb.phrases_near.indices.view(b, k, -1).tolist()
+        ns = eb.phrases_near.scores.view(b, k, -1).tolist()
+        marks = None if near_seen is None else near_seen.view(b, k, -1).tolist()
+        return [
+            [
+                [
+                    NearPhrase(self.phrases[p], c, None if marks is None else bool(marks[i][j][n]))
+                    for n, (p, c) in enumerate(zip(ni[i][j], ns[i][j], strict=True))
+                    if p >= 0
+                ]
+                for j in range(k)
+            ]
+            for i in range(b)
+        ]
+
     def to_explanations(
-        self, eb: ExplanationBatch, shown: torch.Tensor | None = None, seen: torch.Tensor | None = None
+        self,
+        eb: ExplanationBatch,
+        shown: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
+        near_seen: torch.Tensor | None = None,
     ) -> list[Explanation]:
         """One :class:`Explanation` per image × target; ``shown`` (B·K, n_phrases) bool marks the "for"
         phrases to show (:meth:`textcam.visibility.PhraseVisibility.visible`), ``seen`` those CLIP sees
-        in the image whatever their weight (:meth:`~textcam.visibility.PhraseVisibility.seen`)."""
+        in the image whatever their weight (:meth:`~textcam.visibility.PhraseVisibility.seen`), and
+        ``near_seen`` the same for the nearest phrases (``eb.phrases_near``)."""
         names = self.model.class_names
         b, k = eb.targets.shape
         top_p, top_i = eb.probs.topk(min(5, eb.probs.shape[1]), dim=1)
@@ -303,10 +362,8 @@ class Explainer:
         n_in_group = torch.stack(
             [(eb.group_of_channel == gi).sum(-1) for gi in range(self.n_groups)], dim=-1
         ).tolist()
-        fi, fs = eb.phrases_for.indices.view(b, k, -1).tolist(), eb.phrases_for.scores.view(b, k, -1).tolist()
-        marks = [None if m is None else m.view(b, k, -1).tolist() for m in (shown, seen)]
-        ai = eb.phrases_against.indices.view(b, k, -1)[..., : self.n_against].tolist()
-        as_ = eb.phrases_against.scores.view(b, k, -1)[..., : self.n_against].tolist()
+        fi = eb.phrases_for.indices.view(b, k, -1).tolist()
+        phrases, nearest = self._phrase_lists(eb, shown, seen), self._nearest_lists(eb, near_seen)
         targets, logits_t = eb.targets.tolist(), target_logit.tolist()
         ranks_l, top_p_l, top_i_l = ranks.tolist(), top_p.tolist(), top_i.tolist()
         out = []
@@ -316,8 +373,6 @@ class Explainer:
                 for c, p in zip(top_i_l[i], top_p_l[i], strict=False)
             ]
             for j in range(k):
-                mark = [m if m is None else m[i][j] for m in marks]
-                phrases = self._phrase_list(fi[i][j], fs[i][j], mark, ai[i][j], as_[i][j])
                 groups = [
                     Group(self.phrases[p], share[i][j][g], n_in_group[i][j][g], gmaps[i, j, g])
                     for g, p in enumerate(fi[i][j][: self.n_groups])
@@ -334,7 +389,8 @@ class Explainer:
                         target_name=names[t],
                         rank_of_target=ranks_l[i][j],
                         score=logits_t[i][j],
-                        phrases=phrases,
+                        phrases=phrases[i][j],
+                        nearest=nearest[i][j],
                         groups=groups,
                         saliency=sal[i, j],
                         method=self.method,

@@ -25,6 +25,16 @@ PHRASE = pa.struct(
     ]
 )
 
+#: A phrase among the ones nearest T_c⁺(x) (cosine), whether or not the sparse code selected it.
+NEAR_PHRASE = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("cosine", pa.float32(), nullable=False),
+        # seen: CLIP sees it in the image (null: not checked)
+        pa.field("seen", pa.bool_(), nullable=True),
+    ]
+)
+
 GROUP = pa.struct(
     [
         pa.field("text", pa.string(), nullable=False),
@@ -57,6 +67,8 @@ EXPLANATIONS = pa.schema(
         pa.field("target_name", pa.string(), nullable=False),
         pa.field("rank_of_target", pa.int32(), nullable=False),
         pa.field("phrases", pa.list_(PHRASE), nullable=False),
+        # the explanation's n phrases nearest T_c⁺(x); null in files written before version 4
+        pa.field("nearest", pa.list_(NEAR_PHRASE), nullable=True),
         pa.field("groups", pa.list_(GROUP), nullable=False),
         pa.field("saliency", pa.list_(pa.float16()), nullable=False),
         pa.field("map_h", pa.int32(), nullable=False),
@@ -67,7 +79,7 @@ EXPLANATIONS = pa.schema(
         pa.field("clip_id", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
     ],
-    metadata={"table": "explanations", "version": "3"},
+    metadata={"table": "explanations", "version": "4"},
 )
 
 #: Every input row that could not be explained, with the stage and a one-line reason.

@@ -101,6 +101,17 @@ def select_phrases(
     return _selection(sims[:, :steps], picks[:, :steps], beta, cand, k)
 
 
+def nearest_phrases(targets: torch.Tensor, vocab: torch.Tensor, k: int) -> Selection:
+    """The ``k`` phrases of ``vocab`` (P, D) most similar to each row of ``targets`` (N, D), by cosine; a
+    slot whose cosine is not positive is empty (-1). The plain top-k reading of a direction, beside the
+    sparse code: a phrase the code leaves out because an earlier pick explains it away is still here."""
+    _check(targets, vocab, k, None)
+    score = F.normalize(targets.float(), dim=-1) @ vocab.float().T
+    top = score.topk(min(k, vocab.shape[0]), dim=1)
+    keep = top.values > 0
+    return Selection(torch.where(keep, top.indices, -1), top.values * keep)
+
+
 def _selection(
     sims: torch.Tensor, picks: torch.Tensor, beta: torch.Tensor, cand: torch.Tensor | None, k: int
 ) -> Selection:
