@@ -138,30 +138,18 @@ class Explained:
 
 
 def _cat_batches(parts: list[ExplanationBatch]) -> ExplanationBatch:
+    """The batches' tensors (and each selection's indices and scores) concatenated, on the CPU."""
+    from dataclasses import fields
+
     from textcam.select import Selection
 
-    def cat(name: str) -> torch.Tensor:
-        return torch.cat([getattr(p, name).cpu() for p in parts])
+    def cat(values: list[Any]) -> Any:
+        if isinstance(values[0], Selection):
+            return Selection(cat([v.indices for v in values]), cat([v.scores for v in values]))
+        return torch.cat([v.cpu() for v in values])
 
     return ExplanationBatch(
-        logits=cat("logits"),
-        probs=cat("probs"),
-        targets=cat("targets"),
-        saliency=cat("saliency"),
-        contributions=cat("contributions"),
-        text_for=cat("text_for"),
-        text_against=cat("text_against"),
-        phrases_for=Selection(
-            torch.cat([p.phrases_for.indices.cpu() for p in parts]),
-            torch.cat([p.phrases_for.scores.cpu() for p in parts]),
-        ),
-        phrases_against=Selection(
-            torch.cat([p.phrases_against.indices.cpu() for p in parts]),
-            torch.cat([p.phrases_against.scores.cpu() for p in parts]),
-        ),
-        group_of_channel=cat("group_of_channel"),
-        group_maps=cat("group_maps"),
-        group_share=cat("group_share"),
+        **{f.name: cat([getattr(p, f.name) for p in parts]) for f in fields(ExplanationBatch)}
     )
 
 

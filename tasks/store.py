@@ -36,10 +36,10 @@ them, or seeing it goes with a larger weight, or CLIP sees it there more often t
 image (``phrase_base_rate``); :func:`textcam.visibility.specific_among_strong` is the same rule in numpy.
 The view then keeps what the model uses: phrases flagged "for" the class (``flags``), and the class's
 own name. A phrase true of the image that the model does not act on ("blue" for a blue square under a
-model that reads shapes) is not an explanation of the prediction. A flagged phrase is shown wherever the
-explanation selects it and CLIP sees it in the image (``seen``), whatever its weight: the model test has
-already shown that the class's predictions follow it, which the weight and specificity tests stand in for
-elsewhere.
+model that reads shapes) is not an explanation of the prediction. A flagged phrase is shown wherever CLIP
+sees it in the image (``seen``) and the explanation selects it, whatever its weight, or has it among the
+phrases nearest T_c⁺(x) (``nearest``): the model test has already shown that the class's predictions follow
+it, which the weight and specificity tests stand in for elsewhere.
 """
 
 from __future__ import annotations
