@@ -410,7 +410,7 @@ def aligned_named(
     named = (is_cue & seen).any(1) & flagged
     named_previous = (is_cue & shown).any(1) & bool(res["previous_pairs"][cls, phrase])
     near = nearest_phrases(eb.text_for.flatten(0, 1), a["explainer"].vocab, a["explainer"].n_phrases).indices
-    named_near = named | ((near == phrase) & res["visibility"].seen(emb, near)).any(1).numpy() & flagged
+    named_near = named | ((near == phrase) & res["visibility"].seen(emb, near)).any(1) & flagged
     return {
         "flow": (int(named_near.sum()), len(aligned)),
         "selected": (int(named.sum()), len(aligned)),
