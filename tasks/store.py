@@ -126,7 +126,7 @@ def _source_sql(
     column that no file has yet (written before it was declared) reads as null."""
     paths = [str(p if absolute else p.relative_to(run_dir)) for p in files]
     listing = "[" + ", ".join(_literal(p) for p in paths) + "]"
-    present = {n for p in files for n in pq.read_schema(p).names}
+    present = _columns_present(files, set(schema.names))
     source = {f.name: _ident(f.name) if f.name in present else "NULL" for f in schema}
     declared = ", ".join(
         f"CAST({source[f.name]} AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
@@ -135,6 +135,17 @@ def _source_sql(
         names = ", ".join(_ident(f.name) for f in schema)
         declared += f", * EXCLUDE ({names})"
     return f"SELECT {declared} FROM read_parquet({listing}, union_by_name = true)"
+
+
+def _columns_present(files: list[Path], wanted: set[str]) -> set[str]:
+    """The ``wanted`` columns some file holds; reads footers only until every one is found (the first file,
+    unless the run has files from before a column was declared)."""
+    present: set[str] = set()
+    for path in files:
+        present |= wanted & set(pq.read_schema(path).names)
+        if present == wanted:
+            break
+    return present
 
 
 def _table_files(run_dir: Path) -> dict[str, tuple[list[Path], pa.Schema, bool]]:
