@@ -119,6 +119,19 @@ def simulate(
                 fields=list(EXPLANATIONS.field("phrases").type.value_type),
             ),
         )
+        # the nearest phrases: the "for" phrases again (as often in real runs), seen where selected
+        near_offsets = np.concatenate([[0], np.cumsum(k_for.sum(1))]).astype(np.int32)
+        nearest = pa.ListArray.from_arrays(
+            pa.array(near_offsets),
+            pa.StructArray.from_arrays(
+                [
+                    text.take(pa.array(for_idx[sl][k_for])),
+                    pa.array(for_score[sl][k_for].astype(np.float32), pa.float32()),
+                    pa.array(np.ones(int(k_for.sum()), dtype=bool), pa.bool_()),
+                ],
+                fields=list(EXPLANATIONS.field("nearest").type.value_type),
+            ),
+        )
         p = pred[sl]
         pn = pa.array(label_names[p], pa.string())
         topk = pa.ListArray.from_arrays(
@@ -145,6 +158,7 @@ def simulate(
             "target_name": pn,
             "rank_of_target": pa.array(np.zeros(b, np.int32)),
             "phrases": phrases,
+            "nearest": nearest,
             "groups": pa.array([[]] * b, EXPLANATIONS.field("groups").type),
             "saliency": pa.ListArray.from_arrays(
                 pa.array(np.arange(0, 49 * b + 1, 49, dtype=np.int32)),
