@@ -71,7 +71,6 @@ from textcam.clip import load_clip  # noqa: E402
 from textcam.explain import Explainer  # noqa: E402
 from textcam.models import load_model  # noqa: E402
 from textcam.schema import EXPLANATIONS  # noqa: E402, F401  (rows follow it, see write_run)
-from textcam.select import nearest_phrases  # noqa: E402
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
 from textcam.synthetic.classifier import bias_metrics, to_classifier_tensor  # noqa: E402
 from textcam.synthetic.config import DEMO_BIAS, WorldConfig  # noqa: E402
@@ -354,12 +353,14 @@ def shown_precision(m: Models, a: dict[str, Any]) -> dict[str, Any]:
     flow_previous = visible & previous_pairs[at]
     # ... and since seed 26, a flagged phrase among the n nearest T_c⁺(x) too, where CLIP sees it (the view
     # before it: "flow_selected")
-    near = nearest_phrases(eb.text_for.flatten(0, 1), a["explainer"].vocab, a["explainer"].n_phrases).indices
-    near = near.masked_fill((near[:, :, None] == idx[:, None, :]).any(2), -1)  # not selected already
-    near_extra = vis.seen(emb, near).numpy() & flagged[pred[:, None], near.clamp_min(0).numpy()]
+    near = eb.phrases_near.indices
+    near = near.masked_fill((near[:, :, None] == idx[:, None, :]).any(2), -1).numpy()  # not selected already
+    near_seen = np.take_along_axis(presence, near.clip(0), 1) & (near >= 0)
+    near_extra = near_seen & flagged[pred[:, None], near.clip(0)]
     truth, kind = phrase_truth(batch.records, m.world, m.phrases)
-    both = torch.cat([idx, near], 1).clamp_min(0).numpy()
-    selected = torch.cat([idx, near], 1).numpy() >= 0
+    both = np.concatenate([idx.numpy(), near], 1)
+    selected = both >= 0
+    both = both.clip(0)
     class_phrase = np.isin(np.asarray(m.phrases)[both], list(m.world.class_names))
     true_of = np.take_along_axis(truth, both, 1)
     kinds = np.asarray(kind)[both]
@@ -396,11 +397,12 @@ def aligned_named(
     cls = list(m.world.class_names).index(spec.label)
     aligned = np.flatnonzero(((recs["label"] == cls) & (recs[spec.attribute] == spec.value)).to_numpy())
     if not len(aligned):
-        return {"flow": (0, 0), "previous": (0, 0)}
+        return {"flow": (0, 0), "selected": (0, 0), "previous": (0, 0)}
     x = to_classifier_tensor(a["batch"].images[aligned])
     eb, _ = explain(a["explainer"], x, torch.full((len(aligned),), cls, dtype=torch.long))
-    sel, emb = eb.phrases_for, res["embeddings"][aligned]
-    seen = res["visibility"].seen(emb, sel.indices)
+    sel, near, k = eb.phrases_for, eb.phrases_near.indices, eb.phrases_for.indices.shape[1]
+    both = res["visibility"].seen(res["embeddings"][aligned], torch.cat([sel.indices, near], 1))
+    seen, near_seen = both[:, :k], both[:, k:]
     shown = seen & res["visibility"].strong(sel.scores)
     phrase = m.phrases.index(m.world.phrases[spec.attribute][spec.value])
     is_cue = sel.indices == phrase
@@ -409,8 +411,7 @@ def aligned_named(
     flagged = bool(res["flagged"][cls, phrase])
     named = (is_cue & seen).any(1) & flagged
     named_previous = (is_cue & shown).any(1) & bool(res["previous_pairs"][cls, phrase])
-    near = nearest_phrases(eb.text_for.flatten(0, 1), a["explainer"].vocab, a["explainer"].n_phrases).indices
-    named_near = named | ((near == phrase) & res["visibility"].seen(emb, near)).any(1) & flagged
+    named_near = named | ((near == phrase) & near_seen).any(1) & flagged
     return {
         "flow": (int(named_near.sum()), len(aligned)),
         "selected": (int(named.sum()), len(aligned)),

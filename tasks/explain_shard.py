@@ -350,10 +350,11 @@ def _explain(runtime: Runtime, pixels: torch.Tensor, clip_pixels: Sequence[torch
     if runtime.clip is not None and runtime.visibility is not None and clip_pixels:
         with torch.no_grad():
             emb = runtime.clip.encode_images(clip_pixels[0]).cpu().repeat_interleave(eb.targets.shape[1], 0)
-        sel = eb.phrases_for
-        seen = runtime.visibility.seen(emb, sel.indices)
+        sel, k = eb.phrases_for, eb.phrases_for.indices.shape[1]
+        # one presence pass for the selected and the nearest phrases
+        both = runtime.visibility.seen(emb, torch.cat([sel.indices, eb.phrases_near.indices], 1))
+        seen, near_seen = both[:, :k], both[:, k:]
         shown = seen & runtime.visibility.strong(sel.scores)
-        near_seen = runtime.visibility.seen(emb, eb.phrases_near.indices)
     return runtime.explainer.to_explanations(eb, shown, seen, near_seen)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -221,6 +223,17 @@ def _one_flag(run_id: str, class_name: str, phrase: str) -> pa.Table:
     return pa.Table.from_pylist([row], schema=FLAGS)
 
 
+@contextmanager
+def _snow_flagged_for_dog(run_dir: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The built run's database, writable, with one "for" flag stored: dog, snow."""
+    con = open_writable(run_dir)
+    try:
+        store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+        yield con
+    finally:
+        con.close()
+
+
 def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
     """``phrase_specificity`` and ``shown_phrases`` against :func:`specific_among_strong` on dense arrays.
 
@@ -280,10 +293,8 @@ def test_phrase_specificity_follows_the_numpy_rule(tmp_path: Path) -> None:
     assert shown == kept({(c, c) for c in classes})
     assert kept({("dog", "snow")}) > 0
     with_flag = shown + kept({("dog", "snow")})
-    con = open_writable(run_dir)
-    store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
-    assert con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0] == with_flag
-    con.close()
+    with _snow_flagged_for_dog(run_dir) as con:
+        assert con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0] == with_flag
     build_duckdb(run_dir)
     with connect(run_dir) as con:
         assert con.execute("SELECT count(*) FROM shown_phrases").fetchall()[0][0] == with_flag
@@ -328,16 +339,12 @@ def test_a_flagged_phrase_is_shown_wherever_clip_sees_it(tmp_path: Path) -> None
                     expected += int(counted and p["seen"])
         pq.write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS), path)
     build_duckdb(run_dir)
-    con = open_writable(run_dir)
-    try:
-        store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+    with _snow_flagged_for_dog(run_dir) as con:
         rows = con.sql("SELECT class_name, phrase FROM shown_phrases").df()
         weak = con.execute(
             "SELECT count(*) FROM image_phrases AS i JOIN shown_phrases USING (image_id, class_name, phrase) "
             "WHERE NOT i.shown"
         ).fetchall()[0][0]
-    finally:
-        con.close()
     flagged = rows[(rows["class_name"] == "dog") & (rows["phrase"] == "snow")]
     assert expected > 0 and len(flagged) == expected
     assert weak > 0  # some of them weigh under half the first phrase
@@ -371,10 +378,9 @@ def test_a_flagged_phrase_among_the_nearest_is_shown_where_clip_sees_it(tmp_path
     old = pq.read_table(shards[0])
     pq.write_table(old.drop_columns(["nearest"]), shards[0])  # as written before version 4
     build_duckdb(run_dir)
-    con = open_writable(run_dir)
-    try:
+    with connect(run_dir) as con:
         before = con.execute("SELECT count(*) FROM shown_phrases WHERE NOT selected").fetchall()[0][0]
-        store_table(con, run_dir, "flags", _one_flag(run_dir.name, "dog", "snow"))
+    with _snow_flagged_for_dog(run_dir) as con:
         near = con.sql("SELECT * FROM shown_phrases WHERE NOT selected").df()
         twice = con.execute(
             "SELECT count(*) FROM "
@@ -384,8 +390,6 @@ def test_a_flagged_phrase_among_the_nearest_is_shown_where_clip_sees_it(tmp_path
             "SELECT count(*) FROM predictions WHERE nearest IS NULL AND image_id IN "
             f"(SELECT image_id FROM read_parquet('{shards[0]}'))"
         ).fetchall()[0][0]
-    finally:
-        con.close()
     assert before == 0  # nothing is flagged yet
     assert expected > 0 and len(near) == expected
     assert (
