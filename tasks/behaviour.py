@@ -33,7 +33,11 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
-  of its images, a word that follows the concept on those images would pass on exactly them.
+  of its images, a word that follows the concept on those images would pass on exactly them;
+* an accepted phrase's *owner* is the class with its strongest pair; the other classes' pairs are its
+  mirrors. Where the owner's pair is *against* the phrase and a proxy CLIP calls where it does not call
+  the phrase passes *for* the owner, the owner's flag is that proxy: star=large reads "large object"
+  for star rather than "small object" against it, whichever of the two words the explanations name.
 
 ``min_effect`` (:data:`tasks.config.MIN_EFFECT`, 0.3) is the truth sweep's own bound of a cue the model
 uses (accuracy gap ≥ 0.3): a flag claims use. It is part of the rule's definition, not fitted to a world.
@@ -346,6 +350,12 @@ class Evidence:
         ordered = sorted(found, key=lambda pair: -abs(pair[1]))
         return [("" if a > 0 else "not ") + self.phrases[j] for j, a in ordered]
 
+    def agreement(self, a: int, b: int) -> float:
+        """phi of CLIP's calls of phrases ``a`` and ``b`` where one was the other's proxy; else NaN."""
+        found = [f for j, f in self.aliases.get(a, []) if j == b]
+        found += [f for j, f in self.aliases.get(b, []) if j == a]
+        return found[0] if found else float("nan")
+
     def top(self, n: int) -> np.ndarray:
         """(K, P, 2) bool: the accepted pairs and each class × direction's ``n`` eligible pairs with the
         largest first-step z (the near misses worth showing)."""
@@ -494,6 +504,37 @@ def _accepted_pairs(
     return out
 
 
+def _owner_reads_complement(
+    pairs: np.ndarray,
+    best: int,
+    complements: np.ndarray,
+    passing: np.ndarray,
+    zd: np.ndarray,
+    record: dict[str, np.ndarray],
+) -> np.ndarray:
+    """``pairs`` with the finding's owner reading it as held. The owner is the class whose accepted pair
+    on ``best`` has the largest z (a pair *for* a class where they tie); the other classes' pairs are its
+    mirrors. Where the owner's pair is *against* ``best`` and one of ``best``'s ``complements`` (its
+    proxies that CLIP calls where it does not call ``best``) passes *for* the owner, the strongest such
+    is the owner's flag: star relies on "large object", rather than on "small object" being absent (the
+    flag's aliases say "not small object"); the pair against ``best`` is recorded as its proxy."""
+    mine = pairs[:, best, :]
+    if not len(complements) or not mine.any():
+        return pairs
+    # Rounded, "for" first: with two classes a cue for one and against the other tie up to float error.
+    z_best = np.round(np.where(mine, zd[:, best, :], -np.inf), 9)
+    owner = int(z_best[:, 1].argmax())
+    z = np.where(passing[owner, complements, 0], zd[owner, complements, 0], -np.inf)
+    if z_best[:, 0].max() >= z_best[owner, 1] or not np.isfinite(z).any():
+        return pairs
+    read = complements[z.argmax()]
+    out = pairs.copy()
+    out[owner, best, 1] = False
+    out[owner, read, 0] = True
+    record["proxy_of"][owner, best, 1] = read
+    return out
+
+
 def evidence_grid(
     behaviour: ProbeBehaviour,
     n_classes: int,
@@ -547,7 +588,9 @@ def evidence_grid(
             break
         best = _best_phrase(passing, zd, support)
         proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
-        accepted |= _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
+        pairs = _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
+        complements = (proxies[signed < 0], over_null & (ed >= min_effect), zd, record)
+        accepted |= _owner_reads_complement(pairs, best, *complements)
         decided |= accepted
         decided[:, best, :] = True
         given.append(best)

@@ -748,8 +748,7 @@ def _model_rule(
             + f" against the other classes, under {rule.min_correlation:g})",
             "names a class of the task",
             "not in the probe's vocabulary",
-            "a proxy of an earlier flag: where CLIP sees it follows where it sees "
-            + out["proxy_of"].map(lambda i: evidence.phrases[int(i)] if pd.notna(i) else ""),
+            "a proxy of an earlier flag: " + _proxy_reason(out, evidence),
             "explained by an earlier flag (" + out["given"].fillna("") + ")",
             "no contrast in the probe (presence or predictions constant within labels)",
             "model evidence under the permutation null",
@@ -757,6 +756,23 @@ def _model_rule(
         _effect_reason(out, rule),
     )
     return out, keep
+
+
+def _proxy_reason(out: pd.DataFrame, evidence: Evidence) -> pd.Series:
+    """How each row's phrase goes with the flag it was a proxy of, as CLIP calls them ("" where none)."""
+    index = {p: i for i, p in enumerate(evidence.phrases)}
+    reason = pd.Series("", index=out.index, dtype=object)
+    rows = out.index[out["proxy_of"].notna()]
+    proxied = zip(rows, out.loc[rows, "phrase"], out.loc[rows, "proxy_of"].astype(int), strict=True)
+    for row, phrase, of in proxied:
+        other = evidence.phrases[of]
+        opposite = evidence.agreement(index[phrase], of) < 0
+        reason[row] = (
+            f"CLIP sees it where it does not see {other}"
+            if opposite
+            else f"where CLIP sees it follows where it sees {other}"
+        )
+    return reason
 
 
 def _effect_reason(out: pd.DataFrame, rule: FlagRule) -> np.ndarray:

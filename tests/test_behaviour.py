@@ -375,3 +375,66 @@ def test_a_named_pair_goes_with_its_phrase_under_another_name() -> None:
     assert 0.05 < ev.figures["effect"][3, 1, 0] < 0.2 and np.isnan(ev.figures["proxy_of"][3, 1, 0])
     assert ev.figures["proxy_of"][0, 1, 1] == 0 and ev.alias_names("word") == ["cue"]
     assert ev.alias_names("cue") == ["word"] and ev.alias_names("filler") == []  # class 3's flag reads so
+
+
+def _size_world(n: int = 24000, owner: str = "against") -> tuple[ProbeBehaviour, np.ndarray]:
+    """Four classes and a two-valued attribute that CLIP calls exactly ("small", "large": complements),
+    and a filler. ``owner`` "against": the model calls 60% of the small class-2 images something else,
+    mostly class 0 (class 2 relies on "large"); "for": it takes 30% of the other classes' small images
+    for class 0."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, n)
+    small, filler = rng.random(n) < 0.5, rng.random(n) < 0.5
+    pred = labels.copy()
+    if owner == "against":
+        moved = (labels == 2) & small & (rng.random(n) < 0.6)
+        pred[moved] = np.where(rng.random(n) < 0.7, 0, rng.choice([1, 3], n))[moved]
+    else:
+        pred[(labels != 0) & small & (rng.random(n) < 0.3)] = 0
+    x = np.stack([small, ~small, filler], 1)
+    behaviour = ProbeBehaviour(x, ["small", "large", "filler"], pred, labels, np.zeros(3))
+    return behaviour, np.ones((4, 3, 2), dtype=bool)
+
+
+def test_the_finding_s_owner_reads_a_complement_against_it_as_held() -> None:
+    """Class 2 relies on "large". Where the explanations name only "small", "small" is accepted, and its
+    strongest pair is against class 2: the owner reads it as its complement, "large" for class 2, the
+    same flag for class 2 as where the explanations name nothing (the pair *for* is taken first then)."""
+    behaviour, eligible = _size_world()
+    options = {"n_permutations": 20, "min_effect": 0.1}
+    named = evidence_grid(behaviour, 4, eligible, **options, support=_names([0]))
+    bare = evidence_grid(behaviour, 4, eligible, **options)
+    assert named.given == [0] and bare.given == [1]
+    # Class 0's mirror reads in the accepted word either way: "small" for it, or "large" against it.
+    assert np.argwhere(named.accepted).tolist() == [[0, 0, 0], [2, 1, 0]]
+    assert np.argwhere(bare.accepted).tolist() == [[0, 1, 1], [2, 1, 0]]
+    assert named.figures["z_model"][2, 1, 0] == pytest.approx(named.figures["z_model"][2, 0, 1])
+    assert named.alias_names("large") == ["not small"]  # what the flag card says it was read from
+    # Class 2's pair against "small" is decided as the proxy of its flag, and says so.
+    assert named.figures["proxy_of"][2, 0, 1] == 1 and named.agreement(0, 1) == pytest.approx(-1.0)
+
+
+def test_a_mirror_against_a_class_is_not_read_as_its_complement() -> None:
+    """Class 0 relies on "small" (its pair *for* is the strongest); the pairs against the other classes are
+    its mirrors and stay as they read: no class is flagged for "large"."""
+    behaviour, eligible = _size_world(owner="for")
+    ev = evidence_grid(behaviour, 4, eligible, n_permutations=20, min_effect=0.2, support=_names([0]))
+    assert ev.given == [0] and ev.accepted[0, 0, 0]
+    assert not ev.accepted[:, 1, :].any() and ev.accepted[1:, 0, 1].any()
+
+
+def test_a_proxy_s_reason_says_which_way_clip_calls_it() -> None:
+    """The candidates table's reason for a proxy: "follows" for an agreeing call, "does not see" for an
+    opposite one (the pair against "small" read as the flag "large")."""
+    import pandas as pd
+
+    from tasks.flags import _proxy_reason
+
+    behaviour, eligible = _size_world()
+    ev = evidence_grid(behaviour, 4, eligible, n_permutations=20, min_effect=0.1, support=_names([0]))
+    rows = pd.DataFrame({"phrase": ["small", "large", "filler"], "proxy_of": [1.0, 0.0, np.nan]})
+    assert _proxy_reason(rows, ev).tolist() == [
+        "CLIP sees it where it does not see large",
+        "CLIP sees it where it does not see small",
+        "",
+    ]
