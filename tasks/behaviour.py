@@ -58,6 +58,8 @@ from tasks.config import MIN_EFFECT
 from textcam.visibility import PhraseVisibility
 
 DIRECTIONS = ("for", "against")
+#: the (K, P, 2) figures :func:`evidence_grid` records for every class × phrase × direction
+FIGURES = ("z_first", "effect_first", "z_model", "effect", "threshold", "step", "proxy_of")
 
 
 @dataclass(frozen=True)
@@ -565,10 +567,7 @@ def evidence_grid(
     rng = np.random.default_rng(seed)
     given: list[int] = []
     decided = np.zeros((k, p, 2), dtype=bool)
-    record = {
-        name: np.full((k, p, 2), np.nan)
-        for name in ("z_first", "effect_first", "z_model", "effect", "threshold", "step", "proxy_of")
-    }
+    record = {name: np.full((k, p, 2), np.nan) for name in FIGURES}
     accepted = np.zeros((k, p, 2), dtype=bool)
     conditioned: list[int] = []  # the accepted phrases and their proxies: the strata
     aliases: dict[int, list[tuple[int, float]]] = {}
