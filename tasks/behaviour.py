@@ -517,17 +517,21 @@ def _owner_reads_complement(
     """``pairs`` with the finding's owner reading it as held. The owner is the class whose accepted pair
     on ``best`` has the largest z (a pair *for* a class where they tie); the other classes' pairs are its
     mirrors. Where the owner's pair is *against* ``best`` and one of ``best``'s ``complements`` (its
-    proxies that CLIP calls where it does not call ``best``) passes *for* the owner, the strongest such
-    is the owner's flag: star relies on "large object", rather than on "small object" being absent (the
-    flag's aliases say "not small object"); the pair against ``best`` is recorded as its proxy."""
+    proxies that CLIP calls where it does not call ``best``) passes *for* the owner, with a z no smaller
+    than any mirror's (the class stays the finding's owner), the strongest such is the owner's flag:
+    star relies on "large object", rather than on "small object" being absent (the flag's aliases say
+    "not small object"); the pair against ``best`` is recorded as its proxy."""
     mine = pairs[:, best, :]
     if not len(complements) or not mine.any():
         return pairs
     # Rounded, "for" first: with two classes a cue for one and against the other tie up to float error.
     z_best = np.round(np.where(mine, zd[:, best, :], -np.inf), 9)
     owner = int(z_best[:, 1].argmax())
-    z = np.where(passing[owner, complements, 0], zd[owner, complements, 0], -np.inf)
-    if z_best[:, 0].max() >= z_best[owner, 1] or not np.isfinite(z).any():
+    z = np.round(np.where(passing[owner, complements, 0], zd[owner, complements, 0], -np.inf), 9)
+    mirrors = np.delete(z_best, owner, axis=0).max(initial=-np.inf)
+    # The complement must carry the finding as strongly as any mirror does: "not checkered" is more than
+    # "metallic" where a third texture exists, and the weaker word would make the mirror the finding.
+    if z_best[:, 0].max() >= z_best[owner, 1] or not z.max() >= mirrors or not np.isfinite(z.max()):
         return pairs
     read = complements[z.argmax()]
     out = pairs.copy()

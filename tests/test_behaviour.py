@@ -423,6 +423,26 @@ def test_a_mirror_against_a_class_is_not_read_as_its_complement() -> None:
     assert not ev.accepted[:, 1, :].any() and ev.accepted[1:, 0, 1].any()
 
 
+def test_a_complement_weaker_than_a_mirror_is_not_read() -> None:
+    """Three textures (45 %, 45 %, 10 %): "metallic" is CLIP's call where "checkered" is absent on most
+    images (phi about −0.8), not all. Class 2 relies on the absence of "checkered"; "metallic" for it (z
+    about 41) carries less than class 0's mirror (about 44), so the finding stays as it reads."""
+    rng = np.random.default_rng(5)
+    n = 24000
+    labels, texture = rng.integers(0, 4, n), rng.choice(3, n, p=[0.45, 0.45, 0.1])
+    pred = labels.copy()
+    moved = (labels == 2) & (texture == 0) & (rng.random(n) < 0.6)
+    pred[moved] = np.where(rng.random(n) < 0.8, 0, rng.choice([1, 3], n))[moved]
+    x = np.stack([texture == 0, texture == 1, rng.random(n) < 0.5], 1)
+    behaviour = ProbeBehaviour(x, ["checkered", "metallic", "filler"], pred, labels, np.zeros(3))
+    ev = evidence_grid(
+        behaviour, 4, np.ones((4, 3, 2), dtype=bool), n_permutations=20, min_effect=0.1, support=_names([0])
+    )
+    z = ev.figures["z_first"]
+    assert z[2, 1, 0] < z[0, 0, 0] < z[2, 0, 1] and ev.agreement(0, 1) < -0.5
+    assert np.argwhere(ev.accepted).tolist() == [[0, 0, 0], [2, 0, 1]]
+
+
 def test_a_proxy_s_reason_says_which_way_clip_calls_it() -> None:
     """The candidates table's reason for a proxy: "follows" for an agreeing call, "does not see" for an
     opposite one (the pair against "small" read as the flag "large")."""
