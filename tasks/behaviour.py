@@ -36,8 +36,9 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   of its images, a word that follows the concept on those images would pass on exactly them;
 * an accepted phrase's *owner* is the class with its strongest pair; the other classes' pairs are its
   mirrors. Where the owner's pair is *against* the phrase and a proxy CLIP calls where it does not call
-  the phrase passes *for* the owner, the owner's flag is that proxy: star=large reads "large object"
-  for star rather than "small object" against it, whichever of the two words the explanations name.
+  the phrase passes *for* the owner at least as strongly as any mirror, the owner's flag is that proxy:
+  star=large reads "large object" for star rather than "small object" against it, whichever of the two
+  words the explanations name.
 
 ``min_effect`` (:data:`tasks.config.MIN_EFFECT`, 0.3) is the truth sweep's own bound of a cue the model
 uses (accuracy gap ≥ 0.3): a flag claims use. It is part of the rule's definition, not fitted to a world.
