@@ -349,15 +349,16 @@ class Evidence:
         """The proxies an accepted ``phrase`` brought into the strata, most alike first, "not …" where
         CLIP's call of them disagrees with its own; for a proxy, the phrase it came with; else empty."""
         i = self.phrases.index(phrase) if phrase in self.phrases else -1
-        found = self.aliases.get(i, [(b, a) for b, pairs in self.aliases.items() for j, a in pairs if j == i])
-        ordered = sorted(found, key=lambda pair: -abs(pair[1]))
+        ordered = sorted(self._partners(i), key=lambda pair: -abs(pair[1]))
         return [("" if a > 0 else "not ") + self.phrases[j] for j, a in ordered]
 
     def agreement(self, a: int, b: int) -> float:
         """phi of CLIP's calls of phrases ``a`` and ``b`` where one was the other's proxy; else NaN."""
-        found = [f for j, f in self.aliases.get(a, []) if j == b]
-        found += [f for j, f in self.aliases.get(b, []) if j == a]
-        return found[0] if found else float("nan")
+        return next((f for j, f in self._partners(a) if j == b), float("nan"))
+
+    def _partners(self, i: int) -> list[tuple[int, float]]:
+        """An accepted phrase's proxies, or for a proxy the phrase it came with; each with its phi."""
+        return self.aliases.get(i, [(b, a) for b, pairs in self.aliases.items() for j, a in pairs if j == i])
 
     def top(self, n: int) -> np.ndarray:
         """(K, P, 2) bool: the accepted pairs and each class × direction's ``n`` eligible pairs with the
@@ -593,8 +594,8 @@ def evidence_grid(
         best = _best_phrase(passing, zd, support)
         proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
         pairs = _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
-        complements = (proxies[signed < 0], over_null & (ed >= min_effect), zd, record)
-        accepted |= _owner_reads_complement(pairs, best, *complements)
+        strong = over_null & (ed >= min_effect)
+        accepted |= _owner_reads_complement(pairs, best, proxies[signed < 0], strong, zd, record)
         decided |= accepted
         decided[:, best, :] = True
         given.append(best)
