@@ -130,7 +130,7 @@ def draw_worlds(
         attrs = rng.choice(CUE_ATTRIBUTES, size=k, replace=False)
         biases = tuple(_cue(rng, str(c), str(a)) for c, a in zip(cls, attrs, strict=True))
         worlds.append(
-            WorldDraw(f"b{i:02d}", "biased", clip_seeds[i % 3], int(rng.integers(1, 10**6)), biases)
+            WorldDraw(f"b{i:02d}", "biased", clip_seeds[i % len(clip_seeds)], int(rng.integers(1, 10**6)), biases)
         )
     for i in range(n_controls):
         attrs = rng.choice(CUE_ATTRIBUTES, size=3, replace=False)
@@ -785,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_clip_seed is not None:
         draws = [d for d in draws if d.clip_seed == args.only_clip_seed]
     for i, d in enumerate(draws, 1):
+        clip_cached = (clip_dir_for(d.config(), args.cache_dir) / "metrics.json").is_file()
+        if cached_result(d, out) is None and not clip_cached:
+            print(f"[{i}/{len(draws)}] training tiny CLIP {d.clip_seed} first (10 minutes here)", flush=True)
         r = evaluate_world(d, args.cache_dir, out)
         results.append(r)
         cues = "; ".join(
