@@ -129,9 +129,8 @@ def draw_worlds(
         cls = rng.choice(classes, size=k, replace=False)
         attrs = rng.choice(CUE_ATTRIBUTES, size=k, replace=False)
         biases = tuple(_cue(rng, str(c), str(a)) for c, a in zip(cls, attrs, strict=True))
-        worlds.append(
-            WorldDraw(f"b{i:02d}", "biased", clip_seeds[i % len(clip_seeds)], int(rng.integers(1, 10**6)), biases)
-        )
+        clip_seed = clip_seeds[i % len(clip_seeds)]
+        worlds.append(WorldDraw(f"b{i:02d}", "biased", clip_seed, int(rng.integers(1, 10**6)), biases))
     for i in range(n_controls):
         attrs = rng.choice(CUE_ATTRIBUTES, size=3, replace=False)
         cls = rng.choice(classes, size=3, replace=False)
