@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 
 from tasks.config import MIN_EFFECT
 from textcam.visibility import PhraseVisibility
@@ -311,6 +312,13 @@ def _permuted_max(
         # the observed z exactly, or a tie with the threshold would be decided by float32 rounding.
         out[b] = abs(float(joint.view(-1)[cell]) - expected.flat[cell]) * inv_sd.flat[cell]
     return out
+
+
+def over_threshold(z: ArrayLike, threshold: ArrayLike) -> np.ndarray:
+    """``z`` strictly over the null's quantile. Rounded to 9 decimals: the observed z and a permutation
+    that reproduces the observed table are computed along different paths and tie up to float error, and a
+    tie with the threshold is not over it."""
+    return np.round(np.asarray(z, dtype=float), 9) > np.round(np.asarray(threshold, dtype=float), 9)
 
 
 #: which of the asked (K, P, 2) class × phrase × direction pairs the explanations name (same shape, bool)
@@ -587,7 +595,7 @@ def evidence_grid(
             record["z_first"][:], record["effect_first"][:] = zd, ed
         for name, value in (("z_model", zd), ("effect", ed), ("threshold", thr), ("step", step)):
             np.copyto(record[name], value, where=open_)
-        over_null = open_ & (zd > thr)
+        over_null = open_ & over_threshold(zd, thr)
         passing = _passing(over_null, ed, min_effect, named_min_effect, support)
         if not passing.any():
             break

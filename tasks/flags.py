@@ -52,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, evidence_grid
+from tasks.behaviour import DIRECTIONS, Evidence, ProbeBehaviour, Support, evidence_grid, over_threshold
 from tasks.config import FlagRule
 from tasks.store import open_writable, store_table
 from tasks.training_data import label_correlation
@@ -729,7 +729,10 @@ def _model_rule(
     # An accepted phrase stays a stratum of the test (the model does act on it); unknown does not veto.
     uncorrelated = (out["data_correlation"] < rule.min_correlation).to_numpy()
     keep = out["accepted"] & ~uncorrelated
-    passes_first = (out["z_first"] > out["model_threshold"]) & (out["effect_first"] >= rule.effect_bound)
+    passes_first = (
+        over_threshold(out["z_first"], out["model_threshold"])
+        & (out["effect_first"] >= rule.effect_bound).to_numpy()
+    )
     out["reason"] = np.select(
         [
             keep.to_numpy(),
@@ -737,9 +740,9 @@ def _model_rule(
             out["describes"].to_numpy(),
             ~out["phrase"].isin(index).to_numpy(),
             out["proxy_of"].notna().to_numpy(),
-            (passes_first & out["given"].fillna("").ne("")).to_numpy(),
+            passes_first & out["given"].fillna("").ne("").to_numpy(),
             out["z_model"].isna().to_numpy(),
-            ~(out["z_model"] > out["model_threshold"]).to_numpy(),
+            ~over_threshold(out["z_model"], out["model_threshold"]),
         ],
         [
             "flagged",

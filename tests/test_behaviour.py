@@ -17,6 +17,7 @@ from tasks.behaviour import (
     _tables,
     evidence_grid,
     model_evidence,
+    over_threshold,
     probe_behaviour,
 )
 from textcam.visibility import PhraseVisibility, otsu_thresholds
@@ -195,6 +196,25 @@ def test_a_weak_effect_is_not_accepted_however_significant() -> None:
     assert cue["z_first"] > cue["threshold"]  # significant...
     assert cue["effect_first"] < 0.2  # ...but small
     assert not ev["accepted"].any()
+
+
+def test_a_tie_with_the_null_is_not_over_it() -> None:
+    """One image shows the phrase and a third of the images are taken for class 1. Every permutation that
+    moves it onto another such image reproduces the observed table, so a third of the null's maxima equal
+    the observed z, and the 99th percentile is that value: a permutation test must not reject. The two are
+    computed along different paths (here the observed z is 2e-16 over the threshold), and a tie decided
+    by float error flagged a distractor word in a control world (seed 30, c03)."""
+    n = 90
+    pred = np.zeros(n, dtype=int)
+    pred[:30] = 1
+    x = np.zeros((n, 1), dtype=bool)
+    x[0, 0] = True
+    behaviour = ProbeBehaviour(x, ["rare"], pred, np.zeros(n, dtype=int), np.zeros(1))
+    ev = evidence_grid(behaviour, 2, np.ones((2, 1, 2), dtype=bool), min_effect=0.0, seed=5)
+    z, threshold = ev.figures["z_model"][1, 0, 0], ev.figures["threshold"][1, 0, 0]
+    assert z == pytest.approx(math.sqrt(2), abs=1e-12) and threshold == pytest.approx(math.sqrt(2), abs=1e-12)
+    assert not ev.accepted.any()
+    assert over_threshold([3.0 + 1e-12, 3.1], 3.0).tolist() == [False, True]
 
 
 def _names(phrases: list[int]) -> Callable[[np.ndarray], np.ndarray]:
