@@ -314,11 +314,15 @@ def _permuted_max(
     return out
 
 
+def _settled(z: ArrayLike) -> np.ndarray:
+    """``z`` rounded to 9 decimals: one statistic reached along two paths (a phrase and its exact
+    complement; the observed table and a permutation that reproduces it) ties only up to float error."""
+    return np.round(np.asarray(z, dtype=float), 9)
+
+
 def over_threshold(z: ArrayLike, threshold: ArrayLike) -> np.ndarray:
-    """``z`` strictly over the null's quantile. Rounded to 9 decimals: the observed z and a permutation
-    that reproduces the observed table are computed along different paths and tie up to float error, and a
-    tie with the threshold is not over it."""
-    return np.round(np.asarray(z, dtype=float), 9) > np.round(np.asarray(threshold, dtype=float), 9)
+    """``z`` strictly over the null's quantile; a tie with it (up to float error) is not over it."""
+    return _settled(z) > _settled(threshold)
 
 
 #: which of the asked (K, P, 2) class × phrase × direction pairs the explanations name (same shape, bool)
@@ -464,8 +468,8 @@ def _best_phrase(passing: np.ndarray, zd: np.ndarray, support: Support | None) -
     side = 0 if passing[..., 0].any() else 1
     named = passing & support(passing) if support is not None else passing
     pool = named if named[..., side].any() else passing
-    # Rounded: a phrase and its exact complement tie up to float error; the first in order wins.
-    return int(np.round(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0), 9).argmax())
+    # Settled: of a phrase and its exact complement, the first in order wins.
+    return int(_settled(np.where(pool[..., side], zd[..., side], -np.inf).max(axis=0)).argmax())
 
 
 def _passing(
@@ -534,10 +538,10 @@ def _owner_reads_complement(
     mine = pairs[:, best, :]
     if not len(complements) or not mine.any():
         return pairs
-    # Rounded, "for" first: with two classes a cue for one and against the other tie up to float error.
-    z_best = np.round(np.where(mine, zd[:, best, :], -np.inf), 9)
+    # Settled, "for" first: with two classes a cue for one and against the other tie.
+    z_best = _settled(np.where(mine, zd[:, best, :], -np.inf))
     owner = int(z_best[:, 1].argmax())
-    z = np.round(np.where(passing[owner, complements, 0], zd[owner, complements, 0], -np.inf), 9)
+    z = _settled(np.where(passing[owner, complements, 0], zd[owner, complements, 0], -np.inf))
     mirrors = np.delete(z_best, owner, axis=0).max(initial=-np.inf)
     # The complement must carry the finding as strongly as any mirror does: "not checkered" is more than
     # "metallic" where a third texture exists, and the weaker word would make the mirror the finding.
