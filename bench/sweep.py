@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.groundtruth import explain, write_run  # noqa: E402
-from tasks.behaviour import probe_behaviour  # noqa: E402
+from tasks.behaviour import ProbeBehaviour, probe_behaviour  # noqa: E402
 from tasks.flags import ClassText, flag_spurious  # noqa: E402
 from tasks.training_data import training_correlation  # noqa: E402
 from textcam.bank import ChannelBank  # noqa: E402
@@ -205,10 +205,7 @@ def audit_split(
     A probe from the training split is flagged as one (``flags.probe_seen_in_training``), as its user
     would."""
     cfg = m.world.config
-    probe_manifest = m.world.manifest(probe)
-    bank = ChannelBank.calibrate(
-        m.model, m.clip, probe_manifest["path"].tolist(), m=50, batch_size=200, progress=False
-    )
+    bank, behaviour, correlation = probe_evidence(m, probe, labelled_probe)
     explainer = Explainer(m.model, bank, m.phrases, m.text, n_phrases=5, n_groups=3)
     batch = split_batch(cfg, audited)
     x = to_classifier_tensor(batch.images)
@@ -229,6 +226,25 @@ def audit_split(
         for i, e in enumerate(expl)
     ]
     write_run(run_dir, rows)
+    return {
+        "bank": bank,
+        "explainer": explainer,
+        "batch": batch,
+        "eb": eb,
+        "flags": flag_run(m, run_dir, behaviour, probe, correlation),
+        "candidates": pd.read_parquet(run_dir / "flag_candidates.parquet"),
+    }
+
+
+def probe_evidence(
+    m: Models, probe: str, labelled_probe: bool = True
+) -> tuple[ChannelBank, ProbeBehaviour, Any]:
+    """The bank calibrated on ``probe``, the probe's behaviour, and the training data's phrase-class
+    correlation the flags check (None where the probe is the training split)."""
+    probe_manifest = m.world.manifest(probe)
+    bank = ChannelBank.calibrate(
+        m.model, m.clip, probe_manifest["path"].tolist(), m=50, batch_size=200, progress=False
+    )
     assert bank.probe is not None
     labels = probe_manifest["label"].to_numpy() if labelled_probe else None
     behaviour = probe_behaviour(
@@ -253,9 +269,16 @@ def audit_split(
             visibility=PhraseVisibility.fit(bank.probe.embeddings, m.text),  # the probe's call, as the flow
         )
     )
+    return bank, behaviour, correlation
+
+
+def flag_run(
+    m: Models, run_dir: Path, behaviour: ProbeBehaviour, probe: str, correlation: Any
+) -> pd.DataFrame:
+    """The flag stage on a run directory's explanations (writes its flags and candidates)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flags = flag_spurious(
+        return flag_spurious(
             run_dir,
             m.class_text,
             None,
@@ -263,15 +286,6 @@ def audit_split(
             probe_seen_in_training=probe == "train",
             correlation=correlation,
         )
-    candidates = pd.read_parquet(run_dir / "flag_candidates.parquet")
-    return {
-        "bank": bank,
-        "explainer": explainer,
-        "batch": batch,
-        "eb": eb,
-        "flags": flags,
-        "candidates": candidates,
-    }
 
 
 def cue_rows(
@@ -584,24 +598,7 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
             pred = a["eb"].logits.argmax(1).numpy()
             gaps = bias_metrics(pred, a["batch"].records, list(world.class_names), specs)
             result["gaps"] = {k: v["gap"] for k, v in gaps.items()}
-        flags = a["flags"]
-        kinds = flag_kinds(world, zip(flags["class_name"], flags["phrase"], flags["direction"], strict=True))
-        lines = [
-            f"{f['class_name']}: {f['phrase']} ({f['direction']}, "
-            f"z {f['z_model']:.1f}, effect {f['effect']:.2f}, step {f['step']})"
-            for _, f in flags.iterrows()
-        ]
-        result[audit] = {
-            "cues": cue_rows(m, a, specs, gaps),
-            "flags": lines,
-            "n_flags": len(flags),
-            "n_extra": kinds.count("extra"),
-            "n_mirror": kinds.count("mirror"),
-            "extra": [line for line, kind in zip(lines, kinds, strict=True) if kind == "extra"],
-            "n_extra_read_as_cue": extras_read_as_cue(world, flags, kinds),
-        }
-        result[audit]["extra_truth"] = flag_truth(m, result[audit]["extra"])
-        add_unused_truth(m, result[audit]["cues"])
+        result[audit] = audit_result(m, a, specs, gaps)
         if audit == "test":
             res = shown_precision(m, a)
             result["precision"] = {k: res[k] for k in PRECISION_VIEWS}
@@ -612,6 +609,30 @@ def evaluate_world(draw: WorldDraw, cache_dir: str | None, out: Path) -> dict[st
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def audit_result(m: Models, a: dict[str, Any], specs: list[BiasSpec], gaps: dict[str, Any]) -> dict[str, Any]:
+    """One audit's figures from its flags: the cues' rows, the flags as lines, extras and mirrors, and
+    the do-test of what the generator can check."""
+    flags = a["flags"]
+    kinds = flag_kinds(m.world, zip(flags["class_name"], flags["phrase"], flags["direction"], strict=True))
+    lines = [
+        f"{f['class_name']}: {f['phrase']} ({f['direction']}, "
+        f"z {f['z_model']:.1f}, effect {f['effect']:.2f}, step {f['step']})"
+        for _, f in flags.iterrows()
+    ]
+    out = {
+        "cues": cue_rows(m, a, specs, gaps),
+        "flags": lines,
+        "n_flags": len(flags),
+        "n_extra": kinds.count("extra"),
+        "n_mirror": kinds.count("mirror"),
+        "extra": [line for line, kind in zip(lines, kinds, strict=True) if kind == "extra"],
+        "n_extra_read_as_cue": extras_read_as_cue(m.world, flags, kinds),
+    }
+    out["extra_truth"] = flag_truth(m, out["extra"])
+    add_unused_truth(m, out["cues"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
