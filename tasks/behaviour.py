@@ -25,11 +25,13 @@ through the classifier and CLIP (:class:`textcam.bank.ProbeSet`):
   a word whose presence call happens to follow the cue more closely than the cue's own phrase would
   otherwise be accepted first and explain the cue away;
 * with ``named_min_effect`` (``flags.probe_seen_in_training``: the probe is the classifier's training
-  data, where it is right on nearly every image and within a label a cue changes little), once no pair
+  data, which it fits better than held-out data, so within a label a cue changes less), once no pair
   passes, the pairs *for* a class that the explanations name need only that effect: weak evidence after
   all the strong, so it cannot step ahead of a cue and take it into its strata. When a phrase is accepted
   on strong evidence (a mirror: the cue against another class), its named weak pairs are accepted with it,
-  and so are its proxies' (below): the cue under another name, named by its own class's explanations;
+  and so are its proxies' (below): the cue under another name, named by its own class's explanations.
+  Where none of those is *for* a class, the phrase's strongest pair over the null goes with it if it is
+  *for* a class, named or not: the owner's cue, which the mirror would otherwise close unflagged;
 * an accepted phrase brings its proxies into the strata: the phrases whose presence agrees with its own
   (|phi| within labels ≥ ``proxy_agreement``, 0.5, halfway between independence and identity, the bound
   of "names a class"). They are not tested again. Where CLIP's call of the accepted phrase misses some
@@ -503,6 +505,7 @@ def _accepted_pairs(
     proxies: np.ndarray,
     passing: np.ndarray,
     over_null: np.ndarray,
+    zd: np.ndarray,
     ed: np.ndarray,
     named_min_effect: float | None,
     support: Support | None,
@@ -517,6 +520,24 @@ def _accepted_pairs(
     asked[:, concept, :] = over_null[:, concept, :]
     out = _named_weak(asked, ed, named_min_effect, support)
     out[:, best, :] |= passing[:, best, :]
+    if named_min_effect is not None and not out[:, concept, 0].any():  # accepted on its mirrors alone
+        weak = over_null[:, best, :] & (ed[:, best, :] >= named_min_effect)
+        out[:, best, :] |= _strongest_for(weak, zd[:, best, :])
+    return out
+
+
+def _strongest_for(weak: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(K, 2): of one phrase's ``weak`` pairs (over the null, with the weak effect), the one with the
+    largest z where it is *for* a class ("for" first on a tie), else none. A phrase accepted on its
+    mirrors' strong evidence alone would otherwise close its owner's pair unflagged wherever the
+    explanations do not name it: star=metallic, z 20 for star with effect 0.17, closed by "metallic
+    (against)" circle at z 15 (decisions, "A mirror brings its phrase's strongest pair")."""
+    out = np.zeros_like(weak)
+    if not weak.any():
+        return out
+    zs = _settled(np.where(weak, z, -np.inf))
+    k = int(zs[:, 0].argmax())
+    out[k, 0] = zs[k, 0] >= zs[:, 1].max()
     return out
 
 
@@ -605,7 +626,7 @@ def evidence_grid(
             break
         best = _best_phrase(passing, zd, support)
         proxies, signed = _proxies(behaviour, best, conditioned, proxy_agreement)
-        pairs = _accepted_pairs(best, proxies, passing, over_null, ed, named_min_effect, support)
+        pairs = _accepted_pairs(best, proxies, passing, over_null, zd, ed, named_min_effect, support)
         strong = over_null & (ed >= min_effect)
         accepted |= _owner_reads_complement(pairs, best, proxies[signed < 0], strong, zd, record)
         decided |= accepted
