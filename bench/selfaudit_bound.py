@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,7 +46,13 @@ from bench.sweep import (  # noqa: E402
     load_models,
     wilson_lower,
 )
-from tasks.behaviour import ProbeBehaviour, evidence_grid, over_threshold, probe_behaviour  # noqa: E402
+from tasks.behaviour import (  # noqa: E402
+    ProbeBehaviour,
+    evidence_grid,
+    over_threshold,
+    phi,
+    probe_behaviour,
+)
 from tasks.config import MIN_EFFECT_IN_TRAINING  # noqa: E402
 from textcam.bank import ChannelBank  # noqa: E402
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
@@ -80,7 +87,22 @@ def pair_test(
     }
 
 
-def world_bounds(draw: WorldDraw, result: dict[str, Any], cache_dir: str | None, n_perm: int) -> list[dict]:
+def audit_row(run_dir: Path, cls: str, phrase: str) -> dict[str, Any]:
+    """What the training-split audit itself saw of the cue's pair: its first-step z and effect, the
+    family-wise threshold of the step that decided it, and the reason."""
+    cand = pd.read_parquet(run_dir / "flag_candidates.parquet")
+    row = cand[(cand["class_name"] == cls) & (cand["phrase"] == phrase) & (cand["direction"] == "for")]
+    if not len(row):
+        return {"reason": "not among the class's candidates"}
+    r = row.iloc[0]
+    return {k: round(float(r[k]), 3) for k in ("z_first", "effect_first", "model_threshold")} | {
+        "reason": r["reason"]
+    }
+
+
+def world_bounds(
+    draw: WorldDraw, result: dict[str, Any], cache_dir: str | None, n_perm: int, out_dir: Path
+) -> list[dict]:
     """Every used cue of one biased world: its training split's evidence, with truth and CLIP presence."""
     used = [c for c in result["self"]["cues"][: len(result["biases"])] if c["gap"] >= USED]
     if not used:
@@ -102,6 +124,7 @@ def world_bounds(draw: WorldDraw, result: dict[str, Any], cache_dir: str | None,
         spec = BiasSpec.parse(cue["spec"])
         k = classes.index(spec.label)
         truth = (train[spec.attribute] == spec.value).to_numpy()
+        j = m.phrases.index(cue["phrase"])
         own, other = labels == k, labels != k
         informative = (own & ~truth) | (other & truth)
         out.append(
@@ -119,6 +142,9 @@ def world_bounds(draw: WorldDraw, result: dict[str, Any], cache_dir: str | None,
                     if informative.any()
                     else None
                 ),
+                # where CLIP's call of the cue on this split agrees with the records (phi, all images)
+                "clip_agreement": round(float(phi(truth[:, None], clip.presence[:, [j]])[0, 0]), 3),
+                "audit": audit_row(out_dir / "runs" / f"{draw.name}-self", spec.label, cue["phrase"]),
                 "truth": pair_test(truth, predictions, labels, len(classes), k, n_perm),
                 "clip": pair_test(
                     clip.presence[:, m.phrases.index(cue["phrase"])],
@@ -174,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         result = cached_result(draw, out) if draw.kind == "biased" else None
         if result is None:
             continue
-        for c in world_bounds(draw, result, args.cache_dir, args.permutations):
+        for c in world_bounds(draw, result, args.cache_dir, args.permutations, out):
             cues.append(c)
             t, p = c["truth"], c["clip"]
             print(
                 f"{c['world']} {c['spec']} gap {c['gap']:.2f} self-first {c['self_first']} "
                 f"({c['self_first_flag']}) | without {c['class_without_cue']} / others with "
-                f"{c['others_with_cue']}, accuracy {c['accuracy_on_those']} | truth z {t['z']} thr "
+                f"{c['others_with_cue']}, accuracy {c['accuracy_on_those']} | CLIP agrees "
+                f"{c['clip_agreement']} | audit {c['audit']} | truth z {t['z']} thr "
                 f"{t['threshold']} effect {t['effect']} | clip z {p['z']} thr {p['threshold']} "
                 f"effect {p['effect']}",
                 flush=True,
