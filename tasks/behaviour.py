@@ -531,7 +531,7 @@ def _strongest_for(weak: np.ndarray, z: np.ndarray) -> np.ndarray:
     largest z where it is *for* a class ("for" first on a tie), else none. A phrase accepted on its
     mirrors' strong evidence alone would otherwise close its owner's pair unflagged wherever the
     explanations do not name it: star=metallic, z 20 for star with effect 0.17, closed by "metallic
-    (against)" circle at z 15 (decisions, "A mirror brings its phrase's strongest pair")."""
+    (against)" circle at z 15 (decisions, "What a training split can show")."""
     out = np.zeros_like(weak)
     if not weak.any():
         return out
