@@ -17,10 +17,13 @@ A cue that fails with ``truth`` cannot be flagged from what the model does on th
 needs a test of use (the training-split audit's named pairs need the null and an effect in the
 direction: ``lenient`` below; unnamed ones an effect of at least ``min_effect_in_training``: ``strong``).
 The misses of the sweep's training-split audits are split by where they are lost: in the data (``truth``
-fails), in CLIP's call (``truth`` passes, ``clip`` does not), or in the rule (``clip`` passes).
+fails: ``misses_lost_in_data``), in CLIP's z (the records' z is over the audit's own family-wise threshold
+for the pair, CLIP's is not: ``misses_lost_in_clip_z``), or after both (``misses_lost_after``: the effect
+bound, the naming, the order of the steps, or the data check, which reads CLIP's presence too).
 
 Per cue: the split's images of the class without the cue and of other classes with it (the only images
-that can show use), and the model's accuracy on them (near 1: it learned them). Last line: one JSON object.
+that can show use), the model's accuracy on them (near 1: it learned them), CLIP's agreement with the
+records (phi) and the audit's own figures for the pair. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -159,6 +162,12 @@ def world_bounds(
     return out
 
 
+def clip_z_lost(cue: dict[str, Any]) -> bool:
+    """The records' z is over the audit's own (family-wise) threshold for the pair and CLIP's is not."""
+    thr = cue["audit"].get("model_threshold", float("nan"))
+    return bool(over_threshold(cue["truth"]["z"], thr) and not over_threshold(cue["clip"]["z"], thr))
+
+
 def summarise(cues: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(cues)
 
@@ -176,8 +185,8 @@ def summarise(cues: list[dict[str, Any]]) -> dict[str, Any]:
         "clip_strong": rate(lambda c: c["clip"]["strong"]),
         "misses": len(misses),
         "misses_lost_in_data": sum(not c["truth"]["lenient"] for c in misses),
-        "misses_lost_in_clip_call": sum(c["truth"]["lenient"] and not c["clip"]["lenient"] for c in misses),
-        "misses_lost_in_rule": sum(c["clip"]["lenient"] for c in misses),
+        "misses_lost_in_clip_z": sum(c["truth"]["lenient"] and clip_z_lost(c) for c in misses),
+        "misses_lost_after": sum(c["truth"]["lenient"] and not clip_z_lost(c) for c in misses),
         "first_without_truth_evidence": sum(c["self_first"] and not c["truth"]["lenient"] for c in cues),
     }
 
