@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     src, dst = args.src / f"seed-{args.seed}", args.out / f"seed-{args.seed}"
+    if not (src / "worlds").is_dir():
+        parser.error(f"no sweep results under {src}: run bench/sweep.py --seed {args.seed} --out {args.src}")
     before, after, changed = [], [], []
     for draw in draw_worlds(args.seed, args.biased, args.controls):
         result = cached_result(draw, src)

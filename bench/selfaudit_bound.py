@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     out = args.out / f"seed-{args.seed}"
+    if not (out / "worlds").is_dir():
+        parser.error(f"no sweep results under {out}: run bench/sweep.py --seed {args.seed} --out {args.out}")
     cues: list[dict[str, Any]] = []
     for draw in draw_worlds(args.seed, args.biased, args.controls):
         result = cached_result(draw, out) if draw.kind == "biased" else None
