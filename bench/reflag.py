@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sweep import (  # noqa: E402
-    USED,
+    WorldDraw,
     audit_result,
     cached_result,
     draw_worlds,
@@ -36,11 +36,14 @@ from bench.sweep import (  # noqa: E402
     load_models,
     probe_evidence,
     result_file,
+    used_cues,
 )
 from textcam.synthetic.world import build_world  # noqa: E402
 
 
-def reflag_world(draw: Any, result: dict[str, Any], src: Path, dst: Path, cache_dir: str | None) -> dict:
+def reflag_world(
+    draw: WorldDraw, result: dict[str, Any], src: Path, dst: Path, cache_dir: str | None
+) -> dict:
     """``result`` with its self audit flagged again by the current code (the run directory copied)."""
     name = f"{draw.name}-self"
     run_dir = dst / "runs" / name
@@ -56,13 +59,7 @@ def reflag_world(draw: Any, result: dict[str, Any], src: Path, dst: Path, cache_
 
 
 def used_first(results: list[dict[str, Any]]) -> tuple[int, int]:
-    used = [
-        c
-        for r in results
-        if r["kind"] == "biased"
-        for c in r["self"]["cues"][: len(r["biases"])]
-        if c["gap"] >= USED
-    ]
+    used = [c for r in results if r["kind"] == "biased" for c in used_cues(r, "self")]
     return sum(c["first"] for c in used), len(used)
 
 

@@ -42,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.sweep import (  # noqa: E402
-    USED,
     WorldDraw,
     cached_result,
     draw_worlds,
     load_models,
+    probe_evidence,
+    used_cues,
     wilson_lower,
 )
 from tasks.behaviour import (  # noqa: E402
@@ -54,10 +55,8 @@ from tasks.behaviour import (  # noqa: E402
     evidence_grid,
     over_threshold,
     phi,
-    probe_behaviour,
 )
 from tasks.config import MIN_EFFECT_IN_TRAINING  # noqa: E402
-from textcam.bank import ChannelBank  # noqa: E402
 from textcam.synthetic.bias import BiasSpec  # noqa: E402
 from textcam.synthetic.world import build_world  # noqa: E402
 
@@ -107,20 +106,16 @@ def world_bounds(
     draw: WorldDraw, result: dict[str, Any], cache_dir: str | None, n_perm: int, out_dir: Path
 ) -> list[dict]:
     """Every used cue of one biased world: its training split's evidence, with truth and CLIP presence."""
-    used = [c for c in result["self"]["cues"][: len(result["biases"])] if c["gap"] >= USED]
+    used = used_cues(result, "self")
     if not used:
         return []
     world = build_world(draw.config(), cache_dir, progress=False)
     m = load_models(world)
     train = world.manifest("train")
-    bank = ChannelBank.calibrate(
-        m.model, m.clip, train["path"].tolist(), m=50, batch_size=200, progress=False
-    )
-    if bank.probe is None or len(bank.probe.predictions) != len(train):
+    _, clip, _ = probe_evidence(m, "train")  # the training-split audit's own probe pass and presence call
+    if len(clip.predictions) != len(train):
         raise RuntimeError(f"{draw.name}: the probe pass did not keep every training image")
-    labels = train["label"].to_numpy()
-    predictions = bank.probe.predictions.numpy()
-    clip = probe_behaviour(bank.probe.embeddings, predictions, m.phrases, m.text, labels)
+    labels, predictions = train["label"].to_numpy(), clip.predictions
     classes = list(world.class_names)
     out = []
     for cue in used:

@@ -639,18 +639,17 @@ def audit_result(m: Models, a: dict[str, Any], specs: list[BiasSpec], gaps: dict
 # aggregate
 
 
+def used_cues(result: dict[str, Any], audit: str) -> list[dict[str, Any]]:
+    """One world's planted cues the classifier uses (test-split gap ≥ ``USED``), as ``audit`` saw them."""
+    return [c for c in result[audit]["cues"][: len(result["biases"])] if c["gap"] >= USED]
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     scored = [r for r in results if r["kind"] in ("biased", "control")]
     out["sweep_worlds"] = len(scored)
     for audit, key in (("test", "sweep_first_rate"), ("self", "sweep_first_rate_selfprobe")):
-        used = [
-            c
-            for r in scored
-            if r["kind"] == "biased"
-            for c in r[audit]["cues"][: len(r["biases"])]
-            if c["gap"] >= USED
-        ]
+        used = [c for r in scored if r["kind"] == "biased" for c in used_cues(r, audit)]
         k = sum(c["first"] for c in used)
         out[key] = k / len(used) if used else None
         out[f"{key}_lb"] = wilson_lower(k, len(used))
